@@ -1,0 +1,509 @@
+"""
+Supervised fine-tuning of LLaMA on instruction data: the Stanford Alpaca recipe in one file.
+
+    python train.py                                    # tiny LLaMA on seed_tasks.jsonl, on CPU, in minutes
+    torchrun --nproc_per_node=8 train.py --init=/path/to/llama-7b --data=alpaca_data.json
+
+Reads top to bottom: the recipe's settings, the model, checkpoint loading, the tokenizer, the data (prompt
+format, loss mask, packing), then the training loop. Any setting below can be overridden as --name=value.
+"""
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The Alpaca-7B recipe (Taori et al., 2023): 3 epochs, 128 examples per step, lr 2e-5, cosine with 3% warmup.
+data = "seed_tasks.jsonl"         # alpaca_data.json (a JSON array) or JSONL of {instruction, input, output}
+init = ""                         # a Meta or Hugging Face LLaMA folder; empty: a tiny LLaMA from scratch (the demo)
+out_dir = "out/tiny"              # the fine-tuned model, in Meta's layout, plus the state to resume from
+epochs = 3
+batch_size = 128                  # examples per optimizer step, over all processes
+micro_batch_size = 4              # packed rows of max_seq_len per forward pass, per process
+max_seq_len = 512
+learning_rate = 2e-5
+warmup_ratio = 0.03
+weight_decay = 0.0
+beta1, beta2 = 0.9, 0.999
+grad_clip = 1.0
+max_steps = -1                    # stop early after this many steps (-1: run all epochs)
+val_fraction = 0.02               # held out, seeded, for the validation loss
+eval_interval = 50                # steps between validation losses (and at the end)
+save_interval = 200               # steps between checkpoints (and at the end)
+log_interval = 1
+resume = False                    # continue from out_dir's saved state
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16"                # autocast dtype; "float32" turns mixed precision off
+compile = False
+activation_checkpointing = False
+# With no --init there is no pretrained model to fine-tune, so the demo trains a tiny LLaMA from scratch on
+# the seed tasks. That needs a high learning rate, small batches and many passes; these apply only then.
+tiny_model = dict(dim=192, n_layers=4, n_heads=6, vocab_size=2000, multiple_of=32, max_seq_len=512)
+tiny_recipe = dict(epochs=30, batch_size=16, learning_rate=2e-3, warmup_ratio=0.05, micro_batch_size=4)
+
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+
+@dataclass
+class ModelArgs:
+    # Field names follow Meta's params.json, so a checkpoint's params.json loads as is.
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # The mean of squares is taken in fp32: bf16 has too few bits to normalise well.
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """cos and sin of the rotary angles for each position: (B, T, head_dim/2), in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # Meta's convention rotates interleaved pairs (x0, x1), (x2, x3), ... of each head.
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads or args.n_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, cache_pos):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:  # sampling: keys and values of earlier tokens come from the cache
+            cache_k, cache_v = cache
+            cache_k[:, :, cache_pos:cache_pos + T] = k
+            cache_v[:, :, cache_pos:cache_pos + T] = v
+            k, v = cache_k[:, :, :cache_pos + T], cache_v[:, :, :cache_pos + T]
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def ffn_hidden_dim(args):
+    # LLaMA's rule: 2/3 of 4*dim (SwiGLU has three matrices), scaled, rounded up to a multiple of multiple_of.
+    hidden = int(2 * 4 * args.dim / 3)
+    if args.ffn_dim_multiplier is not None:
+        hidden = int(args.ffn_dim_multiplier * hidden)
+    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        hidden = ffn_hidden_dim(args)
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.activation_checkpointing = False
+
+    def forward(self, tokens, positions=None, mask=None, targets=None, cache=None, cache_pos=0):
+        """Logits (B, T, vocab) for tokens (B, T); or, given targets, the summed cross-entropy over the
+        positions whose target is not -100.
+
+        positions: (B, T) position of each token (packed examples restart at 0); default 0..T-1 after cache_pos.
+        mask: (B, 1, T, S) boolean, True where a query may attend to a key; default causal.
+        cache: per layer (k, v) tensors of shape (B, n_kv_heads, S_max, head_dim); this call writes slots
+               cache_pos..cache_pos+T and attends over slots 0..cache_pos+T.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(cache_pos, cache_pos + T, device=tokens.device).expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.args.dim // self.args.n_heads, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            if self.activation_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, None if cache is None else cache[i], cache_pos)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h).float()
+        # Only response tokens carry a loss, so only they go through the (large) output layer.
+        keep = targets != -100
+        logits = self.output(h[keep]).float()
+        return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+    def init_weights(self, std=0.02):
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    @staticmethod
+    def from_pretrained(path, dtype=None):
+        """A LLaMA from a Meta folder (params.json + consolidated.*.pth) or a Hugging Face folder
+        (config.json + *.safetensors), with weights memory-mapped rather than copied where possible."""
+        if os.path.exists(os.path.join(path, "params.json")):
+            args, state = read_meta_checkpoint(path)
+        elif os.path.exists(os.path.join(path, "config.json")):
+            args, state = read_hf_checkpoint(path)
+        else:
+            raise SystemExit(f"{path}: neither a Meta (params.json) nor a Hugging Face (config.json) LLaMA folder")
+        with torch.device("meta"):
+            model = Transformer(args)
+        check_state_dict(model, state, path)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, assign=True)
+        return model
+
+
+def check_state_dict(model, state, path):
+    """Refuse a checkpoint that does not fit the model exactly, naming the tensor at fault."""
+    expected = model.state_dict()
+    for name in expected:
+        if name not in state:
+            raise SystemExit(f"{path}: tensor '{name}' missing from the checkpoint")
+        if tuple(state[name].shape) != tuple(expected[name].shape):
+            raise SystemExit(f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, "
+                             f"the model expects {tuple(expected[name].shape)}")
+    for name in state:
+        if name not in expected:
+            raise SystemExit(f"{path}: unexpected tensor '{name}' in the checkpoint")
+
+
+def read_meta_checkpoint(path):
+    with open(os.path.join(path, "params.json")) as f:
+        params = json.load(f)
+    known = {f.name for f in fields(ModelArgs)}
+    args = ModelArgs(**{k: v for k, v in params.items() if k in known})
+    shard_files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if not shard_files:
+        raise SystemExit(f"{path}: no consolidated.*.pth files")
+    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in shard_files]
+    for shard in shards:
+        shard.pop("rope.freqs", None)  # Meta stores the rotary table; we compute it
+    if args.vocab_size <= 0:  # LLaMA-1 writes -1 and leaves the size to the tokenizer
+        args.vocab_size = sum(s["output.weight"].shape[0] for s in shards)
+    if len(shards) == 1:
+        return args, shards[0]
+    # Larger models come split for model parallelism; each tensor is cut along the one dim where the
+    # pieces add up to the full size (column-parallel along 0, row-parallel along 1), or is replicated.
+    with torch.device("meta"):
+        expected = Transformer(args).state_dict()
+    state = {}
+    for name, pieces in ((k, [s[k] for s in shards]) for k in shards[0]):
+        full = expected[name].shape if name in expected else pieces[0].shape
+        if pieces[0].shape == full:
+            state[name] = pieces[0]
+            continue
+        for d in range(pieces[0].dim()):
+            if sum(p.shape[d] for p in pieces) == full[d]:
+                state[name] = torch.cat(pieces, dim=d)
+                break
+        else:
+            raise SystemExit(f"{path}: tensor '{name}' shards of shape {tuple(pieces[0].shape)} "
+                             f"do not assemble into {tuple(full)}")
+    return args, state
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+
+
+def read_safetensors(filename):
+    # The format is an 8-byte header length, a JSON header of {name: dtype, shape, offsets}, then raw bytes;
+    # small enough to read by hand, memory-mapped so a large file is not copied into RAM.
+    with open(filename, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    buffer = np.memmap(filename, dtype=np.uint8, mode="c")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        raw = torch.frombuffer(buffer, dtype=torch.uint8, offset=8 + header_len + begin, count=end - begin)
+        tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors
+
+
+def hf_to_meta_qk(w, n_heads):
+    # Hugging Face reorders each head's q/k rows so its rotate-half RoPE matches Meta's interleaved pairs;
+    # put them back: HF keeps first halves then second halves, Meta interleaves them.
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def read_hf_checkpoint(path):
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("rope_scaling"):
+        raise SystemExit(f"{path}/config.json: rope_scaling is not supported by this LLaMA")
+    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                     n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
+                     max_seq_len=cfg.get("max_position_embeddings", 2048))
+    # HF stores the FFN width itself; choose multiple_of so LLaMA's rule lands exactly on it.
+    hidden = cfg["intermediate_size"]
+    args.multiple_of = hidden
+    if int(8 * args.dim / 3) > hidden:
+        args.ffn_dim_multiplier = hidden / int(8 * args.dim / 3)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise SystemExit(f"{path}: no *.safetensors files")
+    hf = {}
+    for file in files:
+        hf.update(read_safetensors(file))
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" not in hf:
+        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
+    n_kv = args.n_kv_heads or args.n_heads
+    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+                 "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+                 "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+                 "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+                 "post_attention_layernorm": "ffn_norm"}
+    for i in range(args.n_layers):
+        for hf_name, meta_name in per_layer.items():
+            names[f"model.layers.{i}.{hf_name}.weight"] = f"layers.{i}.{meta_name}.weight"
+    state = {}
+    for name, tensor in hf.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name not in names:
+            raise SystemExit(f"{path}: unexpected tensor '{name}' in the checkpoint")
+        if name.endswith("q_proj.weight"):
+            tensor = hf_to_meta_qk(tensor, args.n_heads)
+        elif name.endswith("k_proj.weight"):
+            tensor = hf_to_meta_qk(tensor, n_kv)
+        state[names[name]] = tensor
+    return args, state
+
+
+class Tokenizer:
+    """LLaMA's sentencepiece tokenizer. LLaMA has no pad token (pad_id is -1); padding never reaches the loss."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text, bos=False, eos=False):
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+
+def train_tokenizer(texts, path, vocab_size):
+    """A small LLaMA-style BPE tokenizer (unk 0, bos 1, eos 2, byte fallback) for the from-scratch demo."""
+    import io
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+                                   max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
+    write_atomic(path, model.getvalue())
+
+
+# Alpaca's prompt, byte for byte: released Alpaca models (and sample.py) expect exactly this text.
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def format_prompt(instruction, input=""):
+    return (PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT).format(instruction=instruction, input=input)
+
+
+def read_examples(path):
+    """{instruction, input, output} examples from a JSON array (alpaca_data.json) or a JSONL file; a JSONL line
+    in the self-instruct seed format ({instruction, instances: [{input, output}]}) gives one example per instance."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no such data file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            try:
+                items = json.load(f)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
+            if not isinstance(items, list):
+                raise SystemExit(f"{path}: expected a JSON array of examples")
+            records = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
+        else:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append((f"{path}:{lineno}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
+    examples = []
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise SystemExit(f"{where}: expected a JSON object")
+        instances = record.get("instances", [record])
+        if not isinstance(instances, list) or not instances:
+            raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
+        for instance in instances:
+            example = {"instruction": record.get("instruction"), "input": instance.get("input", ""),
+                       "output": instance.get("output")}
+            for field in ("instruction", "input", "output"):
+                if not isinstance(example[field], str):
+                    problem = "missing" if example[field] is None else "must be a string"
+                    raise SystemExit(f"{where}: field '{field}' {problem}")
+            if not example["instruction"].strip():
+                raise SystemExit(f"{where}: field 'instruction' is empty")
+            examples.append(example)
+    if not examples:
+        raise SystemExit(f"{path}: no examples")
+    return examples
+
+
+def tokenize_example(tokenizer, example, max_seq_len, stats):
+    """Token ids of prompt + response + EOS, and how many leading ids are prompt (no loss on those)."""
+    prompt = format_prompt(example["instruction"], example["input"])
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    # As in Alpaca, the response is tokenized together with the prompt, so its first piece is the one the model
+    # sees at sampling time, right after "### Response:".
+    response_ids = tokenizer.encode(prompt + example["output"], bos=True)[len(prompt_ids):] + [tokenizer.eos_id]
+    if len(prompt_ids) + len(response_ids) > max_seq_len:
+        # Cut the middle of the prompt first (keeping its start and the "### Response:" cue), and the end of the
+        # response only if it alone would leave the prompt less than a quarter of the row: every example keeps
+        # supervised tokens, unlike plain right-truncation which can drop the whole response.
+        keep = max(max_seq_len - len(response_ids), max_seq_len // 4)
+        if len(prompt_ids) > keep:
+            stats["prompts_cut"] += 1
+            stats["tokens_dropped"] += len(prompt_ids) - keep
+            prompt_ids = prompt_ids[:keep // 2] + prompt_ids[len(prompt_ids) - (keep - keep // 2):]
+        if len(prompt_ids) + len(response_ids) > max_seq_len:
+            stats["responses_cut"] += 1
+            stats["tokens_dropped"] += len(prompt_ids) + len(response_ids) - max_seq_len
+            response_ids = response_ids[:max_seq_len - len(prompt_ids)]
+    return prompt_ids + response_ids, len(prompt_ids)
+
+
+def pack(examples, max_seq_len):
+    """Group examples into rows of at most max_seq_len input tokens (first-fit decreasing: few rows, and
+    deterministic). Each example of n tokens uses n - 1 positions: inputs are tokens[:-1], targets tokens[1:]."""
+    rows, space = [], []
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
+        n = len(examples[i][0]) - 1
+        for r in range(len(rows)):
+            if space[r] >= n:
+                rows[r].append(i)
+                space[r] -= n
+                break
+        else:
+            rows.append([i])
+            space.append(max_seq_len - n)
+    return rows
+
+
+def make_batch(rows, examples, dev):
+    """Tensors for a micro-batch of packed rows: tokens, targets (-100 where there is no loss), positions that
+    restart for each example, and an attention mask that keeps every example to itself (causal, same example)."""
+    length = max([sum(len(examples[i][0]) - 1 for i in row) for row in rows] + [1])
+    tokens = torch.zeros(len(rows), length, dtype=torch.long)
+    targets = torch.full((len(rows), length), -100, dtype=torch.long)
+    positions = torch.zeros(len(rows), length, dtype=torch.long)
+    doc = torch.full((len(rows), length), -1, dtype=torch.long)  # padding is a document of its own
+    for r, row in enumerate(rows):
+        t = 0
+        for d, i in enumerate(row):
+            ids, n_prompt = examples[i]
+            n = len(ids) - 1
+            tokens[r, t:t + n] = torch.tensor(ids[:-1])
+            targets[r, t + n_prompt - 1:t + n] = torch.tensor(ids[n_prompt:])
+            positions[r, t:t + n] = torch.arange(n)
+            doc[r, t:t + n] = d
+            t += n
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    return tokens.to(dev), targets.to(dev), positions.to(dev), mask[:, None].to(dev)
+
+
+def split_rows(rows, rank, world_size, micro_batch_size):
+    """This process's share of a step's rows, as micro-batches. Every process runs the same number of
+    micro-batches (FSDP's collectives need that), so the short ones get empty rows, which carry no loss."""
+    mine = rows[rank::world_size]
+    n_micro = max(1, math.ceil(math.ceil(len(rows) / world_size) / micro_batch_size))
+    mine = mine + [[]] * (n_micro * micro_batch_size - len(mine))
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
