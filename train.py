@@ -507,3 +507,323 @@ def split_rows(rows, rank, world_size, micro_batch_size):
     n_micro = max(1, math.ceil(math.ceil(len(rows) / world_size) / micro_batch_size))
     mine = mine + [[]] * (n_micro * micro_batch_size - len(mine))
     return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def lr_at(step, total_steps):
+    # Linear warmup then cosine decay to zero, as Hugging Face's cosine schedule used by Alpaca (step 0 has lr 0).
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return learning_rate * step / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def flops_of(rows, examples, args):
+    """Training FLOPs for packed rows: 6 per parameter per token for the blocks, the output layer only on
+    supervised tokens, and causal attention (6·L·dim·n² for an example of n tokens)."""
+    hidden = ffn_hidden_dim(args)
+    kv_dim = (args.n_kv_heads or args.n_heads) * (args.dim // args.n_heads)
+    block_params = args.n_layers * (2 * args.dim * args.dim + 2 * args.dim * kv_dim + 3 * args.dim * hidden)
+    total = 0
+    for row in rows:
+        for i in row:
+            ids, n_prompt = examples[i]
+            n = len(ids) - 1
+            total += 6 * block_params * n + 6 * args.dim * args.vocab_size * (n - n_prompt + 1)
+            total += 6 * args.n_layers * args.dim * n * n
+    return total
+
+
+def measure_peak_flops(dev, dt):
+    # No spec sheet for a CPU: time a large matmul in the training dtype and call that the peak.
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        table = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16
+        return next((v for k, v in table.items() if k in name), None) if dt == torch.bfloat16 else None
+    a, b = torch.randn(1024, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 10 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
+
+
+def write_atomic(path, payload):
+    """Write bytes (or torch.save an object) to path via a temp file and rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp"
+    if isinstance(payload, bytes):
+        with open(tmp, "wb") as f:
+            f.write(payload)
+    else:
+        torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
+    """The model in Meta's layout (what sample.py and from_pretrained read), then the resume state: sharded
+    model and optimizer (torch.distributed.checkpoint, so a run may resume on another number of processes)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        write_atomic(os.path.join(out_dir, "consolidated.00.pth"), full)
+        write_atomic(os.path.join(out_dir, "params.json"), json.dumps(args.__dict__, indent=2).encode())
+        if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
+            with open(tokenizer_path, "rb") as f:
+                write_atomic(os.path.join(out_dir, "tokenizer.model"), f.read())
+    del full
+    resume_dir, tmp_dir, old_dir = (os.path.join(out_dir, name) for name in ("resume", "resume.tmp", "resume.old"))
+    if rank == 0 and os.path.exists(tmp_dir):
+        shutil.rmtree(tmp_dir)
+    dist.barrier()
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=tmp_dir)
+    if rank == 0:
+        with open(os.path.join(tmp_dir, "step.json"), "w") as f:
+            json.dump({"step": step}, f)
+        if os.path.exists(resume_dir):
+            os.replace(resume_dir, old_dir)
+        os.replace(tmp_dir, resume_dir)
+        shutil.rmtree(old_dir, ignore_errors=True)
+    dist.barrier()
+
+
+def load_resume_state(model, optimizer):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_state_dict)
+    resume_dir = os.path.join(out_dir, "resume")
+    if not os.path.exists(resume_dir) and os.path.exists(resume_dir + ".old"):
+        resume_dir += ".old"  # a crash between the two renames of save_checkpoint
+    if not os.path.exists(os.path.join(resume_dir, "step.json")):
+        raise SystemExit(f"--resume: no saved state in {out_dir}")
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=resume_dir)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(resume_dir, "step.json")) as f:
+        return json.load(f)["step"]
+
+
+def evaluate(model, examples, rank, world_size, dev, autocast):
+    """Mean loss per response token over the validation examples, across all processes."""
+    model.eval()
+    loss_sum = torch.zeros(2, device=dev)
+    with torch.no_grad():
+        for micro in split_rows(pack(examples, max_seq_len), rank, world_size, micro_batch_size):
+            tokens, targets, positions, mask = make_batch(micro, examples, dev)
+            with autocast:
+                loss_sum[0] += model(tokens, positions, mask, targets).float()
+            loss_sum[1] += (targets != -100).sum()
+    dist.all_reduce(loss_sum)
+    model.train()
+    return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+
+
+def answer(model, tokenizer, instruction, input, dev, max_new_tokens=100):
+    """Greedy answer to one instruction, for the end-of-run demo (sample.py is the real sampler).
+    Every process runs it: the sharded model's forward is collective."""
+    model.eval()
+    ids = tokenizer.encode(format_prompt(instruction, input), bos=True)
+    new = []
+    with torch.no_grad():
+        while len(new) < max_new_tokens and len(ids) < max_seq_len:
+            next_id = model(torch.tensor([ids], device=dev))[0, -1].argmax().item()
+            if next_id == tokenizer.eos_id:
+                break
+            ids.append(next_id)
+            new.append(next_id)
+    model.train()
+    return tokenizer.decode(new)
+
+
+def parse_config(argv):
+    """--name=value for any setting above; a bare --flag sets a boolean. Returns the names set explicitly."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        for k in config_keys:
+            print(f"  --{k}={globals()[k]}")
+        sys.exit(0)
+    given = set()
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: settings are given as --name=value (see --help)")
+        key, has_value, value = arg[2:].partition("=")
+        if key not in config_keys:
+            raise SystemExit(f"unknown setting --{key} (see --help)")
+        kind = type(globals()[key])
+        if kind is bool:
+            if has_value and value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--{key}={value}: expected true or false")
+            globals()[key] = not has_value or value.lower() in ("true", "1")
+        else:
+            try:
+                globals()[key] = kind(value)
+            except ValueError:
+                raise SystemExit(f"--{key}={value}: expected {kind.__name__}")
+        given.add(key)
+    return given
+
+
+def main():
+    given = parse_config(sys.argv[1:])
+    if not init:
+        for k, v in tiny_recipe.items():
+            if k not in given:
+                globals()[k] = v
+
+    # One process (python train.py) or many (torchrun, FSDP): a process group either way, so the code is the same.
+    launched = "RANK" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if launched:
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(seed)
+    amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+
+    # The data: read, hold out a seeded validation split, and (for the demo) train a tokenizer on it.
+    examples = read_examples(data)
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples)))) if val_fraction > 0 else 0
+    val_raw, train_raw = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
+    if init:
+        tokenizer_path = os.path.join(init, "tokenizer.model")
+    else:
+        tokenizer_path = os.path.join(out_dir, "tokenizer.model")
+        if rank == 0 and not (resume and os.path.exists(tokenizer_path)):
+            os.makedirs(out_dir, exist_ok=True)
+            train_tokenizer([format_prompt(e["instruction"], e["input"]) + e["output"] for e in train_raw],
+                            tokenizer_path, tiny_model["vocab_size"])
+        dist.barrier()
+    if not os.path.exists(tokenizer_path):
+        raise SystemExit(f"{tokenizer_path}: no tokenizer.model next to the checkpoint")
+    tokenizer = Tokenizer(tokenizer_path)
+    stats = {"prompts_cut": 0, "responses_cut": 0, "tokens_dropped": 0}
+    train_set = [tokenize_example(tokenizer, e, max_seq_len, stats) for e in train_raw]
+    val_set = [tokenize_example(tokenizer, e, max_seq_len, stats) for e in val_raw]
+    log(f"data: {len(train_set)} train / {len(val_set)} validation examples from {data}; truncated to "
+        f"{max_seq_len} tokens: {stats['prompts_cut']} prompts and {stats['responses_cut']} responses "
+        f"({stats['tokens_dropped']} tokens dropped)")
+
+    # The model: every process builds it on the meta device, shards it (FSDP2: each transformer block, then the
+    # rest), then takes its shard of the weights.
+    if init:
+        pretrained = Transformer.from_pretrained(init)  # memory-mapped: the processes share one copy in RAM
+        args, full_state = pretrained.args, pretrained.state_dict()
+        if args.vocab_size != tokenizer.vocab_size:
+            log(f"note: model vocab {args.vocab_size} != tokenizer vocab {tokenizer.vocab_size}")
+    else:
+        args = ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size})
+        scratch = Transformer(args)
+        scratch.init_weights()
+        full_state = scratch.state_dict()
+    args.max_seq_len = max(args.max_seq_len, max_seq_len)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.activation_checkpointing = activation_checkpointing
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # On GPUs FSDP keeps fp32 master weights but computes in bf16 and reduces gradients in fp32.
+    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if dev.type == "cuda" else None
+    shard_options = {"mp_policy": mp} if mp else {}
+    for layer in model.layers:
+        if compile:
+            layer.compile()
+        if world_size > 1:  # a single process gains nothing from sharding, and a small model pays for its hooks
+            fully_shard(layer, **shard_options)
+    if world_size > 1:
+        fully_shard(model, **shard_options)
+    model.to_empty(device=dev)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True))
+    del full_state
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}; "
+        f"{world_size} process(es) on {dev.type}, {dtype}")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
+                                  weight_decay=weight_decay, fused=dev.type == "cuda" or None,
+                                  foreach=dev.type != "cuda" or None)
+    steps_per_epoch = math.ceil(len(train_set) / batch_size)
+    total_steps = max_steps if max_steps > 0 else epochs * steps_per_epoch
+    step = load_resume_state(model, optimizer) if resume else 0
+    first_step = step
+    if resume:
+        log(f"resumed from {out_dir} at step {step}")
+    peak_flops = measure_peak_flops(dev, amp_dtype)
+    log(f"training: {total_steps} steps of {batch_size} examples, lr {learning_rate}, "
+        f"{micro_batch_size} packed rows of {max_seq_len} per forward")
+
+    t_start = time.perf_counter()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        # Each step takes the next batch_size examples of this epoch's seeded shuffle; every process packs the
+        # same examples and works on its share of the rows, so the step is the same on any number of processes.
+        epoch, k = divmod(step, steps_per_epoch)
+        shuffled = np.random.default_rng([seed, epoch]).permutation(len(train_set))
+        batch = [train_set[i] for i in shuffled[k * batch_size:(k + 1) * batch_size]]
+        rows = pack(batch, max_seq_len)
+        n_targets = sum(len(ids) - n_prompt for ids, n_prompt in batch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, total_steps)
+        micro_batches = split_rows(rows, rank, world_size, micro_batch_size)
+        loss_sum = torch.zeros((), device=dev)
+        for i, micro in enumerate(micro_batches):
+            # Gradients are reduced across processes only on the last micro-batch.
+            if world_size > 1:
+                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            tokens, targets, positions, mask = make_batch(micro, batch, dev)
+            with autocast:
+                loss = model(tokens, positions, mask, targets)
+            # Divide by the step's total number of response tokens: the loss is a mean over tokens, not a mean
+            # of per-batch means. FSDP averages gradients over processes, hence the world_size factor.
+            (loss * world_size / n_targets).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % log_interval == 0 or step == total_steps:
+            dist.all_reduce(loss_sum)
+            dt = time.perf_counter() - t0
+            n_tokens = sum(len(ids) - 1 for ids, _ in batch)
+            mfu = flops_of(rows, batch, args) / dt / (peak_flops * world_size) if peak_flops else None
+            memory = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
+                      else resource_maxrss()) / 2 ** 30
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            eta = (time.perf_counter() - t_start) / (step - first_step) * (total_steps - step)
+            log(f"step {step}/{total_steps} | loss {loss_sum.item() / n_targets:.4f} | lr {lr_at(step - 1, total_steps):.2e} "
+                f"| grad norm {grad_norm.item():.2f} | {n_tokens / dt:,.0f} tok/s"
+                + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
+                + f" | mem {memory:.2f} GiB | eta {eta / 60:.1f} min", flush=True)
+        if val_set and (step % eval_interval == 0 or step == total_steps):
+            log(f"step {step}: validation loss {evaluate(model, val_set, rank, world_size, dev, autocast):.4f}")
+        if step % save_interval == 0 or step == total_steps:
+            save_checkpoint(model, optimizer, step, args, tokenizer_path, rank)
+            log(f"saved {out_dir}")
+
+    if val_raw:
+        example = val_raw[0]
+        reply = answer(model, tokenizer, example["instruction"], example["input"], dev)
+        log(f"\nheld-out instruction: {example['instruction']}" + (f"\ninput: {example['input']}" if example["input"] else "")
+            + f"\nmodel's answer: {reply}\nreference answer: {example['output']}")
+    dist.destroy_process_group()
+
+
+def resource_maxrss():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+if __name__ == "__main__":
+    main()
