@@ -352,8 +352,8 @@ def run_human(args):
         i = next_unjudged(items, done, i + 1)
     os.close(fd)
     left = sum(item["id"] not in done for item in items)
-    print(f"{args.annotator}: {len(items) - left} of {len(items)} items judged"
-          + (f"; {left} left, run the same command to continue" if left else "; done"))
+    print(wrap(f"{args.annotator}: {len(items) - left} of {len(items)} items judged"
+               + (f"; {left} left, run the same command to continue" if left else "; done"), width, ""))
 
 
 JUDGE_SYSTEM = "You are a careful and impartial evaluator of answers written by AI assistants."
@@ -671,6 +671,7 @@ def build_report(records, lengths, known_items, seed, sources):
             f"the CI a percentile bootstrap over items ({BOOTSTRAP} resamples, seed {seed}). The Wilson interval and "
             "the sign test use only the decisive items (ties left out). Skipped items are not scored."]
 
+    agreement, fleiss = [], math.nan
     pairs = [(x, y) for i, x in enumerate(humans) for y in humans[i + 1:]]
     pairs += [(j, h) for j in judges for h in humans + (["humans (majority)"] if len(humans) > 1 else [])]
     if pairs:
@@ -679,12 +680,15 @@ def build_report(records, lengths, known_items, seed, sources):
             common = [i for i in verdicts[x] if verdicts[x][i] != "skip" and verdicts[y].get(i, "skip") != "skip"]
             vx, vy = [verdicts[x][i] for i in common], [verdicts[y][i] for i in common]
             agree = float(np.mean(np.array(vx) == np.array(vy))) if common else math.nan
-            out.append(f"| {x} / {y} | {len(common)} | {pct(agree)} | {num(cohen_kappa(vx, vy))} |")
+            agreement.append({"raters": [x, y], "items": len(common), "agreement": agree,
+                              "cohen_kappa": cohen_kappa(vx, vy)})
+            out.append(f"| {x} / {y} | {len(common)} | {pct(agree)} | {num(agreement[-1]['cohen_kappa'])} |")
     if len(humans) > 2:
         common = [i for i in verdicts[humans[0]] if all(verdicts[h].get(i, "skip") != "skip" for h in humans)]
         counts = [[sum(verdicts[h][i] == c for h in humans) for c in ("a", "b", "tie")] for i in common]
+        fleiss = fleiss_kappa(counts) if common else math.nan
         out += ["", f"Fleiss' κ over the {len(humans)} human annotators on the {len(common)} items all of them "
-                f"judged: {num(fleiss_kappa(counts)) if common else 'n/a'}."]
+                f"judged: {num(fleiss)}."]
 
     out += ["", "## Position", "", "| rater | decisive answers | chose the response shown first "
             "| both orders agree (judge) |", "|---|---|---|---|"]
@@ -726,7 +730,8 @@ def build_report(records, lengths, known_items, seed, sources):
                 given = ratings[rater][m]
                 if given:
                     out.append(f"| {rater} | {name} | " + " | ".join(str(given.count(g)) for g in "ABCD") + " |")
-    return "\n".join(out) + "\n", {"model_a": name_a, "model_b": name_b, "raters": stats}
+    return "\n".join(out) + "\n", {"model_a": name_a, "model_b": name_b, "raters": stats,
+                                   "agreement": agreement, "fleiss_kappa": fleiss}
 
 
 def json_safe(value):
