@@ -723,7 +723,7 @@ def build_report(records, lengths, known_items, seed, sources):
                        for m in "ab"} for rater in humans}
     if any(ratings[rater]["a"] or ratings[rater]["b"] for rater in humans):
         out += ["", "## Quality ratings (self-instruct scale)", "",
-                "A: " + "; ".join(f"{k}: {v}" for k, v in RATING_SCALE.items()), "",
+                "Scale: " + "; ".join(f"{k} = {v}" for k, v in RATING_SCALE.items()), "",
                 "| rater | model | A | B | C | D |", "|---|---|---|---|---|---|"]
         for rater in humans:
             for m, name in (("a", name_a), ("b", name_b)):

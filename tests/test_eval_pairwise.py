@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -325,8 +327,10 @@ def test_unparseable_judge_fails_unless_allowed(tmp_path, server, capsys):
 def test_judge_retries_and_budget(tmp_path, server, capsys):
     a, b = outputs(tmp_path, A_TEXTS, B_TEXTS)
     judgments = str(tmp_path / "judgments.jsonl")
+    start = time.time()
     ep.main(judge_args(server, "flaky", a, b, judgments, "--concurrency", "1"))
-    assert len(server.requests) == 12  # a 429 and a 503 (Retry-After: 0), then 10 answers
+    assert len(server.requests) == 12  # a 429 and a 503, then 10 answers
+    assert time.time() - start < 1.4  # Retry-After: 0 was honoured; our own backoff would wait 1.5 s or more
     assert {r["item"]: r["verdict"] for r in read_lines(judgments)} == EXPECTED
 
     server.requests.clear()
@@ -337,6 +341,15 @@ def test_judge_retries_and_budget(tmp_path, server, capsys):
     ep.main(judge_args(server, "consistent", a, b, judgments))
     assert len(server.requests) == 10
     assert {r["item"]: r["verdict"] for r in read_lines(judgments)} == EXPECTED
+
+
+def test_retry_delay_honours_retry_after():
+    def error(headers):
+        return types.SimpleNamespace(response=types.SimpleNamespace(headers=headers))
+    assert ep.retry_delay(error({"retry-after": "7"}), 0) == 7.0
+    assert ep.retry_delay(error({"retry-after": "3600"}), 0) == 60.0
+    assert 0.5 <= ep.retry_delay(error({}), 0) <= 1.0
+    assert 4.0 <= ep.retry_delay(Exception(), 3) <= 8.0
 
 
 # The report: headline, annotators, agreement, and errors in judgments files.
@@ -398,6 +411,7 @@ def test_report_errors_name_file_and_line(tmp_path):
     no_verdict = json.loads(lines[1])
     del no_verdict["verdict"]
     assert "bad.jsonl:2: field 'verdict' missing" in report_error("\n".join([lines[0], json.dumps(no_verdict)]))
+    assert "bad.jsonl:1: field 'first' is 'c'" in report_error(json.dumps(dict(json.loads(lines[0]), first="c")))
     other_length = json.dumps(dict(json.loads(lines[0]), annotator="bob", len_a=99))
     assert "bad.jsonl:2: item 'u0' has lengths 99/40" in report_error("\n".join([lines[0], other_length]) + "\n")
     a, b = outputs(tmp_path, ["x0", "x1"], ["y0", "y1"])
