@@ -162,7 +162,9 @@ def text_id(instruction, input):
 def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow_missing=False):
     """Pair A's and B's outputs item by item. Every problem is listed; without --allow_missing any problem stops."""
     eval_ids = {e["id"] for e in eval_items or []}
+    # Ids from two different systems may follow different schemes; then only the text can pair them up.
     use_ids = (all(r["id"] is not None for r in rows_a + rows_b)
+               and bool({r["id"] for r in rows_a} & {r["id"] for r in rows_b})
                and (not eval_items or any(r["id"] in eval_ids for r in rows_a)))
 
     def key(r):
@@ -298,11 +300,11 @@ def show_item(item, position, total, first, earlier, width):
 
 
 def ask(prompt, keys):
-    """One key from the user; None on end of input, which we treat as quit."""
+    """One key from the user; None on end of input or Ctrl-C, which we treat as quit."""
     while True:
         try:
             answer = input(prompt).strip().lower()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             print()
             return None
         if len(answer) == 1 and answer in keys:
@@ -516,7 +518,7 @@ def run_judge(args):
           f"(at ${args.price_in}/${args.price_out} per 1M tokens)")
     if unasked:
         raise SystemExit(f"budget --max_usd={args.max_usd} reached: {unasked} calls not made, "
-                         f"{len(waiting) - len(failures)} items not judged; rerun with a larger budget to continue")
+                         f"{len(waiting)} items not judged; rerun with a larger budget to continue")
     if failures:
         message = (f"{len(failures)} item(s) with an unparseable judge answer (no [[1]], [[2]] or [[T]]), not "
                    f"recorded: {', '.join(failures[:20])}{' ...' if len(failures) > 20 else ''}; a rerun asks again")

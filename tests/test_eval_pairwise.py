@@ -107,6 +107,10 @@ def test_alignment_on_id_text_and_eval_set(tmp_path):
     assert name == "other_system"
     items = ep.align(a, ep.load_outputs(a, None)[1], b2, rows)
     assert [(i["id"], i["out_b"]) for i in items] == [("t0", "y0"), ("t1", "y1"), ("t2", "y2")]
+    # Ids in another scheme (e.g. line numbers): pairing falls back to the text.
+    b3 = write_jsonl(tmp_path / "numbered.jsonl", [dict(r, id=str(k)) for k, r in enumerate(rows_b)])
+    items = ep.align(a, ep.load_outputs(a, None)[1], b3, ep.load_outputs(b3, None)[1])
+    assert [(i["id"], i["out_b"]) for i in items] == [("t0", "y0"), ("t1", "y1"), ("t2", "y2")]
     # The eval set fixes the order and the ids.
     eval_rows = [{"id": f"user_oriented_task_{i}", "motivation_app": "Grammarly", "instruction": f"Task {i}",
                   "instances": [{"input": "" if i % 2 else f"input {i}", "output": "ref"}]} for i in (1, 2, 0)]
@@ -335,7 +339,7 @@ def test_judge_retries_and_budget(tmp_path, server, capsys):
 
     server.requests.clear()
     judgments = str(tmp_path / "budget.jsonl")
-    with pytest.raises(SystemExit, match="budget --max_usd=0.0025 reached: 7 calls not made"):
+    with pytest.raises(SystemExit, match="budget --max_usd=0.0025 reached: 7 calls not made, 4 items not judged"):
         ep.main(judge_args(server, "consistent", a, b, judgments, "--concurrency", "1", "--max_usd", "0.0025"))
     assert len(server.requests) == 3  # $0.0012 a call: the third crosses the budget
     ep.main(judge_args(server, "consistent", a, b, judgments))
