@@ -101,7 +101,8 @@ def test_alignment_on_id_text_and_eval_set(tmp_path):
                                                                    ("t2", "x2", "y2")]
     assert ep.load_outputs(a, None)[0] == "alpaca-ckpt"
     # B without ids and in another order: aligned on (instruction, input).
-    rows_b = [{"instruction": f"Task {i}", "input": "" if i % 2 else f"input {i}", "output": f"y{i}"} for i in (2, 0, 1)]
+    rows_b = [{"instruction": f"Task {i}", "input": "" if i % 2 else f"input {i}", "output": f"y{i}"}
+              for i in (2, 0, 1)]
     b2 = write_jsonl(tmp_path / "other_system.jsonl", rows_b)
     name, rows = ep.load_outputs(b2, None)
     assert name == "other_system"
