@@ -1,0 +1,836 @@
+"""
+Blind pairwise evaluation of two models, the way Alpaca was compared with text-davinci-003 on the self-instruct
+user-oriented set ("Alpaca wins 90 versus 89"): people (or an LLM judge) see one instruction and two unlabelled
+responses and say which is better; then we report the result with the statistics it deserves.
+
+    python eval_pairwise.py human  --a=a.jsonl --b=b.jsonl --annotator=alice --judgments=judgments.jsonl
+    python eval_pairwise.py judge  --a=a.jsonl --b=b.jsonl --model=gpt-4o-mini --judgments=judgments.jsonl
+    python eval_pairwise.py report --judgments=judgments.jsonl [--a=a.jsonl --b=b.jsonl] [--markdown=report.md]
+
+A and B are JSONL files as `sample.py --out` writes them (instruction, input, output, optionally id and generator);
+any other system's outputs work too. Items are aligned on `id` when both files have ids, else on (instruction, input).
+`--eval_set` (self-instruct format: id, motivation_app, instruction, instances: [{input, output}]) fixes the item list
+and order. Missing, duplicate or empty items stop the run unless --allow_missing; they are always listed.
+
+The judgments file is append-only JSONL, one record per judgment:
+    annotator          a person's name, or "judge:<model>" for the LLM judge
+    item               the aligned item id (the eval set's id, else the files' id, else a hash of instruction + input)
+    model_a, model_b   the two models' names; every record must name the same pair
+    first              which model was shown as Response 1: "a" or "b"
+    verdict            in terms of models: "a", "b", "tie" or "skip"
+    rating_a, rating_b self-instruct quality rating A-D of each response (human, with --rate)
+    len_a, len_b       output lengths in words, so that `report` needs nothing but this file
+    time               UTC timestamp
+    judge only:        prompt_version, pair_key, and orders: [{first, verdict, answer, key}, ...] with the raw answers
+Records are never edited. Judging an item again (the back key, or the judge on changed outputs) appends a new
+record; the last record per (annotator, item) supersedes the earlier ones, and `report` uses only that one.
+`report` takes --a/--b optionally: with them it also checks that every judged item exists and takes the lengths from
+the files; without them it trusts the lengths stored in the records.
+"""
+
+import argparse
+import concurrent.futures
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+PROMPT_VERSION = "v1"
+VERDICTS = ("a", "b", "tie", "skip")
+RATING_SCALE = {"A": "valid and satisfying", "B": "acceptable, minor imperfections",
+                "C": "relevant but significant errors", "D": "irrelevant or invalid"}
+MAX_RETRIES = 6
+BOOTSTRAP = 1000
+
+
+def read_jsonl(path):
+    """(line number, record) pairs. A torn last line (no newline, not JSON: a killed writer) is skipped with a note."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: file not found")
+    tail = lines.pop()  # "" when the file ends with a newline
+    records = []
+    for lineno, line in enumerate(lines + [tail], 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines) + 1:
+                print(f"{path}:{lineno}: ignoring a torn last line (an interrupted write)", file=sys.stderr)
+                continue
+            raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
+        if not isinstance(record, dict):
+            raise SystemExit(f"{path}:{lineno}: expected a JSON object")
+        records.append((lineno, record))
+    return records
+
+
+def open_for_append(path):
+    """Open an append-only JSONL file, first cutting off a torn last line left by a killed writer."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                cut = data.rfind(b"\n") + 1
+                try:
+                    json.loads(data[cut:])
+                    f.write(b"\n")
+                except ValueError:
+                    f.truncate(cut)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+def append_record(fd, record):
+    # One write() per line on an O_APPEND file: the line is on disk at once, and annotators sharing a file don't mix.
+    os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def digest(*parts):
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8")).hexdigest()[:24]
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def words(text):
+    return len(text.split())
+
+
+def load_outputs(path, name):
+    rows, generators = [], set()
+    for lineno, r in read_jsonl(path):
+        for field in ("instruction", "output"):
+            if not isinstance(r.get(field), str):
+                raise SystemExit(f"{path}:{lineno}: field '{field}' missing or not a string")
+        if not isinstance(r.get("input") or "", str):
+            raise SystemExit(f"{path}:{lineno}: field 'input' is not a string")
+        rows.append({"line": lineno, "id": None if r.get("id") is None else str(r["id"]),
+                     "instruction": r["instruction"].strip(), "input": (r.get("input") or "").strip(),
+                     "output": r["output"]})
+        if r.get("generator"):
+            generators.add(str(r["generator"]))
+    if not rows:
+        raise SystemExit(f"{path}: no outputs")
+    if name is None:
+        if len(generators) > 1:
+            raise SystemExit(f"{path}: outputs of several generators ({', '.join(sorted(generators))}); "
+                             "split the file or name the model with --name_a/--name_b")
+        name = generators.pop() if generators else os.path.splitext(os.path.basename(path))[0]
+    return name, rows
+
+
+def load_eval_set(path):
+    """Self-instruct format: one task per line with its instances; a task with several instances gives id#k items."""
+    items = []
+    for lineno, r in read_jsonl(path):
+        if not isinstance(r.get("instruction"), str):
+            raise SystemExit(f"{path}:{lineno}: field 'instruction' missing or not a string")
+        instances = r.get("instances", [{"input": r.get("input") or ""}])
+        if not isinstance(instances, list) or not instances or not all(isinstance(x, dict) for x in instances):
+            raise SystemExit(f"{path}:{lineno}: field 'instances' must be a non-empty list of objects")
+        for k, instance in enumerate(instances):
+            text = (r["instruction"].strip(), (instance.get("input") or "").strip())
+            item_id = str(r["id"]) if r.get("id") is not None else text_id(*text)
+            items.append({"line": lineno, "id": item_id if len(instances) == 1 else f"{item_id}#{k}",
+                          "instruction": text[0], "input": text[1]})
+    return items
+
+
+def text_id(instruction, input):
+    return "h" + digest(instruction, input)[:10]
+
+
+def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow_missing=False):
+    """Pair A's and B's outputs item by item. Every problem is listed; without --allow_missing any problem stops."""
+    eval_ids = {e["id"] for e in eval_items or []}
+    # Ids from two different systems may follow different schemes; then only the text can pair them up.
+    use_ids = (all(r["id"] is not None for r in rows_a + rows_b)
+               and bool({r["id"] for r in rows_a} & {r["id"] for r in rows_b})
+               and (not eval_items or any(r["id"] in eval_ids for r in rows_a)))
+
+    def key(r):
+        return r["id"] if use_ids else (r["instruction"], r["input"])
+
+    def describe(k):
+        return repr(k) if use_ids else repr(k[0][:50])
+
+    problems, bad = [], set()
+
+    def index(path, rows):
+        by_key = {}
+        for r in rows:
+            k = key(r)
+            if k in by_key:
+                problems.append(f"{path}:{r['line']}: item {describe(k)} duplicates line {by_key[k]['line']}")
+                bad.add(k)
+            else:
+                by_key[k] = r
+            if not r["output"].strip():
+                problems.append(f"{path}:{r['line']}: item {describe(k)} has an empty output")
+                bad.add(k)
+        return by_key
+
+    a, b = index(path_a, rows_a), index(path_b, rows_b)
+    ids = {}
+    if eval_items:
+        for e in eval_items:
+            k = key(e)
+            if k in ids:
+                problems.append(f"{eval_path}:{e['line']}: item {describe(k)} appears twice in the eval set")
+                bad.add(k)
+            ids[k] = e["id"]
+            for path, by_key in ((path_a, a), (path_b, b)):
+                if k not in by_key:
+                    problems.append(f"{eval_path}:{e['line']}: item {describe(k)} missing from {path}")
+                    bad.add(k)
+        for path, by_key in ((path_a, a), (path_b, b)):
+            problems += [f"{path}:{r['line']}: item {describe(k)} is not in the eval set {eval_path}"
+                         for k, r in by_key.items() if k not in ids]
+        order = list(ids)
+    else:
+        order = list(a) + [k for k in b if k not in a]
+        for k in order:
+            for path, here, other_path, there in ((path_a, a, path_b, b), (path_b, b, path_a, a)):
+                if k in here and k not in there:
+                    problems.append(f"{path}:{here[k]['line']}: item {describe(k)} missing from {other_path}")
+                    bad.add(k)
+        ids = {k: a[k]["id"] or b[k]["id"] or text_id(*k) for k in order if k in a and k in b}
+    if problems:
+        shown = "\n".join(problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else []))
+        if not allow_missing:
+            raise SystemExit(f"{shown}\n{len(problems)} alignment problem(s): fix the files, or pass "
+                             f"--allow_missing to leave these {len(bad)} item(s) out")
+        print(f"{shown}\n--allow_missing: leaving {len(bad)} item(s) out", file=sys.stderr)
+    print(f"aligned {len(order) - len(bad)} items on {'id' if use_ids else '(instruction, input)'}", file=sys.stderr)
+    return [{"id": ids[k], "instruction": a[k]["instruction"], "input": a[k]["input"],
+             "out_a": a[k]["output"], "out_b": b[k]["output"]} for k in order if k not in bad]
+
+
+def prepare(args):
+    name_a, rows_a = load_outputs(args.a, args.name_a)
+    name_b, rows_b = load_outputs(args.b, args.name_b)
+    if name_a == name_b:
+        raise SystemExit(f"both models are named {name_a!r}; tell them apart with --name_a/--name_b")
+    eval_items = load_eval_set(args.eval_set) if args.eval_set else None
+    items = align(args.a, rows_a, args.b, rows_b, args.eval_set, eval_items, args.allow_missing)
+    if not items:
+        raise SystemExit("no items to compare")
+    return name_a, name_b, items
+
+
+def load_judgments(paths, missing_ok=False):
+    records = []
+    for path in paths:
+        if missing_ok and not os.path.exists(path):
+            continue
+        for lineno, r in read_jsonl(path):
+            where = f"{path}:{lineno}"
+            for field in ("annotator", "item", "model_a", "model_b", "verdict"):
+                if not isinstance(r.get(field), str) or not r[field]:
+                    raise SystemExit(f"{where}: field '{field}' missing or not a string")
+            if r["verdict"] not in VERDICTS:
+                raise SystemExit(f"{where}: field 'verdict' is {r['verdict']!r}, not one of {', '.join(VERDICTS)}")
+            if r.get("first") not in ("a", "b", None):
+                raise SystemExit(f"{where}: field 'first' is {r['first']!r}, not 'a' or 'b'")
+            r["where"] = where
+            records.append(r)
+    return records
+
+
+def check_models(records, name_a, name_b):
+    for r in records:
+        if (r["model_a"], r["model_b"]) != (name_a, name_b):
+            raise SystemExit(f"{r['where']}: this judgment compares {r['model_a']!r} (A) with {r['model_b']!r} (B), "
+                             f"not {name_a!r} with {name_b!r}")
+
+
+def latest(records):
+    """The last record per (annotator, item): judging again supersedes."""
+    return {(r["annotator"], r["item"]): r for r in records}
+
+
+def order_first(seed, annotator, item):
+    """Which model is Response 1: a coin flip fixed by (seed, annotator, item), so it is the same on every run."""
+    return "a" if hashlib.sha256(f"{seed}\0{annotator}\0{item}".encode()).digest()[0] % 2 == 0 else "b"
+
+
+def other(model):
+    return "b" if model == "a" else "a"
+
+
+def wrap(text, width, indent="  "):
+    lines = []
+    for paragraph in text.splitlines() or [""]:
+        lines += textwrap.wrap(paragraph, width, initial_indent=indent, subsequent_indent=indent) or [""]
+    return "\n".join(lines)
+
+
+def show_item(item, position, total, first, earlier, width):
+    out = {"a": item["out_a"], "b": item["out_b"]}
+    print()
+    print(f"-- item {position + 1} of {total} ({item['id']}) ".ljust(width, "-")[:width])
+    print("Instruction:\n" + wrap(item["instruction"], width))
+    if item["input"]:
+        print("Input:\n" + wrap(item["input"], width))
+    print("Response 1:\n" + wrap(out[first], width))
+    print("Response 2:\n" + wrap(out[other(first)], width))
+    if earlier:
+        verdict = earlier["verdict"]
+        shown = {first: "Response 1", other(first): "Response 2"}.get(verdict, verdict)
+        print(wrap(f"(your earlier verdict: {shown}; answer again to replace it)", width, ""))
+
+
+def ask(prompt, keys):
+    """One key from the user; None on end of input or Ctrl-C, which we treat as quit."""
+    while True:
+        try:
+            answer = input(prompt).strip().lower()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return None
+        if len(answer) == 1 and answer in keys:
+            return answer
+        print(f"type one of: {' '.join(keys)}")
+
+
+def next_unjudged(items, done, start):
+    return next((i for i in range(start, len(items)) if items[i]["id"] not in done), len(items))
+
+
+def run_human(args):
+    name_a, name_b, items = prepare(args)
+    records = load_judgments([args.judgments], missing_ok=True)
+    check_models(records, name_a, name_b)
+    done = {item: r for (annotator, item), r in latest(records).items() if annotator == args.annotator}
+    fd = open_for_append(args.judgments)
+    width = max(20, shutil.get_terminal_size().columns - 1)
+    print(wrap(f"{len(items)} items, {sum(i['id'] in done for i in items)} already judged by {args.annotator}. "
+               "Which response is better? 1 or 2, t = tie, s = skip, b = back, q = quit.", width, ""))
+    if args.rate:
+        print("\n".join(wrap(f"{k} = {v}", width, "") for k, v in RATING_SCALE.items()))
+    i = next_unjudged(items, done, 0)
+    while i < len(items):
+        item = items[i]
+        first = order_first(args.seed, args.annotator, item["id"])
+        show_item(item, i, len(items), first, done.get(item["id"]), width)
+        key = ask("[1/2/t/s/b/q] > ", "12tsbq")
+        if key in (None, "q"):
+            break
+        if key == "b":
+            if i == 0:
+                print("(this is the first item)")
+            i = max(0, i - 1)
+            continue
+        verdict = {"1": first, "2": other(first), "t": "tie", "s": "skip"}[key]
+        record = {"annotator": args.annotator, "item": item["id"], "model_a": name_a, "model_b": name_b,
+                  "first": first, "verdict": verdict}
+        if args.rate and verdict != "skip":
+            ratings = [ask(f"rate Response {n} [A-D] > ", "abcd") for n in "12"]
+            if None in ratings:
+                break
+            record.update({f"rating_{first}": ratings[0].upper(), f"rating_{other(first)}": ratings[1].upper()})
+        record.update(len_a=words(item["out_a"]), len_b=words(item["out_b"]), time=now())
+        append_record(fd, record)
+        done[item["id"]] = record
+        i = next_unjudged(items, done, i + 1)
+    os.close(fd)
+    left = sum(item["id"] not in done for item in items)
+    print(wrap(f"{args.annotator}: {len(items) - left} of {len(items)} items judged"
+               + (f"; {left} left, run the same command to continue" if left else "; done"), width, ""))
+
+
+JUDGE_SYSTEM = "You are a careful and impartial evaluator of answers written by AI assistants."
+
+JUDGE_TEMPLATE = """Below is a task for an AI assistant (an instruction, sometimes with an input) and two responses from two different assistants. Decide which response carries out the task better. Consider whether each response is correct, whether it does what was asked, whether it is complete without padding, and whether it is clear. Which response comes first tells you nothing, and a response is not better just for being longer. If neither is better, call it a tie.
+
+### Instruction
+{instruction}
+
+### Input
+{input}
+
+### Response 1
+{response1}
+
+### Response 2
+{response2}
+
+First compare the two responses in a few sentences. Then put your verdict alone on the last line: [[1]] if Response 1 is better, [[2]] if Response 2 is better, or [[T]] if they are equally good or equally bad."""
+
+
+def judge_messages(instruction, input, response1, response2):
+    prompt = JUDGE_TEMPLATE.format(instruction=instruction, input=input or "(none)",
+                                   response1=response1, response2=response2)
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
+
+
+def parse_verdict(answer, first):
+    """The last verdict token in the answer, in terms of models; None when there is none."""
+    tokens = re.findall(r"\[\[\s*([12T])\s*\]\]", answer or "", re.IGNORECASE)
+    if not tokens:
+        return None
+    return {"1": first, "2": other(first), "T": "tie"}[tokens[-1].upper()]
+
+
+def retry_delay(error, attempt):
+    """Honour the server's Retry-After when it sends one; otherwise exponential backoff with jitter."""
+    try:
+        return min(60.0, max(0.0, float(error.response.headers["retry-after"])))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return min(60.0, 2.0 ** attempt) * random.uniform(0.5, 1.0)
+
+
+def ask_judge(client, args, messages):
+    import openai
+    for attempt in range(MAX_RETRIES + 1):
+        try:
+            response = client.chat.completions.create(model=args.model, messages=messages,
+                                                      temperature=args.temperature, max_tokens=args.max_new_tokens)
+            usage = response.usage
+            return (response.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
+                    usage.completion_tokens if usage else 0)
+        except (openai.APIConnectionError, openai.APIStatusError) as e:
+            status = getattr(e, "status_code", None)
+            if (status is not None and status not in (408, 409, 429) and status < 500) or attempt == MAX_RETRIES:
+                raise
+            time.sleep(retry_delay(e, attempt))
+
+
+def run_judge(args):
+    import openai  # only the judge needs it; keeps the other subcommands quick to start
+    from tqdm import tqdm
+    name_a, name_b, items = prepare(args)
+    annotator = f"judge:{args.model}"
+    records = load_judgments([args.judgments], missing_ok=True)
+    check_models(records, name_a, name_b)
+    done = {item: r for (who, item), r in latest(records).items() if who == annotator}
+    cache_path = args.cache or os.path.splitext(args.judgments)[0] + ".cache.jsonl"
+    cache = {r["key"]: r for _, r in read_jsonl(cache_path)} if os.path.exists(cache_path) else {}
+    fd, cache_fd = open_for_append(args.judgments), open_for_append(cache_path)
+    client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "none"),
+                           max_retries=0, timeout=120.0)
+
+    answers, calls, waiting, failures = {}, [], {}, []
+    counts = {"skipped": 0, "identical": 0, "cached": 0, "calls": 0, "tokens_in": 0, "tokens_out": 0, "usd": 0.0}
+
+    def finish(item, firsts, pair_key):
+        orders = [{"first": f, "verdict": parse_verdict(answers[item["id"], f][0], f),
+                   "answer": answers[item["id"], f][0], "key": answers[item["id"], f][1]} for f in firsts]
+        if any(o["verdict"] is None for o in orders):
+            failures.append(item["id"])
+            return
+        # Two orders that disagree mean the judge followed the position, not the content: a tie.
+        verdicts = {o["verdict"] for o in orders}
+        append_record(fd, {"annotator": annotator, "item": item["id"], "model_a": name_a, "model_b": name_b,
+                           "first": firsts[0], "verdict": verdicts.pop() if len(verdicts) == 1 else "tie",
+                           "len_a": words(item["out_a"]), "len_b": words(item["out_b"]), "time": now(),
+                           "prompt_version": PROMPT_VERSION, "pair_key": pair_key, "orders": orders})
+
+    for item in items:
+        firsts = [order_first(args.seed, annotator, item["id"])] if args.single_order else ["a", "b"]
+        pair_key = digest(args.model, PROMPT_VERSION, item["instruction"], item["input"], item["out_a"],
+                          item["out_b"], firsts)
+        if done.get(item["id"], {}).get("pair_key") == pair_key:
+            counts["skipped"] += 1
+            continue
+        if item["out_a"].strip() == item["out_b"].strip():
+            counts["identical"] += 1
+            append_record(fd, {"annotator": annotator, "item": item["id"], "model_a": name_a, "model_b": name_b,
+                               "first": None, "verdict": "tie", "len_a": words(item["out_a"]),
+                               "len_b": words(item["out_b"]), "time": now(), "prompt_version": PROMPT_VERSION,
+                               "pair_key": pair_key, "orders": [], "note": "identical outputs"})
+            continue
+        for first in firsts:
+            out = {"a": item["out_a"], "b": item["out_b"]}
+            key = digest(args.model, PROMPT_VERSION, item["instruction"], item["input"], out[first], out[other(first)])
+            if key in cache:
+                answers[item["id"], first] = (cache[key]["answer"], key)
+                counts["cached"] += 1
+            else:
+                messages = judge_messages(item["instruction"], item["input"], out[first], out[other(first)])
+                calls.append((item["id"], first, key, messages))
+        waiting[item["id"]] = (item, firsts, pair_key)
+    for item_id, (item, firsts, pair_key) in list(waiting.items()):
+        if all((item_id, f) in answers for f in firsts):
+            finish(item, firsts, pair_key)
+            del waiting[item_id]
+
+    # Keep at most --concurrency requests in flight and stop sending once the budget is spent.
+    queue, pending = iter(calls), {}
+    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool, \
+            tqdm(total=len(calls), desc="judge", disable=not calls) as bar:
+        while True:
+            while len(pending) < args.concurrency and counts["usd"] < args.max_usd:
+                call = next(queue, None)
+                if call is None:
+                    break
+                pending[pool.submit(ask_judge, client, args, call[3])] = call
+            if not pending:
+                break
+            finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                item_id, first, key, _ = pending.pop(future)
+                try:
+                    answer, tokens_in, tokens_out = future.result()
+                except openai.OpenAIError as e:
+                    for f in pending:
+                        f.cancel()
+                    raise SystemExit(f"judge API error on item {item_id}: {e}")
+                counts["calls"] += 1
+                counts["tokens_in"] += tokens_in
+                counts["tokens_out"] += tokens_out
+                counts["usd"] += (tokens_in * args.price_in + tokens_out * args.price_out) / 1e6
+                bar.update(1)
+                if parse_verdict(answer, first) is not None:  # unparseable answers are asked again on a rerun
+                    append_record(cache_fd, {"key": key, "model": args.model, "prompt_version": PROMPT_VERSION,
+                                             "answer": answer, "tokens_in": tokens_in, "tokens_out": tokens_out})
+                answers[item_id, first] = (answer, key)
+                item, firsts, pair_key = waiting[item_id]
+                if all((item_id, f) in answers for f in firsts):
+                    finish(item, firsts, pair_key)
+                    del waiting[item_id]
+    os.close(fd)
+    os.close(cache_fd)
+
+    unasked = sum(1 for _ in queue)
+    print(f"{annotator}: {len(items)} items; {counts['skipped']} already judged, {counts['identical']} identical "
+          f"outputs (tie, no call), {counts['cached']} answers from the cache, {counts['calls']} API calls")
+    print(f"tokens: {counts['tokens_in']} in, {counts['tokens_out']} out; cost ${counts['usd']:.4f} "
+          f"(at ${args.price_in}/${args.price_out} per 1M tokens)")
+    if unasked:
+        raise SystemExit(f"budget --max_usd={args.max_usd} reached: {unasked} calls not made, "
+                         f"{len(waiting)} items not judged; rerun with a larger budget to continue")
+    if failures:
+        message = (f"{len(failures)} item(s) with an unparseable judge answer (no [[1]], [[2]] or [[T]]), not "
+                   f"recorded: {', '.join(failures[:20])}{' ...' if len(failures) > 20 else ''}; a rerun asks again")
+        if not args.allow_failures:
+            raise SystemExit(message)
+        print(message)
+
+
+def wilson(k, n, z=1.959963984540054):
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (center - half, center + half)
+
+
+def sign_test(wins, losses):
+    """Two-sided exact binomial test of wins vs losses at p = 1/2; ties are left out."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n)
+
+
+def cohen_kappa(x, y, labels=("a", "b", "tie")):
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) == 0:
+        return math.nan
+    observed = np.mean(x == y)
+    expected = sum(np.mean(x == c) * np.mean(y == c) for c in labels)
+    return (observed - expected) / (1 - expected) if expected < 1 else math.nan
+
+
+def fleiss_kappa(counts):
+    """counts[i][j]: how many raters put item i in category j; every item has the same number of raters."""
+    counts = np.asarray(counts, dtype=float)
+    raters = counts[0].sum()
+    per_item = ((counts ** 2).sum(1) - raters) / (raters * (raters - 1))
+    shares = counts.sum(0) / counts.sum()
+    expected = (shares ** 2).sum()
+    return (per_item.mean() - expected) / (1 - expected) if expected < 1 else math.nan
+
+
+def fit_logistic(x, y, ridge=1e-4, steps=100):
+    """Logistic regression y ~ sigmoid(b0 + b1 x) by Newton's method; y may be fractional (a tie is 1/2).
+    The tiny ridge keeps the fit finite when verdicts are perfectly separated by length."""
+    X = np.column_stack([np.ones_like(x), x])
+    beta = np.zeros(2)
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-np.clip(X @ beta, -30, 30)))
+        gradient = X.T @ (y - p) - ridge * beta
+        hessian = (X.T * (p * (1 - p))) @ X + ridge * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        beta += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return beta
+
+
+def length_controlled(scores, len_a, len_b, seed):
+    """Win rate the fit predicts for two responses of equal length, and its bootstrap SE, plus the slope per SD."""
+    diff = np.asarray(len_a, float) - np.asarray(len_b, float)
+    if diff.std() == 0 and diff.any():
+        return math.nan, math.nan, math.nan  # one length difference for every item: no way to see its effect
+    x = diff / diff.std() if diff.any() else diff  # scaled, not centred: x = 0 means equal length
+    beta = fit_logistic(x, scores)
+    rng = np.random.default_rng(seed)
+    boot = [fit_logistic(x[idx], scores[idx])[0] for idx in rng.integers(0, len(x), (BOOTSTRAP, len(x)))]
+    return 1 / (1 + math.exp(-beta[0])), float(np.std(1 / (1 + np.exp(-np.array(boot))), ddof=1)), float(beta[1])
+
+
+def summarize(verdicts, lengths, seed):
+    """Headline numbers for one rater. verdicts: {item: verdict}; skips are counted but not scored."""
+    scored = {item: v for item, v in verdicts.items() if v != "skip"}
+    wins, losses = sum(v == "a" for v in scored.values()), sum(v == "b" for v in scored.values())
+    ties, n = len(scored) - wins - losses, len(scored)
+    s = {"items": n, "wins": wins, "losses": losses, "ties": ties, "skips": len(verdicts) - n,
+         "win_rate": math.nan, "se": math.nan, "ci": [math.nan, math.nan],
+         "decisive_share": wins / (wins + losses) if wins + losses else math.nan,
+         "wilson": list(wilson(wins, wins + losses)), "sign_p": sign_test(wins, losses),
+         "lc_win_rate": math.nan, "lc_se": math.nan, "length_slope": math.nan}
+    if n == 0:
+        return s
+    scores = np.array([{"a": 1.0, "b": 0.0, "tie": 0.5}[v] for v in scored.values()])
+    resampled = scores[np.random.default_rng(seed).integers(0, n, (BOOTSTRAP, n))].mean(1)
+    s.update(win_rate=float(scores.mean()), se=float(scores.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+             ci=[float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))])
+    if lengths and n > 1:
+        len_a, len_b = zip(*(lengths[item] for item in scored))
+        s["lc_win_rate"], s["lc_se"], s["length_slope"] = length_controlled(scores, len_a, len_b, seed)
+    return s
+
+
+def majority(votes):
+    """Plurality of a/b/tie; a draw between the top verdicts is a tie."""
+    counts = {v: votes.count(v) for v in ("a", "b", "tie")}
+    top = max(counts.values())
+    winners = [v for v, c in counts.items() if c == top]
+    return winners[0] if len(winners) == 1 else "tie"
+
+
+def pct(x):
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def num(x, digits=3):
+    return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def build_report(records, lengths, known_items, seed, sources):
+    name_a, name_b = records[0]["model_a"], records[0]["model_b"]
+    current = latest(records)
+    by_rater = {}
+    for (annotator, item), r in current.items():
+        by_rater.setdefault(annotator, {})[item] = r
+    humans = sorted(a for a in by_rater if not a.startswith("judge:"))
+    judges = sorted(a for a in by_rater if a.startswith("judge:"))
+    verdicts = {a: {item: r["verdict"] for item, r in by_rater[a].items()} for a in humans + judges}
+    if len(humans) > 1:
+        votes = {}
+        for a in humans:
+            for item, v in verdicts[a].items():
+                if v != "skip":
+                    votes.setdefault(item, []).append(v)
+        verdicts["humans (majority)"] = {item: majority(v) for item, v in votes.items()}
+    stats = {rater: summarize(v, lengths, seed) for rater, v in verdicts.items()}
+
+    out = [f"# Pairwise evaluation: {name_a} (A) vs {name_b} (B)", "",
+           f"Judgments: {', '.join(sources)}; {len(current)} current judgments "
+           f"({len(records) - len(current)} superseded records ignored)"
+           + (f"; {known_items} items in the outputs." if known_items else "."), "",
+           "| rater | judged | A wins | B wins | ties | skipped | A win rate (ties ½) | SE | 95% CI (bootstrap) "
+           "| A share of decisive, Wilson 95% CI | sign test p | length-controlled A win rate (SE) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rater, s in stats.items():
+        out.append(f"| {rater} | {s['items']} | {s['wins']} | {s['losses']} | {s['ties']} | {s['skips']} | "
+                   f"{pct(s['win_rate'])} | {pct(s['se'])} | [{pct(s['ci'][0])}, {pct(s['ci'][1])}] | "
+                   f"{pct(s['decisive_share'])} [{pct(s['wilson'][0])}, {pct(s['wilson'][1])}] | "
+                   f"{num(s['sign_p'])} | {pct(s['lc_win_rate'])} ({pct(s['lc_se'])}) |")
+    out.append("")
+    for rater, s in stats.items():
+        decisive = s["wins"] + s["losses"]
+        if s["sign_p"] < 0.05:
+            better = name_a if s["wins"] > s["losses"] else name_b
+            finding = f"{better} is significantly better at the 5% level"
+        else:
+            finding = "no significant difference"
+        out.append(f"- {rater}: {name_a} wins {s['wins']} versus {s['losses']} for {name_b}, with {s['ties']} ties; "
+                   f"{finding} (two-sided sign test on the {decisive} decisive items, p = {num(s['sign_p'])}).")
+    out += ["", "Win rate counts a tie as half a win; SE is the standard error of the per-item score (1, ½, 0) and "
+            f"the CI a percentile bootstrap over items ({BOOTSTRAP} resamples, seed {seed}). The Wilson interval and "
+            "the sign test use only the decisive items (ties left out). Skipped items are not scored."]
+
+    agreement, fleiss = [], math.nan
+    pairs = [(x, y) for i, x in enumerate(humans) for y in humans[i + 1:]]
+    pairs += [(j, h) for j in judges for h in humans + (["humans (majority)"] if len(humans) > 1 else [])]
+    if pairs:
+        out += ["", "## Agreement", "", "| raters | items both judged | agreement | Cohen's κ |", "|---|---|---|---|"]
+        for x, y in pairs:
+            common = [i for i in verdicts[x] if verdicts[x][i] != "skip" and verdicts[y].get(i, "skip") != "skip"]
+            vx, vy = [verdicts[x][i] for i in common], [verdicts[y][i] for i in common]
+            agree = float(np.mean(np.array(vx) == np.array(vy))) if common else math.nan
+            agreement.append({"raters": [x, y], "items": len(common), "agreement": agree,
+                              "cohen_kappa": cohen_kappa(vx, vy)})
+            out.append(f"| {x} / {y} | {len(common)} | {pct(agree)} | {num(agreement[-1]['cohen_kappa'])} |")
+    if len(humans) > 2:
+        common = [i for i in verdicts[humans[0]] if all(verdicts[h].get(i, "skip") != "skip" for h in humans)]
+        counts = [[sum(verdicts[h][i] == c for h in humans) for c in ("a", "b", "tie")] for i in common]
+        fleiss = fleiss_kappa(counts) if common else math.nan
+        out += ["", f"Fleiss' κ over the {len(humans)} human annotators on the {len(common)} items all of them "
+                f"judged: {num(fleiss)}."]
+
+    out += ["", "## Position", "", "| rater | decisive answers | chose the response shown first "
+            "| both orders agree (judge) |", "|---|---|---|---|"]
+    for rater in humans + judges:
+        picks, both, consistent = [], 0, 0
+        for r in by_rater[rater].values():
+            orders = r.get("orders") or ([{"first": r.get("first"), "verdict": r["verdict"]}] if r.get("first") else [])
+            picks += [o["verdict"] == o["first"] for o in orders if o.get("verdict") in ("a", "b")]
+            if len(orders) == 2:
+                both += 1
+                consistent += orders[0]["verdict"] == orders[1]["verdict"]
+        stats[rater]["first_position_share"] = float(np.mean(picks)) if picks else math.nan
+        stats[rater]["position_consistency"] = consistent / both if both else math.nan
+        out.append(f"| {rater} | {len(picks)} | {pct(stats[rater]['first_position_share'])} | "
+                   + (f"{pct(consistent / both)} of {both} pairs |" if both else "- |"))
+    out += ["", "50% chose-first means no preference for the first position. For the judge each pair is asked in "
+            "both orders; when the two answers disagree the pair counts as a tie."]
+
+    if lengths:
+        judged = sorted({item for rater in humans + judges for item in by_rater[rater]} & set(lengths))
+        la, lb = np.array([lengths[i][0] for i in judged]), np.array([lengths[i][1] for i in judged])
+        out += ["", "## Length", "",
+                f"Over the {len(judged)} judged items, {name_a} answers in {la.mean():.0f} words on average "
+                f"(median {np.median(la):.0f}), {name_b} in {lb.mean():.0f} (median {np.median(lb):.0f}); "
+                f"{name_a} is longer on {pct(np.mean(la > lb))} of items.",
+                "The length-controlled win rate fits a logistic regression of the score (ties ½) on the length "
+                "difference in words divided by its SD, and reads it off at zero difference; its SE is a bootstrap "
+                f"over items. Slope per SD of length difference: "
+                + ", ".join(f"{rater} {num(s['length_slope'], 2)}" for rater, s in stats.items()) + "."]
+
+    ratings = {rater: {m: [r.get(f"rating_{m}") for r in by_rater[rater].values() if r.get(f"rating_{m}")]
+                       for m in "ab"} for rater in humans}
+    if any(ratings[rater]["a"] or ratings[rater]["b"] for rater in humans):
+        out += ["", "## Quality ratings (self-instruct scale)", "",
+                "Scale: " + "; ".join(f"{k} = {v}" for k, v in RATING_SCALE.items()), "",
+                "| rater | model | A | B | C | D |", "|---|---|---|---|---|---|"]
+        for rater in humans:
+            for m, name in (("a", name_a), ("b", name_b)):
+                given = ratings[rater][m]
+                if given:
+                    out.append(f"| {rater} | {name} | " + " | ".join(str(given.count(g)) for g in "ABCD") + " |")
+    return "\n".join(out) + "\n", {"model_a": name_a, "model_b": name_b, "raters": stats,
+                                   "agreement": agreement, "fleiss_kappa": fleiss}
+
+
+def json_safe(value):
+    """NaN (a number that could not be computed) becomes null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def run_report(args):
+    records = load_judgments(args.judgments)
+    if not records:
+        raise SystemExit(f"{', '.join(args.judgments)}: no judgments")
+    name_a, name_b = records[0]["model_a"], records[0]["model_b"]
+    check_models(records, name_a, name_b)
+    lengths, known_items = {}, None
+    if args.a or args.b:
+        if not (args.a and args.b):
+            raise SystemExit("give both --a and --b, or neither")
+        args.name_a, args.name_b = args.name_a or name_a, args.name_b or name_b
+        file_a, file_b, items = prepare(args)
+        check_models(records, file_a, file_b)
+        lengths = {item["id"]: (words(item["out_a"]), words(item["out_b"])) for item in items}
+        known_items = len(items)
+        for r in records:
+            if r["item"] not in lengths:
+                raise SystemExit(f"{r['where']}: unknown item {r['item']!r} (not in {args.a} and {args.b})")
+    else:
+        first_seen = {}
+        for r in latest(records).values():
+            if not isinstance(r.get("len_a"), int) or not isinstance(r.get("len_b"), int):
+                lengths = None
+                break
+            seen = first_seen.setdefault(r["item"], r)
+            if (seen["len_a"], seen["len_b"]) != (r["len_a"], r["len_b"]):
+                raise SystemExit(f"{r['where']}: item {r['item']!r} has lengths {r['len_a']}/{r['len_b']} here but "
+                                 f"{seen['len_a']}/{seen['len_b']} at {seen['where']}: judgments of different "
+                                 "outputs are mixed")
+            lengths[r["item"]] = (r["len_a"], r["len_b"])
+    markdown, summary = build_report(records, lengths, known_items, args.seed, args.judgments)
+    print(markdown, end="")
+    if args.markdown:
+        write_atomic(args.markdown, markdown)
+    if args.json:
+        write_atomic(args.json, json.dumps(json_safe(summary), indent=2) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_inputs(p, required):
+        p.add_argument("--a", required=required, help="outputs of model A (JSONL: instruction, input, output)")
+        p.add_argument("--b", required=required, help="outputs of model B")
+        p.add_argument("--name_a", help="name of model A (default: the 'generator' field, else the file name)")
+        p.add_argument("--name_b", help="name of model B")
+        p.add_argument("--eval_set", help="self-instruct style eval set that fixes the item list and order")
+        p.add_argument("--allow_missing", action="store_true",
+                       help="leave out (and list) items missing from a file, duplicated or empty, instead of stopping")
+        p.add_argument("--seed", type=int, default=0, help="seed for the order of responses and the bootstrap")
+
+    human = commands.add_parser("human", help="blind judging session in the terminal")
+    add_inputs(human, True)
+    human.add_argument("--annotator", required=True, help="your name; each annotator resumes where they stopped")
+    human.add_argument("--judgments", default="judgments.jsonl", help="append-only judgments file")
+    human.add_argument("--rate", action="store_true", help="also rate each response A-D (self-instruct scale)")
+
+    judge = commands.add_parser("judge", help="LLM judge through an OpenAI-compatible API, in both orders")
+    add_inputs(judge, True)
+    judge.add_argument("--judgments", default="judgments.jsonl", help="append-only judgments file")
+    judge.add_argument("--model", default="gpt-4o-mini", help="judge model")
+    judge.add_argument("--base_url", default=None, help="OpenAI-compatible API (default: OpenAI's); key from "
+                                                        "OPENAI_API_KEY")
+    judge.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    judge.add_argument("--max_usd", type=float, default=5.0, help="stop sending requests once this much is spent")
+    judge.add_argument("--price_in", type=float, default=0.15, help="USD per 1M prompt tokens")
+    judge.add_argument("--price_out", type=float, default=0.60, help="USD per 1M completion tokens")
+    judge.add_argument("--temperature", type=float, default=0.0)
+    judge.add_argument("--max_new_tokens", type=int, default=512, help="length limit of the judge's answer")
+    judge.add_argument("--single_order", action="store_true",
+                       help="ask each pair in one (seeded random) order instead of both")
+    judge.add_argument("--cache", help="cache of judge answers (default: <judgments>.cache.jsonl)")
+    judge.add_argument("--allow_failures", action="store_true",
+                       help="exit 0 even if some judge answers could not be parsed")
+
+    report = commands.add_parser("report", help="win rates, confidence intervals, agreement, position and length")
+    report.add_argument("--judgments", nargs="+", default=["judgments.jsonl"], help="one or more judgments files")
+    add_inputs(report, False)
+    report.add_argument("--markdown", help="also write the report here")
+    report.add_argument("--json", help="write the numbers here as JSON")
+
+    args = parser.parse_args(argv)
+    {"human": run_human, "judge": run_judge, "report": run_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
