@@ -109,8 +109,7 @@ def lefthash_mask(prev_token, vocab_size, gamma, key):
     # Cached per previous token: the permutation costs ~0.3 ms (vocab 32000), more than the rest of a watermarked
     # decode step. Masks take vocab_size bytes each (64 MB at most here for a 32000 vocabulary).
     mask = torch.zeros(vocab_size, dtype=torch.bool)
-    mask[green_ids(lefthash_seed(prev_token, key), vocab_size, gamma)] = True
-    return mask
+    return mask.index_fill_(0, green_ids(lefthash_seed(prev_token, key), vocab_size, gamma), True)
 
 
 @functools.lru_cache(maxsize=2**16)
