@@ -343,7 +343,7 @@ def main(argv=None):
     p = commands.add_parser("detect", help="score text or token ids for the watermark")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="text to score (needs --tokenizer)")
-    source.add_argument("--in", dest="inp", help="JSONL file, one verdict per line")
+    source.add_argument("--in", dest="inp", metavar="FILE", help="JSONL file, one verdict per line")
     source.add_argument("--ids", help='token ids, e.g. "12 873 5"')
     p.add_argument("--field", default="output", help="JSONL field with the text (or a list of token ids)")
     p.add_argument("--tokenizer", help="sentencepiece model used at generation (text is encoded without BOS)")

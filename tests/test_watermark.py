@@ -106,6 +106,10 @@ def test_selfhash_processor_biases_self_consistent_top_candidates():
         assert expected, "no candidate green: the test would prove nothing"
         assert (out[row] - logits[row]).nonzero().flatten().tolist() == expected
     assert torch.equal(out[2], logits[2])
+    # all logits tied: the top 41 are the 41 lowest ids, whatever sort the device would use
+    out = proc([[1, 2, 3]], torch.zeros(1, V))
+    expected = [c for c in range(41) if rule_selfhash_green([1, 2, 3, c], V, 0.25, KEY)]
+    assert out[0].nonzero().flatten().tolist() == expected
 
 
 @pytest.mark.parametrize("scheme", ["lefthash", "selfhash"])
