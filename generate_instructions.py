@@ -15,6 +15,7 @@ import os
 import random
 import re
 import string
+import sys
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -347,14 +348,13 @@ def request_with_retries(client, args, prompt):
             return call_api(client, args, prompt)
         except openai.APIStatusError as e:
             if e.status_code not in (408, 409, 429) and e.status_code < 500:  # a wrong key, model or request
-                raise FatalAPIError(f"{e.status_code} {e.message}")
+                raise FatalAPIError(e.message)
             error = e
         except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as e:
             error = e
         if attempt < args.max_retries:
             time.sleep(retry_delay(error, attempt, args.backoff_base))
-    status = getattr(error, "status_code", None)
-    raise RequestFailed(f"{type(error).__name__}{f' {status}' if status else ''}: {error}"[:300])
+    raise RequestFailed(f"{type(error).__name__}: {error}"[:300])
 
 
 def cost_usd(args, prompt_tokens, completion_tokens):
@@ -404,7 +404,7 @@ def generate(args):
     progress = tqdm(total=args.num_instructions, initial=len(kept), unit="inst", dynamic_ncols=True)
 
     def can_start(num_pending):
-        if stats["kept"] >= args.num_instructions or failures and failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+        if stats["kept"] >= args.num_instructions or failed_in_a_row >= MAX_FAILED_IN_A_ROW:
             return False
         if args.max_usd is None:
             return True
@@ -431,7 +431,7 @@ def generate(args):
                     except RequestFailed as e:
                         failures.append(str(e))
                         failed_in_a_row += 1
-                        progress.write(f"request failed for good: {e}")
+                        progress.write(f"request failed for good: {e}", file=sys.stderr)
                         continue
                     failed_in_a_row = 0
                     stats.update(requests_ok=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
@@ -472,7 +472,7 @@ def generate(args):
           f"requests: {stats['requests_ok']} ok, {len(failures)} failed; "
           f"tokens: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion (${spent:.4f})")
     print("rejected: " + (", ".join(f"{k}={v}" for k, v in rejected.most_common()) or "none"))
-    if failures and failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+    if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
         raise SystemExit(f"{client.base_url}: giving up after {failed_in_a_row} requests failed in a row "
                          f"(last: {failures[-1]})")
     if stats["kept"] < args.num_instructions and args.max_usd is not None:
