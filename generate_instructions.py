@@ -98,7 +98,7 @@ def encode_prompt(examples):
     return prompt + f"###\n{len(examples) + 1}. Instruction:"
 
 
-TASK_START_RE = re.compile(r"^\s*\d+\s*\.\s*Instruction:", re.MULTILINE)
+TASK_START_RE = re.compile(r"\s*\d+\s*\.\s*Instruction:")
 TASK_RE = re.compile(r"\A\s*\d+\s*\.\s*Instruction:(.*?)^\s*\d+\s*\.\s*Input:(.*?)^\s*\d+\s*\.\s*Output:(.*)\Z",
                      re.DOTALL | re.MULTILINE)
 
@@ -142,6 +142,20 @@ def reject_reason(instruction):
         return "starts_with_punctuation"
     if not instruction[0].isascii():
         return "non_ascii_start"
+    return None
+
+
+def filter_task(task, index, texts, rouge_threshold):
+    """Why the task is rejected, or None after adding the recipe's similarity fields to it."""
+    reason = reject_reason(task["instruction"])
+    if reason:
+        return reason
+    scores = index.scores(task["instruction"])  # against the seeds and everything kept so far
+    if scores.max() > rouge_threshold:
+        return "too_similar"
+    top = np.argsort(-scores, kind="stable")[:TOP_SIMILAR]
+    task["most_similar_instructions"] = {texts[i]: float(scores[i]) for i in top}
+    task["avg_similarity_score"] = float(np.mean(scores))
     return None
 
 
@@ -438,17 +452,10 @@ def generate(args):
                     for task in parse_response(text, finish_reason, args.num_prompt_instructions, rejected):
                         if stats["kept"] >= args.num_instructions:
                             break
-                        reason = reject_reason(task["instruction"])
-                        if reason is None:
-                            scores = index.scores(task["instruction"])
-                            if len(scores) and scores.max() > args.rouge_threshold:
-                                reason = "too_similar"
+                        reason = filter_task(task, index, texts, args.rouge_threshold)
                         if reason:
                             rejected[reason] += 1
                             continue
-                        top = np.argsort(-scores, kind="stable")[:TOP_SIMILAR]
-                        task["most_similar_instructions"] = {texts[i]: float(scores[i]) for i in top}
-                        task["avg_similarity_score"] = float(np.mean(scores)) if len(scores) else 0.0
                         out.write(json.dumps(task, ensure_ascii=False) + "\n")
                         out.flush()
                         index.add(task["instruction"])
@@ -460,6 +467,12 @@ def generate(args):
                     progress.set_postfix(requests=stats["requests_ok"], rejected=sum(rejected.values()),
                                          tokens=f"{stats['prompt_tokens']}+{stats['completion_tokens']}",
                                          usd=f"{spent:.4f}", refresh=False)
+    except KeyboardInterrupt:
+        # Every kept task is already on disk; don't wait for the requests in flight (they would hold the exit).
+        progress.close()
+        print(f"\ninterrupted with {stats['kept']} instructions in {args.out}; rerun the same command to resume",
+              flush=True)
+        os._exit(130)
     except FatalAPIError as e:
         raise SystemExit(f"{client.base_url}: the server refused the request ({e}); check OPENAI_API_KEY, "
                          f"--base_url, --model and --api")
