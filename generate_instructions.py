@@ -6,7 +6,7 @@ The new tasks are parsed, filtered (length, blocked words, near-duplicates by RO
 JSONL file as soon as they are accepted. Rerunning resumes from that file.
 
     OPENAI_API_KEY=... python generate_instructions.py --num_instructions=52000 --export=alpaca_data.json
-    OPENAI_API_KEY=none python generate_instructions.py --base_url=http://localhost:8000/v1 --model=my-model --api=chat
+    OPENAI_API_KEY=none python generate_instructions.py --base_url=http://localhost:8000/v1 --model=M --api=chat
     python generate_instructions.py --dry_run --price_in=1.5 --price_out=2
 """
 import argparse
@@ -94,11 +94,12 @@ def encode_prompt(examples):
     for i, example in enumerate(examples, 1):
         instruction = re.sub(r"\s+", " ", example["instruction"]).strip().rstrip(":")
         task_input = example["input"].strip() or "<noinput>"
-        prompt += f"###\n{i}. Instruction: {instruction}\n{i}. Input:\n{task_input}\n{i}. Output:\n{example['output']}\n"
+        prompt += f"###\n{i}. Instruction: {instruction}\n{i}. Input:\n{task_input}\n"
+        prompt += f"{i}. Output:\n{example['output']}\n"
     return prompt + f"###\n{len(examples) + 1}. Instruction:"
 
 
-TASK_START_RE = re.compile(r"\s*\d+\s*\.\s*Instruction:")
+TASK_START_RE = re.compile(r"\s*(###\s*)?\d+\s*\.\s*Instruction:")
 TASK_RE = re.compile(r"\A\s*\d+\s*\.\s*Instruction:(.*?)^\s*\d+\s*\.\s*Input:(.*?)^\s*\d+\s*\.\s*Output:(.*)\Z",
                      re.DOTALL | re.MULTILINE)
 
@@ -448,6 +449,9 @@ def generate(args):
                         progress.write(f"request failed for good: {e}", file=sys.stderr)
                         continue
                     failed_in_a_row = 0
+                    if args.max_usd is not None and prompt_tokens + completion_tokens == 0:
+                        raise SystemExit(f"{client.base_url}: the server reports no token usage, so --max_usd "
+                                         f"cannot be enforced; run without it")
                     stats.update(requests_ok=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
                     for task in parse_response(text, finish_reason, args.num_prompt_instructions, rejected):
                         if stats["kept"] >= args.num_instructions:

@@ -257,8 +257,8 @@ def test_parse_completion_and_chat_styles():
                 {"instruction": tasks[1][0], "input": "", "output": tasks[1][2]}]
     rejected = Counter()
     assert gi.parse_response(completion_text(tasks), "stop", 3, rejected) == expected
-    chat = "4. Instruction:" + completion_text(tasks)
-    assert gi.parse_response(chat, "stop", 3, rejected) == expected
+    for chat in ["4. Instruction:" + completion_text(tasks), "###\n4. Instruction:" + completion_text(tasks)]:
+        assert gi.parse_response(chat, "stop", 3, rejected) == expected
     # A model that forgets the ### separators still gets split on its numbered headers.
     no_separators = "\n".join(task_block(4 + i, *t) for i, t in enumerate(tasks))
     assert gi.parse_response(no_separators, "stop", 3, rejected) == expected
@@ -270,7 +270,8 @@ def test_parse_completion_and_chat_styles():
 def test_parse_drops_task_cut_off_by_length():
     text = completion_text([("First task to keep here.",)]) + "\n5. Instruction: Second task cut off"
     rejected = Counter()
-    assert [t["instruction"] for t in gi.parse_response(text, "length", 3, rejected)] == ["First task to keep here."]
+    tasks = gi.parse_response(text, "length", 3, rejected)
+    assert [t["instruction"] for t in tasks] == ["First task to keep here."]
     assert rejected == {"truncated": 1}
     rejected = Counter()
     text = completion_text([("First task to keep here.",), ("Second task is complete too.",)])[:-3]
@@ -367,7 +368,8 @@ def test_failed_request_is_counted_and_the_run_goes_on(tmp_path, make_server, ca
 
 def test_persistent_errors_give_up_with_one_message(tmp_path, make_server):
     server = make_server([("error", 500, {})] * 100)
-    with pytest.raises(SystemExit, match=r"giving up after [34] requests failed in a row \(last: InternalServerError: Error code: 500"):
+    message = r"giving up after [34] requests failed in a row \(last: InternalServerError: Error code: 500"
+    with pytest.raises(SystemExit, match=message):
         run(tmp_path, server.url, "--num_instructions", "5", "--max_retries", "1", "--concurrency", "2")
     assert len(server.requests) <= 2 * 4  # at most 4 requests started, each tried twice
     assert read_jsonl(tmp_path / "out.jsonl") == []
@@ -376,7 +378,7 @@ def test_persistent_errors_give_up_with_one_message(tmp_path, make_server):
 def test_wrong_key_is_one_clear_error(tmp_path, make_server, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "wrong")
     server = make_server()
-    with pytest.raises(SystemExit, match="refused the request.*401 - Incorrect API key provided.*check OPENAI_API_KEY"):
+    with pytest.raises(SystemExit, match="refused the request.*401 - Incorrect API key.*check OPENAI_API_KEY"):
         run(tmp_path, server.url, "--num_instructions", "5", "--concurrency", "3")
     assert len(server.requests) <= 3  # no retries on a wrong key
 
@@ -391,11 +393,13 @@ def test_missing_key_and_unreachable_server_from_the_command_line(tmp_path):
     env = dict(os.environ, OPENAI_API_KEY="test")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"127.0.0.1:{port}" in result.stderr and re.search(r"giving up after \d+ requests failed in a row", result.stderr)
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert re.search(r"giving up after \d+ requests failed in a row", result.stderr)
     assert "APIConnectionError" in result.stderr
     env.pop("OPENAI_API_KEY")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
-    assert result.returncode == 1 and "OPENAI_API_KEY is not set" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "OPENAI_API_KEY is not set" in result.stderr
 
 
 def test_budget_stop(tmp_path, make_server, capsys):
@@ -406,6 +410,13 @@ def test_budget_stop(tmp_path, make_server, capsys):
     assert len(server.requests) == 3 and stats["kept"] == 3
     assert stats["usd"] == pytest.approx(0.009) and stats["usd"] <= 0.01
     assert "stopped at the budget: spent $0.0090 of --max_usd $0.01" in capsys.readouterr().out
+
+
+def test_budget_needs_usage_from_the_server(tmp_path, make_server):
+    server = make_server(usage=(0, 0))
+    with pytest.raises(SystemExit, match="reports no token usage"):
+        run(tmp_path, server.url, "--max_usd", "1", "--price_in", "1", "--price_out", "1")
+    assert len(server.requests) == 1
 
 
 def test_concurrency(tmp_path, make_server):
