@@ -228,9 +228,9 @@ class RougeIndex:
         """F-measure against each added text, in the order they were added (as rouge_score's _score_lcs)."""
         result = np.zeros(self.size)
         tokens = rouge_tokens(text)
-        token_ids = [self.vocab.get(token) for token in tokens]
         if not tokens:
             return result
+        token_ids = [self.vocab.get(token) for token in tokens]
         for num_words, group in self.groups.items():
             n = group["n"]
             # v: one bit vector per stored text; after the last step its zero bits count the LCS length.
