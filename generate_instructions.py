@@ -1,0 +1,533 @@
+"""
+Generate instruction-following data the Alpaca way: a simplified self-instruct.
+
+A teacher model is shown 3 human-written seed tasks and asked to continue the numbered list up to 20 tasks.
+The new tasks are parsed, filtered (length, blocked words, near-duplicates by ROUGE-L) and appended to a
+JSONL file as soon as they are accepted. Rerunning resumes from that file.
+
+    OPENAI_API_KEY=... python generate_instructions.py --num_instructions=52000 --export=alpaca_data.json
+    OPENAI_API_KEY=none python generate_instructions.py --base_url=http://localhost:8000/v1 --model=M --api=chat
+    python generate_instructions.py --dry_run --price_in=1.5 --price_out=2
+"""
+import argparse
+import json
+import os
+import random
+import re
+import string
+import sys
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from email.utils import parsedate_to_datetime
+
+import numpy as np
+import openai
+from rouge_score.tokenize import tokenize as rouge_tokenize
+from tqdm import tqdm
+
+# The teacher is asked for 20 tasks; with 3 shown it writes tasks 4..19 and stops when it starts task 20.
+NUM_TASKS_PER_PROMPT = 20
+PREAMBLE = f"""\
+Write {NUM_TASKS_PER_PROMPT} new tasks for testing how well a language model follows instructions. \
+Each task has an instruction, an input (which may be empty) and the output a careful assistant would give.
+
+Requirements:
+1. Vary the wording: use a different main verb in each instruction, and mix commands with questions.
+2. Vary the kind of task: brainstorming, open questions, classification, rewriting, summarizing, extraction, \
+reasoning, coding, and so on.
+3. Every task must be doable by a text-only language model: nothing that needs seeing, drawing, listening, \
+browsing or acting in the world (no pictures, no alarms, no reminders).
+4. Write in English. An instruction is one or two sentences, a command or a question.
+5. When a task needs an input, give a concrete and realistic one (a real passage, list, sentence, table or \
+piece of code), never a placeholder, and keep it under 100 words. When it needs none, write <noinput> as the input.
+6. The output must correctly and completely answer the instruction and the input, in fewer than 100 words.
+
+Tasks:
+"""
+
+# Filters of the original recipe. Keep instructions of MIN_WORDS < words <= MAX_WORDS.
+MIN_WORDS, MAX_WORDS = 3, 150
+# A text-only model cannot see, draw, play or open anything, so tasks that ask for it are dropped.
+BLOCKED_WORDS = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+                 "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
+BLOCKED_RE = re.compile(r"\b(" + "|".join(BLOCKED_WORDS) + r")\b", re.IGNORECASE)
+TOP_SIMILAR = 10
+MAX_FAILED_IN_A_ROW = 3  # requests that fail for good, back to back, before the run gives up
+MAX_WAIT_S = 600  # longest sleep between attempts, whatever the server asks for
+
+
+def load_seed_tasks(path):
+    """Read self-instruct seed tasks: one JSON object a line with an instruction and instances[0].input/output."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: seed file not found (set --seed_tasks)")
+    seeds = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                task = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{where}: not valid JSON ({e})")
+            if not isinstance(task, dict):
+                raise SystemExit(f"{where}: expected a JSON object")
+            if not isinstance(task.get("instruction"), str) or not task["instruction"].strip():
+                raise SystemExit(f"{where}: field 'instruction' missing or not a non-empty string")
+            instances = task.get("instances")
+            if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+                raise SystemExit(f"{where}: field 'instances' missing or not a non-empty list of objects")
+            for field in ("input", "output"):
+                if not isinstance(instances[0].get(field), str):
+                    raise SystemExit(f"{where}: field 'instances[0].{field}' missing or not a string")
+            seeds.append({"instruction": task["instruction"], "input": instances[0]["input"],
+                          "output": instances[0]["output"]})
+    if not seeds:
+        raise SystemExit(f"{path}: no seed tasks")
+    return seeds
+
+
+def encode_prompt(examples):
+    """Preamble, then the examples as a numbered list separated by ###, ending where the model should continue."""
+    prompt = PREAMBLE
+    for i, example in enumerate(examples, 1):
+        instruction = re.sub(r"\s+", " ", example["instruction"]).strip().rstrip(":")
+        task_input = example["input"].strip() or "<noinput>"
+        prompt += f"###\n{i}. Instruction: {instruction}\n{i}. Input:\n{task_input}\n"
+        prompt += f"{i}. Output:\n{example['output']}\n"
+    return prompt + f"###\n{len(examples) + 1}. Instruction:"
+
+
+TASK_START_RE = re.compile(r"\s*(###\s*)?\d+\s*\.\s*Instruction:")
+TASK_RE = re.compile(r"\A\s*\d+\s*\.\s*Instruction:(.*?)^\s*\d+\s*\.\s*Input:(.*?)^\s*\d+\s*\.\s*Output:(.*)\Z",
+                     re.DOTALL | re.MULTILINE)
+
+
+def parse_response(text, finish_reason, num_prompt_instructions, rejected):
+    """Split a continuation into {instruction, input, output} tasks; count what cannot be used in `rejected`."""
+    # A completion continues right after "N. Instruction:"; a chat reply usually restates the header itself.
+    if not TASK_START_RE.match(text):
+        text = f"{num_prompt_instructions + 1}. Instruction:" + text
+    blocks = re.split(r"###|\n(?=\s*\d+\s*\.\s*Instruction:)", text)
+    if finish_reason == "length":  # the model was cut off: its last task is likely unfinished
+        if blocks.pop().strip():
+            rejected["truncated"] += 1
+    tasks = []
+    for block in blocks:
+        if not block.strip():
+            continue
+        match = TASK_RE.match(block)
+        if not match:
+            rejected["unparseable"] += 1
+            continue
+        instruction, task_input, output = (part.strip() for part in match.groups())
+        if task_input.lower() == "<noinput>":
+            task_input = ""
+        tasks.append({"instruction": instruction, "input": task_input, "output": output})
+    return tasks
+
+
+def reject_reason(instruction):
+    """The recipe's cheap filters; None when the instruction passes them."""
+    num_words = len(instruction.split())
+    if num_words <= MIN_WORDS:
+        return "too_short"
+    if num_words > MAX_WORDS:
+        return "too_long"
+    if BLOCKED_RE.search(instruction):
+        return "blocked_word"
+    if instruction.startswith("Write a program"):  # the teacher overuses it, and it is unclear what to output
+        return "write_a_program"
+    if instruction[0] in string.punctuation:
+        return "starts_with_punctuation"
+    if not instruction[0].isascii():
+        return "non_ascii_start"
+    return None
+
+
+def filter_task(task, index, texts, rouge_threshold):
+    """Why the task is rejected, or None after adding the recipe's similarity fields to it."""
+    reason = reject_reason(task["instruction"])
+    if reason:
+        return reason
+    scores = index.scores(task["instruction"])  # against the seeds and everything kept so far
+    if scores.max() > rouge_threshold:
+        return "too_similar"
+    top = np.argsort(-scores, kind="stable")[:TOP_SIMILAR]
+    task["most_similar_instructions"] = {texts[i]: float(scores[i]) for i in top}
+    task["avg_similarity_score"] = float(np.mean(scores))
+    return None
+
+
+def rouge_tokens(text):
+    """rouge_score's own tokenizer without stemming: lowercase, [a-z0-9]+ runs."""
+    return rouge_tokenize(text, None)
+
+
+def _grow(array, needed):
+    """`array` with room for `needed` entries along its last axis (doubling, so appends are amortized O(1))."""
+    if array.shape[-1] >= needed:
+        return array
+    bigger = np.zeros(array.shape[:-1] + (max(needed, 2 * array.shape[-1]),), array.dtype)
+    bigger[..., :array.shape[-1]] = array
+    return bigger
+
+
+def _words(bits, num_words):
+    """A Python int bit set as `num_words` uint64 words, lowest first."""
+    return [(bits >> (64 * w)) & 0xFFFFFFFFFFFFFFFF for w in range(num_words)]
+
+
+class RougeIndex:
+    """ROUGE-L F-measures of one text against every text added so far, identical to rouge_score's.
+
+    The original recipe runs rouge_score's Python LCS table for every pair, in a process pool. Here each stored
+    text is kept as bit masks (bit j set where token j is a given word), and the LCS of a new text with all
+    stored texts is computed at once by the bit-parallel LCS recurrence (Hyyro 2004), one numpy step per token
+    of the new text. Texts are grouped by how many 64-bit words their masks need.
+    """
+
+    def __init__(self):
+        self.size = 0
+        self.vocab = {}
+        self.groups = {}  # num_words -> dict(n, rows, lengths, valid, postings: token id -> [rows, masks, count])
+
+    def add(self, text):
+        tokens = rouge_tokens(text)
+        row_global = self.size
+        self.size += 1
+        if not tokens:  # scores 0 against everything, like rouge_score
+            return
+        num_words = (len(tokens) + 63) // 64
+        group = self.groups.setdefault(num_words, {
+            "n": 0, "rows": np.zeros(16, np.int64), "lengths": np.zeros(16, np.int64),
+            "valid": np.zeros((num_words, 16), np.uint64), "postings": {}})
+        row = group["n"]
+        group["n"] += 1
+        for key in ("rows", "lengths", "valid"):
+            group[key] = _grow(group[key], row + 1)
+        group["rows"][row] = row_global
+        group["lengths"][row] = len(tokens)
+        group["valid"][:, row] = _words((1 << len(tokens)) - 1, num_words)
+        positions = {}
+        for j, token in enumerate(tokens):
+            token_id = self.vocab.setdefault(token, len(self.vocab))
+            positions[token_id] = positions.get(token_id, 0) | (1 << j)
+        for token_id, bits in positions.items():
+            posting = group["postings"].setdefault(
+                token_id, [np.zeros(4, np.int64), np.zeros((num_words, 4), np.uint64), 0])
+            count = posting[2]
+            posting[0] = _grow(posting[0], count + 1)
+            posting[1] = _grow(posting[1], count + 1)
+            posting[0][count] = row
+            posting[1][:, count] = _words(bits, num_words)
+            posting[2] = count + 1
+
+    def scores(self, text):
+        """F-measure against each added text, in the order they were added (as rouge_score's _score_lcs)."""
+        result = np.zeros(self.size)
+        tokens = rouge_tokens(text)
+        if not tokens:
+            return result
+        token_ids = [self.vocab.get(token) for token in tokens]
+        for num_words, group in self.groups.items():
+            n = group["n"]
+            # v: one bit vector per stored text; after the last step its zero bits count the LCS length.
+            v = np.full((num_words, n), np.iinfo(np.uint64).max, np.uint64)
+            matches = {}
+            for token_id in token_ids:
+                posting = group["postings"].get(token_id)
+                if posting is None:  # the token occurs in no stored text of this group: nothing changes
+                    continue
+                if token_id not in matches:
+                    rows, masks, count = posting
+                    match = np.zeros((num_words, n), np.uint64)
+                    match[:, rows[:count]] = masks[:, :count]
+                    matches[token_id] = match
+                _lcs_step(v, matches[token_id])
+            lcs = np.bitwise_count(~v & group["valid"][:, :n]).sum(axis=0, dtype=np.int64)
+            # Same float operations, in the same order, as rouge_score (target = new text, prediction = stored).
+            precision = lcs / group["lengths"][:n]
+            recall = lcs / len(tokens)
+            f = np.zeros(n)
+            hit = lcs > 0
+            f[hit] = 2 * precision[hit] * recall[hit] / (precision[hit] + recall[hit])
+            result[group["rows"][:n]] = f
+        return result
+
+
+def _lcs_step(v, match):
+    """v = (v + (v & match)) | (v & ~match), with v a multi-word integer per column (carries between words)."""
+    u = v & match
+    if len(v) == 1:
+        rest = v ^ u
+        np.add(v, u, out=v)
+        np.bitwise_or(v, rest, out=v)
+        return
+    carry = np.zeros(v.shape[1], np.uint64)
+    for w in range(len(v)):
+        total = v[w] + u[w]
+        overflow = total < v[w]
+        total += carry
+        overflow |= total < carry
+        v[w] = total | (v[w] ^ u[w])
+        carry = overflow.astype(np.uint64)
+
+
+def load_generated(path):
+    """Records kept by earlier runs. A torn last line (a kill during a write) is cut off the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    records, good_bytes = [], 0
+    for line_no, line in enumerate(lines[:-1], 1):
+        good_bytes += len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SystemExit(f"{path}:{line_no}: not valid JSON ({e})")
+        for field in ("instruction", "input", "output"):
+            if not isinstance(record.get(field) if isinstance(record, dict) else None, str):
+                raise SystemExit(f"{path}:{line_no}: field '{field}' missing or not a string")
+        records.append(record)
+    if lines[-1]:
+        print(f"{path}: cutting off a torn last line ({len(lines[-1])} bytes) left by an interrupted run")
+        os.truncate(path, good_bytes)
+    return records
+
+
+def write_json_atomic(path, value):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class RequestFailed(Exception):
+    pass
+
+
+class FatalAPIError(Exception):
+    pass
+
+
+def call_api(client, args, prompt):
+    """One request; returns (text, finish_reason, prompt_tokens, completion_tokens)."""
+    stop = [f"\n{NUM_TASKS_PER_PROMPT}", f"{NUM_TASKS_PER_PROMPT}."]
+    sampling = dict(model=args.model, max_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, stop=stop, n=1)
+    if args.api == "completions":
+        response = client.completions.create(prompt=prompt, **sampling)
+    else:
+        response = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **sampling)
+    try:
+        choice = response.choices[0]
+        text = choice.text if args.api == "completions" else choice.message.content
+        usage = response.usage
+    except (AttributeError, IndexError, TypeError):
+        raise ValueError(f"malformed response: {str(response)[:200]!r}")
+    if not isinstance(text, str):
+        raise ValueError("response has no text")
+    return text, choice.finish_reason, getattr(usage, "prompt_tokens", 0) or 0, \
+        getattr(usage, "completion_tokens", 0) or 0
+
+
+def retry_delay(error, attempt, backoff_base):
+    """What the server asked for (Retry-After), else exponential backoff with jitter."""
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    try:
+        if "retry-after-ms" in headers:
+            return min(float(headers["retry-after-ms"]) / 1000, MAX_WAIT_S)
+        if "retry-after" in headers:
+            value = headers["retry-after"]
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            return min(max(seconds, 0.0), MAX_WAIT_S)
+    except (TypeError, ValueError):
+        pass
+    return min(backoff_base * 2 ** attempt * random.uniform(0.5, 1.5), MAX_WAIT_S)
+
+
+def request_with_retries(client, args, prompt):
+    for attempt in range(args.max_retries + 1):
+        try:
+            return call_api(client, args, prompt)
+        except openai.APIStatusError as e:
+            if e.status_code not in (408, 409, 429) and e.status_code < 500:  # a wrong key, model or request
+                raise FatalAPIError(e.message)
+            error = e
+        except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as e:
+            error = e
+        if attempt < args.max_retries:
+            time.sleep(retry_delay(error, attempt, args.backoff_base))
+    raise RequestFailed(f"{type(error).__name__}: {error}"[:300])
+
+
+def cost_usd(args, prompt_tokens, completion_tokens):
+    return (prompt_tokens * args.price_in + completion_tokens * args.price_out) / 1e6
+
+
+def dry_run(args, seeds, rng, num_kept):
+    prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
+    print(prompt)
+    # Rough projection: ~4 characters a token, the model writes the rest of the 20 tasks with the seeds'
+    # average length, and about half of them survive the filters.
+    chars_per_token, keep_rate = 4, 0.5
+    tasks_per_request = NUM_TASKS_PER_PROMPT - args.num_prompt_instructions - 1
+    example_chars = np.mean([len(s["instruction"]) + len(s["input"]) + len(s["output"]) + 40 for s in seeds])
+    requests = int(np.ceil(max(args.num_instructions - num_kept, 0) / (tasks_per_request * keep_rate)))
+    prompt_tokens = requests * len(prompt) / chars_per_token
+    completion_tokens = requests * tasks_per_request * example_chars / chars_per_token
+    print(f"\nprojected for {args.num_instructions - num_kept} more instructions: ~{requests} requests, "
+          f"~{prompt_tokens / 1e6:.2f}M prompt + ~{completion_tokens / 1e6:.2f}M completion tokens, "
+          f"~${cost_usd(args, prompt_tokens, completion_tokens):.2f} at ${args.price_in}/${args.price_out} "
+          f"per 1M tokens (assuming {chars_per_token} chars/token and {keep_rate:.0%} of tasks kept)")
+
+
+def generate(args):
+    seeds = load_seed_tasks(args.seed_tasks)
+    if args.num_prompt_instructions > len(seeds):
+        raise SystemExit(f"--num_prompt_instructions={args.num_prompt_instructions} but only {len(seeds)} seeds")
+    if args.max_usd is not None and args.price_in <= 0 and args.price_out <= 0:
+        raise SystemExit("--max_usd needs --price_in and --price_out (USD per 1M tokens)")
+    kept = load_generated(args.out)
+    # The prompts drawn depend only on --seed and how much was already generated, so reruns are reproducible.
+    rng = random.Random(f"{args.seed}:{len(kept)}")
+    if args.dry_run:
+        return dry_run(args, seeds, rng, len(kept))
+    if not os.environ.get("OPENAI_API_KEY"):
+        raise SystemExit("OPENAI_API_KEY is not set (a local server accepts any value, e.g. OPENAI_API_KEY=none)")
+    client = openai.OpenAI(base_url=args.base_url, max_retries=0, timeout=args.timeout)  # we do the retrying
+
+    texts = [s["instruction"] for s in seeds] + [r["instruction"] for r in kept]
+    index = RougeIndex()
+    for text in texts:
+        index.add(text)
+    stats = Counter(kept=len(kept))
+    rejected = Counter()
+    failures = []
+    failed_in_a_row = 0
+    progress = tqdm(total=args.num_instructions, initial=len(kept), unit="inst", dynamic_ncols=True)
+
+    def can_start(num_pending):
+        if stats["kept"] >= args.num_instructions or failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+            return False
+        if args.max_usd is None:
+            return True
+        spent = cost_usd(args, stats["prompt_tokens"], stats["completion_tokens"])
+        if stats["requests_ok"] == 0:  # no idea of the price of a request yet: learn it from one
+            return num_pending == 0 and spent < args.max_usd
+        per_request = spent / stats["requests_ok"]
+        return spent + (num_pending + 1) * per_request <= args.max_usd
+
+    pool = ThreadPoolExecutor(args.concurrency)
+    pending = set()
+    try:
+        with open(args.out, "a", encoding="utf-8") as out:
+            while True:
+                while len(pending) < args.concurrency and can_start(len(pending)):
+                    prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
+                    pending.add(pool.submit(request_with_retries, client, args, prompt))
+                if not pending:
+                    break
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        text, finish_reason, prompt_tokens, completion_tokens = future.result()
+                    except RequestFailed as e:
+                        failures.append(str(e))
+                        failed_in_a_row += 1
+                        progress.write(f"request failed for good: {e}", file=sys.stderr)
+                        continue
+                    failed_in_a_row = 0
+                    if args.max_usd is not None and prompt_tokens + completion_tokens == 0:
+                        raise SystemExit(f"{client.base_url}: the server reports no token usage, so --max_usd "
+                                         f"cannot be enforced; run without it")
+                    stats.update(requests_ok=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+                    for task in parse_response(text, finish_reason, args.num_prompt_instructions, rejected):
+                        if stats["kept"] >= args.num_instructions:
+                            break
+                        reason = filter_task(task, index, texts, args.rouge_threshold)
+                        if reason:
+                            rejected[reason] += 1
+                            continue
+                        out.write(json.dumps(task, ensure_ascii=False) + "\n")
+                        out.flush()
+                        index.add(task["instruction"])
+                        texts.append(task["instruction"])
+                        kept.append(task)
+                        stats["kept"] += 1
+                        progress.update(1)
+                    spent = cost_usd(args, stats["prompt_tokens"], stats["completion_tokens"])
+                    progress.set_postfix(requests=stats["requests_ok"], rejected=sum(rejected.values()),
+                                         tokens=f"{stats['prompt_tokens']}+{stats['completion_tokens']}",
+                                         usd=f"{spent:.4f}", refresh=False)
+    except KeyboardInterrupt:
+        # Every kept task is already on disk; don't wait for the requests in flight (they would hold the exit).
+        progress.close()
+        print(f"\ninterrupted with {stats['kept']} instructions in {args.out}; rerun the same command to resume",
+              flush=True)
+        os._exit(130)
+    except FatalAPIError as e:
+        raise SystemExit(f"{client.base_url}: the server refused the request ({e}); check OPENAI_API_KEY, "
+                         f"--base_url, --model and --api")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        progress.close()
+
+    spent = cost_usd(args, stats["prompt_tokens"], stats["completion_tokens"])
+    print(f"kept {stats['kept']}/{args.num_instructions} instructions in {args.out}; "
+          f"requests: {stats['requests_ok']} ok, {len(failures)} failed; "
+          f"tokens: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion (${spent:.4f})")
+    print("rejected: " + (", ".join(f"{k}={v}" for k, v in rejected.most_common()) or "none"))
+    if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+        raise SystemExit(f"{client.base_url}: giving up after {failed_in_a_row} requests failed in a row "
+                         f"(last: {failures[-1]})")
+    if stats["kept"] < args.num_instructions and args.max_usd is not None:
+        print(f"stopped at the budget: spent ${spent:.4f} of --max_usd ${args.max_usd}")
+    if args.export:
+        write_json_atomic(args.export, [{k: r[k] for k in ("instruction", "input", "output")} for r in kept])
+        print(f"exported {len(kept)} examples to {args.export}")
+    return dict(stats, failed=len(failures), rejected=dict(rejected), usd=spent)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed_tasks", default="seed_tasks.jsonl", help="self-instruct seed tasks (JSONL)")
+    p.add_argument("--out", default="regen.jsonl", help="kept instructions, appended; rerun to resume")
+    p.add_argument("--export", default=None, help="also write the {instruction,input,output} JSON array here")
+    p.add_argument("--num_instructions", type=int, default=100, help="target number of kept instructions")
+    p.add_argument("--num_prompt_instructions", type=int, default=3, help="seed examples shown per prompt")
+    p.add_argument("--api", choices=["completions", "chat"], default="completions")
+    p.add_argument("--base_url", default=None, help="OpenAI-compatible endpoint (default: OpenAI)")
+    p.add_argument("--model", default="gpt-3.5-turbo-instruct")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=3072)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--max_retries", type=int, default=6, help="retries per request (429, 5xx, network)")
+    p.add_argument("--backoff_base", type=float, default=1.0, help="first retry wait in seconds, doubling")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--max_usd", type=float, default=None, help="stop starting requests at this spend")
+    p.add_argument("--price_in", type=float, default=0.0, help="USD per 1M prompt tokens")
+    p.add_argument("--price_out", type=float, default=0.0, help="USD per 1M completion tokens")
+    p.add_argument("--rouge_threshold", type=float, default=0.7, help="drop if ROUGE-L to any kept is above")
+    p.add_argument("--seed", type=int, default=42, help="makes the sampled seed examples reproducible")
+    p.add_argument("--dry_run", action="store_true", help="print one prompt and the projected cost")
+    args = p.parse_args(argv)
+    if args.concurrency < 1 or args.max_retries < 0 or args.num_prompt_instructions < 1:
+        p.error("--concurrency and --num_prompt_instructions must be >= 1, --max_retries >= 0")
+    return args
+
+
+if __name__ == "__main__":
+    generate(parse_args())
