@@ -192,10 +192,14 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.output(h).float()
-        # Only response tokens carry a loss, so only they go through the (large) output layer.
-        keep = targets != -100
-        logits = self.output(h[keep]).float()
-        return F.cross_entropy(logits, targets[keep], reduction="sum")
+        # Only response tokens carry a loss, so only they go through the (large) output layer. Their count is
+        # padded to a multiple of 256 with ignored entries: few distinct shapes, as each new one costs a kernel
+        # setup on CPU and a recompile under torch.compile.
+        targets = targets.flatten()
+        keep = (targets != -100).nonzero().squeeze(1)
+        pad = -len(keep) % 256
+        logits = self.output(h.flatten(0, 1)[F.pad(keep, (0, pad))]).float()
+        return F.cross_entropy(logits, F.pad(targets[keep], (0, pad), value=-100), reduction="sum")
 
     def init_weights(self, std=0.02):
         for name, p in self.named_parameters():
@@ -480,7 +484,8 @@ def pack(examples, max_seq_len):
 def make_batch(rows, examples, dev):
     """Tensors for a micro-batch of packed rows: tokens, targets (-100 where there is no loss), positions that
     restart for each example, and an attention mask that keeps every example to itself (causal, same example)."""
-    length = max([sum(len(examples[i][0]) - 1 for i in row) for row in rows] + [1])
+    length = max(sum(len(examples[i][0]) - 1 for i in row) for row in rows)
+    length = 64 * math.ceil(max(length, 1) / 64)  # few distinct shapes (see Transformer.forward)
     tokens = torch.zeros(len(rows), length, dtype=torch.long)
     targets = torch.full((len(rows), length), -100, dtype=torch.long)
     positions = torch.zeros(len(rows), length, dtype=torch.long)
