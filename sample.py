@@ -139,7 +139,7 @@ def stream_printer(tokenizer):
     def finish():
         text = tokenizer.decode(ids)
         print(text[len(shown[0]):] if text.startswith(shown[0]) else "", flush=True)
-        return text
+        return ids
 
     return on_token, finish
 
@@ -215,7 +215,7 @@ def read_finished(path, settings):
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line")
-        for key, value in settings.items():
+        for key, value in {"watermark": None, **settings}.items():
             if record.get(key) != value:
                 raise SystemExit(f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run has "
                                  f"{value!r}; use another --out")
@@ -223,13 +223,13 @@ def read_finished(path, settings):
     return finished
 
 
-def run_batches(model, tokenizer, args, settings, logits_processor):
-    items = read_items(getattr(args, "in"))
+def run_batches(model, tokenizer, items, args, settings, logits_processor):
     for item in items:
         item["prompt_ids"] = tokenizer.encode(format_prompt(item["instruction"], item["input"]), bos=True)
         if len(item["prompt_ids"]) >= model.args.max_seq_len:
             raise SystemExit(f"{item['where']}: the prompt is {len(item['prompt_ids'])} tokens, the model's "
                              f"context is {model.args.max_seq_len}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     finished = read_finished(args.out, settings)
     todo = [item for item in items if item["id"] not in finished]
     print(f"{len(items)} items, {len(items) - len(todo)} already in {args.out}, {len(todo)} to generate")
@@ -272,8 +272,7 @@ def answer(model, tokenizer, args, instruction, input, logits_processor, seed):
                  logits_processor, tokenizer.eos_id, on_token)
     except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
         pass
-    finish()
-    return time.time() - start
+    return len(finish()), time.time() - start
 
 
 def interact(model, tokenizer, args, logits_processor):
@@ -361,11 +360,14 @@ def main(argv=None):
     if args.dtype is None:
         gpu_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if gpu_bf16 else "float32"
-    if getattr(args, "in"):
-        read_items(getattr(args, "in"))  # bad input stops the run here, before the model is loaded
+    items = read_items(getattr(args, "in")) if getattr(args, "in") else None  # bad input stops us here
 
     model, tokenizer = load(args)
     if args.compile:
+        if args.device == "cpu":
+            # Freezing lets inductor pack the weights for the CPU's matmul kernels once, not at every step.
+            import torch._inductor.config as inductor_config
+            inductor_config.freezing = True
         model = torch.compile(model, dynamic=True)
     logits_processor, watermark = make_logits_processor(args, model, tokenizer)
     settings = {"generator": os.path.basename(os.path.normpath(args.checkpoint)), "temperature": args.temperature,
@@ -373,11 +375,11 @@ def main(argv=None):
     if watermark is not None:
         settings["watermark"] = watermark.params
 
-    if getattr(args, "in"):
-        run_batches(model, tokenizer, args, settings, logits_processor)
+    if items is not None:
+        run_batches(model, tokenizer, items, args, settings, logits_processor)
     elif args.prompt is not None:
-        seconds = answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
-        print(f"({seconds:.1f}s)", file=sys.stderr)
+        n_tokens, seconds = answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
+        print(f"({n_tokens} tokens in {seconds:.1f}s)", file=sys.stderr)
     else:
         interact(model, tokenizer, args, logits_processor)
 

@@ -2,6 +2,8 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
+import types
 
 import pytest
 import torch
@@ -292,3 +294,33 @@ def test_missing_checkpoint_or_tokenizer(checkpoint, tmp_path):
         sample.main(["--checkpoint", str(bare), "--prompt", "hi"])
     sample.main(["--checkpoint", str(bare), "--tokenizer", os.path.join(checkpoint, "tokenizer.model"),
                  "--prompt", "hi", "--max_new_tokens", "3"])
+
+
+def test_watermark_flag_builds_the_processor_and_records_its_params(checkpoint, tmp_path, monkeypatch):
+    # A stand-in with watermark.py's interface (the real module lives on another branch): it bans one token.
+    built = []
+
+    class FakeWatermark:
+        def __init__(self, vocab_size, gamma, delta, scheme, key):
+            self.params = {"gamma": gamma, "delta": delta, "scheme": scheme, "key": key, "vocab_size": vocab_size}
+            self.calls = 0
+            built.append(self)
+
+        def __call__(self, prev_tokens, logits):
+            self.calls += 1
+            logits[:, 3] = float("-inf")
+            return logits
+
+    monkeypatch.setitem(sys.modules, "watermark", types.SimpleNamespace(WatermarkProcessor=FakeWatermark))
+    eval_file, out = tmp_path / "eval.jsonl", tmp_path / "out.jsonl"
+    write_lines(eval_file, ['{"instruction": "Name a colour."}', '{"instruction": "Count to three."}'])
+    sample.main(["--checkpoint", checkpoint, "--in", str(eval_file), "--out", str(out), "--max_new_tokens", "6",
+                 "--watermark", "--gamma", "0.5", "--delta", "4", "--key", "7"])
+    vocab_size = Transformer.from_pretrained(checkpoint).args.vocab_size
+    assert built[0].calls >= 1 and built[0].params["vocab_size"] == vocab_size
+    records = read_out(out)
+    assert all(r["watermark"] == {"gamma": 0.5, "delta": 4.0, "scheme": "lefthash", "key": 7,
+                                  "vocab_size": vocab_size} for r in records)
+    # resuming without the watermark into the same file is refused: the file would mix two kinds of output
+    with pytest.raises(SystemExit, match="written with watermark="):
+        sample.main(["--checkpoint", checkpoint, "--in", str(eval_file), "--out", str(out), "--max_new_tokens", "6"])
