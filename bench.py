@@ -24,29 +24,25 @@ def bench_sample(args):
         if cuda:
             torch.cuda.synchronize()
 
-    def median_time(fn, repeats):
-        times = []
+    def median_times(runs, repeats):
+        # Runs take turns, so a busy moment on a shared machine slows all of them alike.
+        times = {name: [] for name in runs}
         for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
-    def read_bandwidth(nbytes):
-        # Summing a buffer as large as the weights reads it the way a decode step reads them: from DRAM, or
-        # from a cache where one holds it (this machine's L3 can hold the small bench model).
-        buffer = torch.ones(nbytes // 4, device=device)
-        return buffer.numel() * 4 / median_time(lambda: buffer.sum(), 9)
+            for name, fn in runs.items():
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - start)
+        return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile and not cuda:
-        import torch._inductor.config
-        torch._inductor.config.freezing = True  # as sample.py --compile does on CPU
-    print(f"device {device}, {torch.get_num_threads()} threads; read bandwidth of a 1 GB buffer "
-          f"{read_bandwidth(2**30) / 1e9:.1f} GB/s")
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = True  # as sample.py --compile does on CPU
+    print(f"device {device}, {torch.get_num_threads()} threads, {args.new_tokens} decode steps per run, "
+          f"median of {args.repeats} runs" + (", compiled" if args.compile else ""))
 
     configs = [("bench", dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000), ["bfloat16", "float32"])]
     if cuda:
@@ -64,10 +60,10 @@ def bench_sample(args):
                                if n != "tok_embeddings.weight")
             if args.compile:
                 model = torch.compile(model, dynamic=True)
-            bandwidth = read_bandwidth(min(weight_bytes, 2**30))
-            roofline = bandwidth / weight_bytes
-            print(f"{name} model, {dtype_name}: {weight_bytes / 1e6:.0f} MB of weights read per step at "
-                  f"{bandwidth / 1e9:.1f} GB/s: roofline {roofline:.1f} tokens/s at batch 1")
+            # Summing a buffer as large as the weights reads it as a decode step reads them: from DRAM, or from
+            # a cache that holds it (this machine's L3 holds the bench model). It is timed in turns with decoding.
+            buffer = torch.ones(min(weight_bytes, 2**30) // 4, device=device)
+            print(f"{name} model, {dtype_name}: {weight_bytes / 1e6:.0f} MB of weights read per step", flush=True)
             for batch in (1, 16):
                 prompts = [[1 + (i * 7 + j) % 31000 for j in range(args.prompt_len)] for i in range(batch)]
 
@@ -76,18 +72,23 @@ def bench_sample(args):
 
                 run(steps)()  # warm up kernels and allocator
                 # Decode time alone: a run of 1 + steps tokens minus a run of 1 token (prefill and first sample).
-                prefill = median_time(run(1), args.repeats)
-                decode = median_time(run(1 + steps), args.repeats) - prefill
+                # A logits processor of the watermark's call shape that does nothing gives the hook's own cost.
+                runs = {"prefill": run(1), "decode": run(1 + steps)}
+                if batch == 1:
+                    runs["hooked"] = run(1 + steps, lambda prev_tokens, logits: logits)
+                    runs["read"] = buffer.sum
+                t = median_times(runs, args.repeats)
+                decode = t["decode"] - t["prefill"]
                 tokens_per_s = batch * steps / decode
                 line = f"  batch {batch:2d}: {tokens_per_s:8.1f} tokens/s ({1e3 * decode / steps:.2f} ms/step)"
                 if batch == 1:
-                    line += f", {100 * tokens_per_s / roofline:.0f}% of roofline"
-                    # A logits processor of the watermark's call shape that does nothing: the hook's own cost.
-                    hooked = median_time(run(1 + steps, lambda prev_tokens, logits: logits), args.repeats) - prefill
-                    line += f"; with a no-op logits hook {1e3 * (hooked - decode) / steps:+.3f} ms/step"
+                    bandwidth = buffer.numel() * 4 / t["read"]
+                    roofline = bandwidth / weight_bytes
+                    line += (f"; bandwidth {bandwidth / 1e9:.1f} GB/s, roofline {roofline:.0f} tokens/s, reached "
+                             f"{100 * tokens_per_s / roofline:.0f}%; a no-op logits hook adds "
+                             f"{1e3 * (t['hooked'] - t['decode']) / steps:+.3f} ms/step")
                 print(line, flush=True)
-            del model
-
+            del model, buffer
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
