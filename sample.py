@@ -215,6 +215,8 @@ def read_finished(path, settings):
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line")
+        if not isinstance(record, dict) or "id" not in record:
+            raise SystemExit(f"{path}:{lineno}: not an output line of sample.py (no 'id')")
         for key, value in {"watermark": None, **settings}.items():
             if record.get(key) != value:
                 raise SystemExit(f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run has "
