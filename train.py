@@ -182,6 +182,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=tokens.device).expand(B, T)
+        if mask is None and cache is not None and T > 1:  # causal over the cached tokens and these
+            mask = torch.ones(T, cache_pos + T, dtype=torch.bool, device=tokens.device).tril(cache_pos)
         cos, sin = rope_cos_sin(positions, self.args.dim // self.args.n_heads, self.args.rope_theta)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
