@@ -246,6 +246,8 @@ def check_state_dict(model, state, path):
 def read_meta_checkpoint(path):
     with open(os.path.join(path, "params.json")) as f:
         params = json.load(f)
+    if params.get("use_scaled_rope"):
+        raise SystemExit(f"{path}/params.json: use_scaled_rope (LLaMA 3.1) is not supported by this LLaMA")
     known = {f.name for f in fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in params.items() if k in known})
     shard_files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
