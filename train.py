@@ -377,7 +377,9 @@ def train_tokenizer(texts, path, vocab_size):
     import io
     import sentencepiece as spm
     model = io.BytesIO()
+    # As LLaMA's, it keeps text as is (sentencepiece's default turns newlines into spaces): decode(encode(t)) == t.
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
                                    model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
                                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
                                    max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
