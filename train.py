@@ -430,8 +430,8 @@ def read_examples(path):
         if not isinstance(record, dict):
             raise SystemExit(f"{where}: expected a JSON object")
         instances = record.get("instances", [record])
-        if not isinstance(instances, list) or not instances:
-            raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
+        if not isinstance(instances, list) or not instances or not all(isinstance(i, dict) for i in instances):
+            raise SystemExit(f"{where}: field 'instances' must be a non-empty list of objects")
         for instance in instances:
             example = {"instruction": record.get("instruction"), "input": instance.get("input", ""),
                        "output": instance.get("output")}
