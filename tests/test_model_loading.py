@@ -381,6 +381,8 @@ def file_mappings(filename):
             parts = line.split()
             if len(parts) >= 6 and os.path.realpath(parts[5]) == os.path.realpath(filename):
                 begin, end = (int(a, 16) for a in parts[0].split("-"))
+                if ranges and ranges[-1][1] == begin:  # one mapping may be listed in adjacent pieces
+                    begin = ranges.pop()[0]
                 ranges.append((begin, end))
     return ranges
 
