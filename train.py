@@ -182,6 +182,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=tokens.device).expand(B, T)
+        if mask is None and cache is not None and T > 1:  # causal over the cached tokens and these
+            mask = torch.ones(T, cache_pos + T, dtype=torch.bool, device=tokens.device).tril(cache_pos)
         cos, sin = rope_cos_sin(positions, self.args.dim // self.args.n_heads, self.args.rope_theta)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
@@ -244,6 +246,8 @@ def check_state_dict(model, state, path):
 def read_meta_checkpoint(path):
     with open(os.path.join(path, "params.json")) as f:
         params = json.load(f)
+    if params.get("use_scaled_rope"):
+        raise SystemExit(f"{path}/params.json: use_scaled_rope (LLaMA 3.1) is not supported by this LLaMA")
     known = {f.name for f in fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in params.items() if k in known})
     shard_files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
@@ -373,7 +377,9 @@ def train_tokenizer(texts, path, vocab_size):
     import io
     import sentencepiece as spm
     model = io.BytesIO()
+    # As LLaMA's, it keeps text as is (sentencepiece's default turns newlines into spaces): decode(encode(t)) == t.
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
                                    model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
                                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
                                    max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
@@ -424,8 +430,8 @@ def read_examples(path):
         if not isinstance(record, dict):
             raise SystemExit(f"{where}: expected a JSON object")
         instances = record.get("instances", [record])
-        if not isinstance(instances, list) or not instances:
-            raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
+        if not isinstance(instances, list) or not instances or not all(isinstance(i, dict) for i in instances):
+            raise SystemExit(f"{where}: field 'instances' must be a non-empty list of objects")
         for instance in instances:
             example = {"instruction": record.get("instruction"), "input": instance.get("input", ""),
                        "output": instance.get("output")}
