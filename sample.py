@@ -20,7 +20,6 @@ import os
 import queue
 import re
 import secrets
-import select
 import socket
 import sys
 import threading
@@ -362,15 +361,12 @@ PAGE = """<!doctype html>
 <title>Alpaca demo: {{model}}</title>
 <style>
 body { font: 16px/1.45 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem; color: #222 }
-h1 { font-size: 1.5rem } h2 { font-size: 1.1rem; margin-bottom: .3rem }
+h1 { font-size: 1.5rem } h2 { font-size: 1.1rem; margin-bottom: .3rem } #status { color: #555; font-size: .9rem }
 .notice { background: #fff8e1; border: 1px solid #e0c060; border-radius: 6px; padding: .6rem .9rem; font-size: .9rem }
-label { display: block; margin-top: .7rem; font-weight: 600 }
+label { display: block; margin-top: .7rem; font-weight: 600 } .row { display: flex; gap: 1rem } .row label { flex: 1 }
 textarea, input { font: inherit; font-weight: 400; width: 100%; box-sizing: border-box; padding: .4rem }
-.row { display: flex; gap: 1rem } .row label { flex: 1 }
 button { font: inherit; margin: .8rem .5rem 0 0; padding: .4rem 1.1rem }
-#output { white-space: pre-wrap; border: 1px solid #ccc; border-radius: 6px; padding: .7rem; min-height: 3rem;
-          background: #fafafa }
-#status { color: #555; font-size: .9rem }
+#output { white-space: pre-wrap; border: 1px solid #ccc; border-radius: 6px; padding: .7rem; min-height: 3rem }
 </style></head><body>
 <h1>Alpaca demo: {{model}}</h1>
 <p class="notice"><b>Terms of use:</b> research use only, not for commercial use. The model's answers can be wrong,
@@ -453,7 +449,8 @@ PAGE_SCRIPT_HASH = base64.b64encode(hashlib.sha256(
     re.search(r"<script>(.*)</script>", PAGE, re.S).group(1).encode()).digest()).decode()
 PAGE_POLICY = (f"default-src 'none'; script-src 'sha256-{PAGE_SCRIPT_HASH}'; style-src 'unsafe-inline'; "
                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
+ENDPOINTS = {"/": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST",
+             "/flag": "POST"}
 
 
 class ApiError(Exception):
@@ -541,53 +538,83 @@ def read_request(body, chat, demo):
     return SimpleNamespace(
         chat=chat, instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop,
         temperature=number(body, "temperature", demo.args.temperature, 0, 2),
-        top_p=number(body, "top_p", demo.args.top_p, 1e-9, 1), stream=stream,
+        top_p=max(number(body, "top_p", demo.args.top_p, 0, 1), 1e-6), stream=stream,  # 0: the likeliest only
         seed=secrets.randbelow(2**63) if seed is None else seed,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
         events=queue.Queue(), cancelled=threading.Event())
 
 
+def next_batch(demo):
+    """The oldest waiting job and up to --batch_size - 1 later ones that sample alike; None once closing."""
+    with demo.waiting:
+        while True:
+            demo.queue = [job for job in demo.queue if not job.cancelled.is_set()]  # their clients left
+            if demo.closing:
+                return None
+            if demo.queue:
+                break
+            demo.waiting.wait()
+        alike = (demo.queue[0].temperature, demo.queue[0].top_p)
+        batch = [job for job in demo.queue if (job.temperature, job.top_p) == alike][:demo.args.batch_size]
+        demo.queue = [job for job in demo.queue if all(job is not taken for taken in batch)]
+        demo.current = batch
+        return batch
+
+
 def run_jobs(demo):
-    """The one thread that uses the model: jobs run one at a time, in arrival order. Each job's text goes to its
-    own queue as it is produced, so a slow reader slows only its own connection, never the model."""
+    """The one thread that uses the model. Jobs waiting together are generated as one batch: generate() gives
+    each row what it would give alone (its own seed and random stream), so batching changes throughput, not
+    outputs. Each job's text goes to its own queue as it is produced, so a slow reader slows only its own
+    connection, and a job is answered as soon as its own row ends."""
     model, tokenizer = demo.model, demo.tokenizer
-    while (job := demo.jobs.get()) is not None:
-        demo.current = job
-        if job.cancelled.is_set():
-            continue
-        ids, shown = [], ""
-        # Text that may be the start of a stop string is held back until we know it is not.
-        holdback = max(map(len, job.stop), default=1) - 1
+
+    def finish(job, reason):
+        text = tokenizer.decode(job.ids)
+        cut = min((text.find(s) for s in job.stop if s in text), default=None)
+        job.finish_reason, text = "stop" if cut is not None else reason, text[:cut]
+        if text.startswith(job.shown) and len(text) > len(job.shown):
+            job.events.put(("text", text[len(job.shown):]))
+        job.events.put(("done", {"text": text, "finish_reason": job.finish_reason, "completion_tokens": len(job.ids)}))
+
+    while (batch := next_batch(demo)) is not None:
+        for job in batch:
+            job.ids, job.shown, job.finish_reason = [], "", None
+            job.budget = min(job.max_tokens, model.args.max_seq_len - len(job.prompt_ids))
+            # Text that may be the start of a stop string is held back until we know it is not.
+            job.holdback = max(map(len, job.stop), default=1) - 1
 
         def on_token(row, token):
-            nonlocal shown
-            if job.cancelled.is_set():
+            job = batch[row]
+            if job.finish_reason is None:
+                if job.cancelled.is_set() or token == tokenizer.eos_id:
+                    finish(job, "stop")
+                else:
+                    job.ids.append(token)
+                    text = tokenizer.decode(job.ids)
+                    if any(s in text for s in job.stop) or len(job.ids) == job.budget:
+                        finish(job, "length")
+                    # Show what is settled: not half a character, as in stream_printer, nor a possible stop.
+                    elif (end := len(text.rstrip("\ufffd")) - job.holdback) > len(job.shown) and \
+                            text.startswith(job.shown):
+                        job.events.put(("text", text[len(job.shown):end]))
+                        job.shown = text[:end]
+            if all(job.finish_reason for job in batch):
                 raise Stop
-            ids.append(token)
-            text = tokenizer.decode(ids)
-            if any(s in text for s in job.stop):
-                raise Stop
-            end = len(text.rstrip("\ufffd")) - holdback  # and half a character, as in stream_printer
-            if end > len(shown) and text.startswith(shown):
-                job.events.put(("text", text[len(shown):end]))
-                shown = text[:end]
 
         try:
-            generate(model, [job.prompt_ids], job.max_tokens, job.temperature, demo.args.top_k, job.top_p, job.seed,
-                     logits_processor=demo.logits_processor, eos_id=tokenizer.eos_id, on_token=on_token)
+            # EOS is left to on_token, which ends each row on its own terms.
+            generate(model, [job.prompt_ids for job in batch], max(job.budget for job in batch), batch[0].temperature,
+                     demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
+                     logits_processor=demo.logits_processor, on_token=on_token)
         except Stop:
             pass
-        except Exception as e:  # one failed request must not take the demo down
-            job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
-            continue
-        text = tokenizer.decode(ids)
-        cut = min((text.find(s) for s in job.stop if s in text), default=None)
-        budget = min(job.max_tokens, model.args.max_seq_len - len(job.prompt_ids))
-        finish_reason = "stop" if cut is not None or len(ids) < budget else "length"
-        text = text[:cut]
-        if text.startswith(shown) and len(text) > len(shown):
-            job.events.put(("text", text[len(shown):]))
-        job.events.put(("done", {"text": text, "finish_reason": finish_reason, "completion_tokens": len(ids)}))
+        except Exception as e:  # one failed batch must not take the demo down
+            for job in batch:
+                job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+        else:
+            for job in batch:
+                if job.finish_reason is None:
+                    finish(job, "length")
 
 
 def moderate(demo, text):
@@ -621,28 +648,27 @@ class DemoHandler(BaseHTTPRequestHandler):
     timeout = 60
 
     def do_GET(self):
-        path, demo = urlsplit(self.path).path, self.server.demo
-        if path == "/":
-            self.send(200, demo.page.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})
-        elif path == "/v1/models":
-            self.send_json(200, {"object": "list", "data": [{"id": demo.model_name, "object": "model",
-                                                             "created": demo.started, "owned_by": "sample.py"}]})
-        else:
-            error = ApiError(405, f"use POST for {path}") if path in COMPLETION_PATHS + ("/flag",) else \
-                ApiError(404, f"no such page: {path}")
-            self.send_json(error.status, error.body)
+        self.route("GET")
 
     def do_POST(self):
-        path = urlsplit(self.path).path
+        self.route("POST")
+
+    def route(self, method):
+        path, demo = urlsplit(self.path).path, self.server.demo
         try:
-            if path not in COMPLETION_PATHS + ("/flag",):
-                raise ApiError(405, f"use GET for {path}") if path in ("/", "/v1/models") else \
-                    ApiError(404, f"no such endpoint: {path}")
-            body = self.read_json()
-            if path == "/flag":
-                self.flag(body)
+            if path not in ENDPOINTS:
+                raise ApiError(404, f"no such page or endpoint: {path}")
+            if ENDPOINTS[path] != method:
+                raise ApiError(405, f"use {ENDPOINTS[path]} for {path}")
+            if path == "/":
+                self.send(200, demo.page.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})
+            elif path == "/v1/models":
+                self.send_json(200, {"object": "list", "data": [{"id": demo.model_name, "object": "model",
+                                                                 "created": demo.started, "owned_by": "sample.py"}]})
+            elif path == "/flag":
+                self.flag(self.read_json())
             else:
-                self.complete(body, chat=path == "/v1/chat/completions")
+                self.complete(self.read_json(), chat=path == "/v1/chat/completions")
         except ApiError as e:
             self.send_json(e.status, e.body)
         except (BrokenPipeError, ConnectionResetError):
@@ -679,10 +705,11 @@ class DemoHandler(BaseHTTPRequestHandler):
             log_flag(demo, job.instruction, job.input, "", f"prompt flagged: {', '.join(categories)}", "content_filter")
             raise ApiError(400, f"the content filter flagged this prompt ({', '.join(categories)}), so it was refused",
                            "messages" if chat else "prompt", "content_filter")
-        try:
-            demo.jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(503, "the server is busy; try again shortly", code="server_busy", kind="server_error")
+        with demo.waiting:
+            if len(demo.queue) >= demo.args.max_queue:
+                raise ApiError(503, "the server is busy; try again shortly", code="server_busy", kind="server_error")
+            demo.queue.append(job)
+            demo.waiting.notify()
         try:
             self.respond(job, chat)
         finally:
@@ -741,9 +768,15 @@ class DemoHandler(BaseHTTPRequestHandler):
 
     def next_event(self, job):
         while True:
-            # A client that hung up leaves its socket readable with nothing to read.
-            if select.select([self.connection], [], [], 0)[0] and not self.connection.recv(1, socket.MSG_PEEK):
-                raise ConnectionResetError
+            # A client that hung up leaves its socket readable with nothing to read: peek without waiting.
+            self.connection.settimeout(0)
+            try:
+                if not self.connection.recv(1, socket.MSG_PEEK):
+                    raise ConnectionResetError
+            except BlockingIOError:
+                pass
+            finally:
+                self.connection.settimeout(self.timeout)
             try:
                 return job.events.get(timeout=0.2)
             except queue.Empty:
@@ -788,8 +821,8 @@ def make_server(model, tokenizer, args):
     demo = SimpleNamespace(
         model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation,
         watermark_params=watermark.params if watermark else None, model_name=os.path.basename(
-            os.path.normpath(args.checkpoint)), started=int(time.time()), jobs=queue.Queue(args.max_queue),
-        current=None, flags_lock=threading.Lock(),
+            os.path.normpath(args.checkpoint)), started=int(time.time()), queue=[], waiting=threading.Condition(),
+        closing=False, current=[], flags_lock=threading.Lock(),
         max_prompt_tokens=min(args.max_prompt_tokens or math.inf, model.args.max_seq_len - 1))
     demo.filter_state = f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged " \
         "prompts are refused and flagged outputs withheld" if moderation else \
@@ -803,7 +836,6 @@ def make_server(model, tokenizer, args):
     for name, value in fields.items():
         demo.page = demo.page.replace("{{" + name + "}}", html.escape(str(value)))
     server = ThreadingHTTPServer((args.host, args.port), DemoHandler)
-    server.daemon_threads = True
     server.demo = demo
     demo.worker = threading.Thread(target=run_jobs, args=(demo,), daemon=True)
     demo.worker.start()
@@ -813,9 +845,11 @@ def make_server(model, tokenizer, args):
 def close_server(server):
     demo = server.demo
     server.server_close()
-    if demo.current is not None:
-        demo.current.cancelled.set()
-    demo.jobs.put(None)
+    with demo.waiting:
+        demo.closing = True
+        for job in demo.current:
+            job.cancelled.set()
+        demo.waiting.notify()
     demo.worker.join(timeout=10)
 
 
@@ -845,7 +879,7 @@ def parse_args(argv=None):
     parser.add_argument("--input", default="", help="the optional input that goes with --prompt")
     parser.add_argument("--in", default=None, help="an evaluation file (JSONL or JSON array) to answer in batches")
     parser.add_argument("--out", default="outputs.jsonl", help="JSONL of answers for --in; appended, resumable")
-    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--batch_size", type=int, default=batch_size, help="with --serve: most requests decoded at once")
     parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="with --serve: the default")
     parser.add_argument("--temperature", type=float, default=temperature, help="0 for greedy")
     parser.add_argument("--top_k", type=int, default=top_k, help="0 for no cut")

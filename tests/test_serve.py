@@ -211,7 +211,7 @@ BAD_REQUESTS = [  # path, body, status, param
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "temperature": True}, 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature"),
-    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 65}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),
@@ -238,6 +238,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(start):
         assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["param"] == param
         assert reply["error"]["message"]
     assert post(url, "/v1/completions", {"prompt": "word " * 60})[1]["error"]["code"] == "context_length_exceeded"
+    assert post(url, "/v1/completions", {"prompt": "hi", "top_p": 0, "max_tokens": 2})[0] == 200  # as OpenAI
     # GET on a POST endpoint, a missing page, a body without Content-Length
     for path, status in (("/v1/completions", 405), ("/nope", 404)):
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -253,28 +254,40 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(start):
     assert status == 200 and reply["usage"]["completion_tokens"] <= 3
 
 
-def test_concurrent_clients_while_a_silent_one_holds_a_connection(start):
+def test_concurrent_clients_are_batched_while_a_silent_one_holds_a_connection(start, monkeypatch):
     url, demo = start()
     port = int(url.rsplit(":", 1)[1])
     silent = socket.create_connection(("127.0.0.1", port))  # connects and never sends a byte
     half = socket.create_connection(("127.0.0.1", port))
     half.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"prompt\"")  # stalls mid-body
-    prompts = [f"Say something about number {i}." for i in range(8)]
-    wanted = [expected(demo, format_prompt(p), 10)[0] for p in prompts]
+    prompts = [format_prompt(f"Say something about number {i}.") for i in range(8)]
+    # Sampled, each with its own seed and length: batched rows must come out exactly as they would alone.
+    wanted = [demo.tokenizer.decode(sample.generate(
+        demo.model, [demo.tokenizer.encode(p, bos=True)], 6 + i, temperature=1.0, top_p=demo.args.top_p, seed=i,
+        logits_processor=demo.logits_processor, eos_id=demo.tokenizer.eos_id)[0]) for i, p in enumerate(prompts)]
+    real_generate, batches = sample.generate, []
+
+    def recording_generate(model, prompts, *args, **kwargs):
+        batches.append(len(prompts))
+        if len(batches) == 1:
+            time.sleep(0.5)  # hold the worker so the other clients queue up behind the first
+        return real_generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", recording_generate)
 
     def ask(i):
-        api = client(url)
+        messages, api = [{"role": "user", "content": f"Say something about number {i}."}], client(url)
+        settings = dict(model="tiny", messages=messages, max_tokens=6 + i, temperature=1.0, seed=i)
         if i % 2:
-            return "".join(c.choices[0].delta.content or "" for c in api.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": prompts[i]}], max_tokens=10, temperature=0,
-                stream=True))
-        return api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompts[i]}],
-                                           max_tokens=10, temperature=0).choices[0].message.content
+            return "".join(c.choices[0].delta.content or "" for c in api.chat.completions.create(**settings,
+                                                                                                 stream=True))
+        return api.chat.completions.create(**settings).choices[0].message.content
 
     started = time.time()
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, range(8)))
     assert answers == wanted  # each client got its own answer, none mixed up
+    assert sum(batches) == 8 and max(batches) > 1, batches
     assert time.time() - started < 20
     silent.close()
     half.close()
@@ -422,6 +435,18 @@ def webdriver(base, method, path, body=None):
         return json.loads(response.read())["value"]
 
 
+def wait_for(condition, seconds=10):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if condition():
+                return
+        except OSError:  # not listening yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"still waiting after {seconds} s")
+
+
 def test_browser_shows_model_output_as_text(start, monkeypatch, tmp_path):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
@@ -432,7 +457,7 @@ def test_browser_shows_model_output_as_text(start, monkeypatch, tmp_path):
     def scripted_generate(model, prompts, max_new_tokens, *args, on_token, **kwargs):
         # The page is under test here, not the model: the "model" answers with markup, token by token.
         ids = demo.tokenizer.encode(f"Here: {SCRIPT} <img src=x onerror=window.pwned=2>")[:max_new_tokens]
-        for token in ids:
+        for token in ids + [demo.tokenizer.eos_id]:
             time.sleep(0.01)
             on_token(0, token)
         return [ids]
@@ -444,12 +469,7 @@ def test_browser_shows_model_output_as_text(start, monkeypatch, tmp_path):
     chromedriver = subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
-            try:
-                webdriver(base, "GET", "/status")
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_for(lambda: webdriver(base, "GET", "/status")["ready"])
         flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,1100",
                  "--disable-background-networking", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
         session = webdriver(base, "POST", "/session", {"capabilities": {"alwaysMatch": {
@@ -467,10 +487,7 @@ def test_browser_shows_model_output_as_text(start, monkeypatch, tmp_path):
 
             webdriver(base, "POST", f"{element('#instruction')}/value", {"text": "Write a poem."})
             webdriver(base, "POST", f"{element('#generate')}/click", {})
-            for _ in range(100):
-                if run("return document.getElementById('status').textContent") == "Done.":
-                    break
-                time.sleep(0.1)
+            wait_for(lambda: run("return document.getElementById('status').textContent") == "Done.")
             shown = run("return document.getElementById('output').textContent")
             assert shown == demo.tokenizer.decode(demo.tokenizer.encode(
                 f"Here: {SCRIPT} <img src=x onerror=window.pwned=2>"))
@@ -479,10 +496,7 @@ def test_browser_shows_model_output_as_text(start, monkeypatch, tmp_path):
                 "undefined", 0]  # ...and never became elements or ran
             webdriver(base, "POST", f"{element('#reason')}/value", {"text": "it tried markup"})
             webdriver(base, "POST", f"{element('#flag')}/click", {})
-            for _ in range(50):
-                if run("return document.getElementById('status').textContent").startswith("Thank you"):
-                    break
-                time.sleep(0.1)
+            wait_for(lambda: run("return document.getElementById('status').textContent").startswith("Thank you"))
             with open(demo.args.flags) as f:
                 record = json.loads(f.readline())
             assert record["instruction"] == "Write a poem." and record["output"] == shown
