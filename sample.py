@@ -1,5 +1,5 @@
 """
-Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, or a whole evaluation file.
+Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a whole evaluation file, or a web demo.
 
     python sample.py --checkpoint=out/tiny --prompt="Give three tips for staying healthy."
     python sample.py --checkpoint=out/tiny                                   # interactive; Ctrl-D or quit ends
@@ -7,8 +7,8 @@ Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, or a 
     python sample.py --checkpoint=out/tiny --serve                           # web demo + OpenAI-compatible API
 
 Reads top to bottom: decoding settings, choosing the next token, the generation engine (KV cache, batches of
-prompts of different lengths), then the ways to use it, the web demo last. The model and the Alpaca prompt come from train.py,
-so sampling sees exactly the text and the model that training did.
+prompts of different lengths), then the ways to use it, the web demo last. The model and the Alpaca prompt come
+from train.py, so sampling sees exactly the text and the model that training did.
 """
 import argparse
 import base64
@@ -418,7 +418,7 @@ async function generate() {
         text += choice.delta.content || "";
         $("output").textContent = text;
         if (choice.finish_reason === "content_filter")
-          status = "Withheld: the content filter flagged this output (" + chunk.content_filter.categories.join(", ") + ").";
+          status = `Withheld: the content filter flagged this output (${chunk.content_filter.categories.join(", ")}).`;
         else if (choice.finish_reason) status = done[choice.finish_reason] || "Done.";
       }
     }
@@ -879,7 +879,7 @@ def parse_args(argv=None):
     parser.add_argument("--input", default="", help="the optional input that goes with --prompt")
     parser.add_argument("--in", default=None, help="an evaluation file (JSONL or JSON array) to answer in batches")
     parser.add_argument("--out", default="outputs.jsonl", help="JSONL of answers for --in; appended, resumable")
-    parser.add_argument("--batch_size", type=int, default=batch_size, help="with --serve: most requests decoded at once")
+    parser.add_argument("--batch_size", type=int, default=batch_size, help="with --serve: most requests at once")
     parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="with --serve: the default")
     parser.add_argument("--temperature", type=float, default=temperature, help="0 for greedy")
     parser.add_argument("--top_k", type=int, default=top_k, help="0 for no cut")
