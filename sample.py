@@ -681,6 +681,9 @@ class DemoHandler(BaseHTTPRequestHandler):
             if not length.isdigit():
                 raise ApiError(411, "send the body with a Content-Length header")
             raise ApiError(413, f"the body is {length} bytes; this server takes at most {limit}")
+        # Other pages in the user's browser can send text/plain here without asking; JSON needs CORS, never granted.
+        if self.headers.get_content_type() != "application/json":
+            raise ApiError(415, "send JSON, with Content-Type: application/json")
         try:
             return json.loads(self.rfile.read(int(length)))
         except ValueError as e:

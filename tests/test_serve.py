@@ -238,6 +238,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(start):
         assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["param"] == param
         assert reply["error"]["message"]
     assert post(url, "/v1/completions", {"prompt": "word " * 60})[1]["error"]["code"] == "context_length_exceeded"
+    # what a page on another site could send from the user's browser without a CORS preflight
+    assert post(url, "/flag", {"output": "spam"}, {"Content-Type": "text/plain"})[0] == 415
     assert post(url, "/v1/completions", {"prompt": "hi", "top_p": 0, "max_tokens": 2})[0] == 200  # as OpenAI
     # GET on a POST endpoint, a missing page, a body without Content-Length
     for path, status in (("/v1/completions", 405), ("/nope", 404)):
@@ -259,7 +261,8 @@ def test_concurrent_clients_are_batched_while_a_silent_one_holds_a_connection(st
     port = int(url.rsplit(":", 1)[1])
     silent = socket.create_connection(("127.0.0.1", port))  # connects and never sends a byte
     half = socket.create_connection(("127.0.0.1", port))
-    half.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"prompt\"")  # stalls mid-body
+    half.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                 b"{\"prompt\"")  # stalls mid-body
     prompts = [format_prompt(f"Say something about number {i}.") for i in range(8)]
     # Sampled, each with its own seed and length: batched rows must come out exactly as they would alone.
     wanted = [demo.tokenizer.decode(sample.generate(
@@ -309,7 +312,8 @@ def test_a_client_that_leaves_stops_its_generation(start, monkeypatch):
         produced.clear()
         body = json.dumps({"prompt": "Numbers", "max_tokens": 64, "stream": stream}).encode()
         conn = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                     b"\r\n%s" % (len(body), body))
         if stream:
             assert conn.recv(100).startswith(b"HTTP/1.1 200")  # the first events arrive, then the client leaves
         time.sleep(0.3)
