@@ -1,20 +1,35 @@
 """
-Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, or a whole evaluation file.
+Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a whole evaluation file, or a web demo.
 
     python sample.py --checkpoint=out/tiny --prompt="Give three tips for staying healthy."
     python sample.py --checkpoint=out/tiny                                   # interactive; Ctrl-D or quit ends
     python sample.py --checkpoint=out/tiny --in=eval.jsonl --out=outputs.jsonl
+    python sample.py --checkpoint=out/tiny --serve                           # web demo + OpenAI-compatible API
 
 Reads top to bottom: decoding settings, choosing the next token, the generation engine (KV cache, batches of
-prompts of different lengths), then the three ways to use it. The model and the Alpaca prompt come from train.py,
-so sampling sees exactly the text and the model that training did.
+prompts of different lengths), then the ways to use it, the web demo last. The model and the Alpaca prompt come
+from train.py, so sampling sees exactly the text and the model that training did.
 """
 import argparse
+import base64
+import hashlib
+import html
 import json
+import math
 import os
+import queue
+import re
+import secrets
+import socket
 import sys
+import threading
 import time
+import uuid
 import zlib
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import torch
 
@@ -194,12 +209,8 @@ def read_items(path):
     return items
 
 
-def read_finished(path, settings):
-    """The ids already in an output file, so a rerun skips them. A run killed mid-write can leave a torn last
-    line: it is cut off here (its batch is redone). Lines written with other settings stop the run, since
-    mixing them in one file would silently spoil an evaluation."""
-    if not os.path.exists(path):
-        return set()
+def cut_torn_line(path):
+    """The whole lines of a JSONL file we append to; a run killed mid-write can leave a torn last line, cut here."""
     with open(path, "rb") as f:
         data = f.read()
     end = data.rfind(b"\n") + 1
@@ -207,8 +218,17 @@ def read_finished(path, settings):
         print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
         with open(path, "r+b") as f:
             f.truncate(end)
+    return data[:end]
+
+
+def read_finished(path, settings):
+    """The ids already in an output file, so a rerun skips them. A run killed mid-write can leave a torn last
+    line: it is cut off here (its batch is redone). Lines written with other settings stop the run, since
+    mixing them in one file would silently spoil an evaluation."""
+    if not os.path.exists(path):
+        return set()
     finished = set()
-    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+    for lineno, line in enumerate(cut_torn_line(path).decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -332,7 +352,529 @@ def make_logits_processor(args, model, tokenizer):
     return process, watermark
 
 
-def main(argv=None):
+# The web demo (--serve). Alpaca was released with one: outputs went through OpenAI's content filter, every output
+# was watermarked, and users were asked to flag what worried them. The page talks to our OpenAI-compatible API, so
+# the same server can also stand in for OpenAI as the teacher of generate_instructions.py or the judge of
+# eval_pairwise.py. Everything the model or a user wrote reaches the page as text (textContent), never as HTML.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Alpaca demo: {{model}}</title>
+<style>
+body { font: 16px/1.45 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem; color: #222 }
+h1 { font-size: 1.5rem } h2 { font-size: 1.1rem; margin-bottom: .3rem } #status { color: #555; font-size: .9rem }
+.notice { background: #fff8e1; border: 1px solid #e0c060; border-radius: 6px; padding: .6rem .9rem; font-size: .9rem }
+label { display: block; margin-top: .7rem; font-weight: 600 } .row { display: flex; gap: 1rem } .row label { flex: 1 }
+textarea, input { font: inherit; font-weight: 400; width: 100%; box-sizing: border-box; padding: .4rem }
+button { font: inherit; margin: .8rem .5rem 0 0; padding: .4rem 1.1rem }
+#output { white-space: pre-wrap; border: 1px solid #ccc; border-radius: 6px; padding: .7rem; min-height: 3rem }
+</style></head><body>
+<h1>Alpaca demo: {{model}}</h1>
+<p class="notice"><b>Terms of use:</b> research use only, not for commercial use. The model's answers can be wrong,
+biased or offensive; do not rely on them and do not enter personal information. Flagged outputs are saved for the
+researchers running this demo.<br><b>Content filter:</b> {{filter}}.<br><b>Watermark:</b> {{watermark}}.</p>
+<label for="instruction">Instruction</label><textarea id="instruction" rows="3"></textarea>
+<label for="input">Input (optional)</label><textarea id="input" rows="2"></textarea>
+<div class="row">
+<label>Temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="{{temperature}}"></label>
+<label>Top-p <input id="top_p" type="number" min="0.01" max="1" step="0.05" value="{{top_p}}"></label>
+<label>Max tokens <input id="max_tokens" type="number" min="1" max="{{cap}}" value="{{max_tokens}}"></label>
+</div>
+<button id="generate">Generate</button><button id="stop" disabled>Stop</button>
+<h2>Response</h2><div id="output"></div><p id="status"></p>
+<label for="reason">Reason for flagging (optional)</label><input id="reason">
+<button id="flag" disabled>Flag this output</button>
+<script>
+const $ = id => document.getElementById(id);
+let controller = null, last = null;
+const done = {stop: "Done.", length: "Stopped at the token limit."};
+
+async function generate() {
+  const instruction = $("instruction").value.trim(), input = $("input").value.trim();
+  if (!instruction) { $("status").textContent = "Type an instruction first."; return; }
+  // The server's chat rule: the last user message is the instruction, a system message before it the input.
+  const messages = (input ? [{role: "system", content: input}] : []).concat([{role: "user", content: instruction}]);
+  $("output").textContent = ""; $("status").textContent = "Generating...";
+  $("generate").disabled = $("flag").disabled = true; $("stop").disabled = false;
+  controller = new AbortController();
+  let text = "", status = "";
+  try {
+    const response = await fetch("/v1/chat/completions", {method: "POST", signal: controller.signal,
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({model: "demo", messages, stream: true, temperature: +$("temperature").value,
+                            top_p: +$("top_p").value, max_tokens: +$("max_tokens").value})});
+    if (!response.ok) throw new Error((await response.json()).error.message);
+    const reader = response.body.getReader(), decoder = new TextDecoder();
+    let buffer = "";
+    for (let read = await reader.read(); !read.done; read = await reader.read()) {
+      buffer += decoder.decode(read.value, {stream: true});
+      const events = buffer.split("\\n\\n");
+      buffer = events.pop();
+      for (const event of events) {
+        if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
+        const chunk = JSON.parse(event.slice(6));
+        if (chunk.error) throw new Error(chunk.error.message);
+        const choice = chunk.choices[0];
+        if (!choice) continue;
+        text += choice.delta.content || "";
+        $("output").textContent = text;
+        if (choice.finish_reason === "content_filter")
+          status = `Withheld: the content filter flagged this output (${chunk.content_filter.categories.join(", ")}).`;
+        else if (choice.finish_reason) status = done[choice.finish_reason] || "Done.";
+      }
+    }
+  } catch (e) {
+    status = e.name === "AbortError" ? "Stopped." : "Error: " + e.message;
+  }
+  last = {instruction, input, output: text};
+  $("status").textContent = status;
+  $("generate").disabled = false; $("stop").disabled = true; $("flag").disabled = false;
+}
+
+async function flag() {
+  $("flag").disabled = true;
+  const response = await fetch("/flag", {method: "POST", headers: {"Content-Type": "application/json"},
+                                         body: JSON.stringify({...last, reason: $("reason").value})});
+  $("status").textContent = response.ok ? "Thank you: the output is flagged for the researchers."
+                                        : "Flagging failed: " + (await response.json()).error.message;
+}
+
+$("generate").onclick = generate;
+$("stop").onclick = () => controller.abort();
+$("flag").onclick = flag;
+$("instruction").onkeydown = e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); };
+</script></body></html>
+"""
+# Only the page's own script may run: even text that slipped into the page as HTML could not execute.
+PAGE_SCRIPT_HASH = base64.b64encode(hashlib.sha256(
+    re.search(r"<script>(.*)</script>", PAGE, re.S).group(1).encode()).digest()).decode()
+PAGE_POLICY = (f"default-src 'none'; script-src 'sha256-{PAGE_SCRIPT_HASH}'; style-src 'unsafe-inline'; "
+               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+ENDPOINTS = {"/": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST",
+             "/flag": "POST"}
+
+
+class ApiError(Exception):
+    """A request the server refuses, answered with OpenAI's error body; the server goes on serving."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class Stop(Exception):
+    """Raised from a job's on_token to end generate() early: a stop string appeared, or the client left."""
+
+
+def number(body, name, default, low, high, integer=False):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"'{name}' must be {kind} from {low} to {high}, got {json.dumps(value)[:40]}", name)
+    return value
+
+
+def chat_to_alpaca(messages):
+    """(instruction, input) for chat messages. Alpaca's prompt has no turns: the last message, which must be the
+    user's, is the instruction; system messages and earlier turns, in order, become the input."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    turns = []  # (role, content)
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("system", "developer", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}]: 'role' must be system, user or assistant", f"messages[{i}].role")
+        content = message.get("content")
+        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text" and
+                                             isinstance(part.get("text"), str) for part in content):
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}]: 'content' must be a string or a list of text parts",
+                           f"messages[{i}].content")
+        turns.append((role, content))
+    if turns[-1][0] != "user" or not turns[-1][1].strip():
+        raise ApiError(400, "the last message must be the user's, and not empty", "messages")
+    earlier = [content if role in ("system", "developer") else f"{role.title()}: {content}"
+               for role, content in turns[:-1]]
+    return turns[-1][1], "\n\n".join(earlier)
+
+
+def read_request(body, chat, demo):
+    """A completion request checked field by field, as a job for the worker. /v1/completions continues its
+    prompt as raw text; /v1/chat/completions turns the messages into the Alpaca prompt."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    if chat:
+        instruction, input = chat_to_alpaca(body.get("messages"))
+        prompt = format_prompt(instruction, input)
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
+        instruction, input = prompt, ""
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, "this server gives one choice per request: 'n' must be 1", "n")
+    for name in ("echo", "logprobs", "suffix", "tools"):
+        if body.get(name):
+            raise ApiError(400, f"'{name}' is not supported by this server", name)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "stream")
+    max_tokens = min(demo.args.max_new_tokens, demo.args.max_tokens_cap)
+    for name in ("max_tokens", "max_completion_tokens"):
+        max_tokens = number(body, name, max_tokens, 1, demo.args.max_tokens_cap, integer=True)
+    prompt_ids = demo.tokenizer.encode(prompt, bos=True)
+    if len(prompt_ids) > demo.max_prompt_tokens:
+        raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server takes at most "
+                       f"{demo.max_prompt_tokens}", "messages" if chat else "prompt", "context_length_exceeded")
+    options, seed = body.get("stream_options"), number(body, "seed", None, 0, 2**63 - 1, integer=True)
+    return SimpleNamespace(
+        chat=chat, instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop,
+        temperature=number(body, "temperature", demo.args.temperature, 0, 2),
+        top_p=max(number(body, "top_p", demo.args.top_p, 0, 1), 1e-6), stream=stream,  # 0: the likeliest only
+        seed=secrets.randbelow(2**63) if seed is None else seed,
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        events=queue.Queue(), cancelled=threading.Event())
+
+
+def next_batch(demo):
+    """The oldest waiting job and up to --batch_size - 1 later ones that sample alike; None once closing."""
+    with demo.waiting:
+        while True:
+            demo.queue = [job for job in demo.queue if not job.cancelled.is_set()]  # their clients left
+            if demo.closing:
+                return None
+            if demo.queue:
+                break
+            demo.waiting.wait()
+        alike = (demo.queue[0].temperature, demo.queue[0].top_p)
+        batch = [job for job in demo.queue if (job.temperature, job.top_p) == alike][:demo.args.batch_size]
+        demo.queue = [job for job in demo.queue if all(job is not taken for taken in batch)]
+        demo.current = batch
+        return batch
+
+
+def run_jobs(demo):
+    """The one thread that uses the model. Jobs waiting together are generated as one batch: generate() gives
+    each row what it would give alone (its own seed and random stream), so batching changes throughput, not
+    outputs. Each job's text goes to its own queue as it is produced, so a slow reader slows only its own
+    connection, and a job is answered as soon as its own row ends."""
+    model, tokenizer = demo.model, demo.tokenizer
+
+    def finish(job, reason):
+        text = tokenizer.decode(job.ids)
+        cut = min((text.find(s) for s in job.stop if s in text), default=None)
+        job.finish_reason, text = "stop" if cut is not None else reason, text[:cut]
+        if text.startswith(job.shown) and len(text) > len(job.shown):
+            job.events.put(("text", text[len(job.shown):]))
+        job.events.put(("done", {"text": text, "finish_reason": job.finish_reason, "completion_tokens": len(job.ids)}))
+
+    while (batch := next_batch(demo)) is not None:
+        for job in batch:
+            job.ids, job.shown, job.finish_reason = [], "", None
+            job.budget = min(job.max_tokens, model.args.max_seq_len - len(job.prompt_ids))
+            # Text that may be the start of a stop string is held back until we know it is not.
+            job.holdback = max(map(len, job.stop), default=1) - 1
+
+        def on_token(row, token):
+            job = batch[row]
+            if job.finish_reason is None:
+                if job.cancelled.is_set() or token == tokenizer.eos_id:
+                    finish(job, "stop")
+                else:
+                    job.ids.append(token)
+                    text = tokenizer.decode(job.ids)
+                    if any(s in text for s in job.stop) or len(job.ids) == job.budget:
+                        finish(job, "length")
+                    # Show what is settled: not half a character, as in stream_printer, nor a possible stop.
+                    elif (end := len(text.rstrip("\ufffd")) - job.holdback) > len(job.shown) and \
+                            text.startswith(job.shown):
+                        job.events.put(("text", text[len(job.shown):end]))
+                        job.shown = text[:end]
+            if all(job.finish_reason for job in batch):
+                raise Stop
+
+        try:
+            # EOS is left to on_token, which ends each row on its own terms.
+            generate(model, [job.prompt_ids for job in batch], max(job.budget for job in batch), batch[0].temperature,
+                     demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
+                     logits_processor=demo.logits_processor, on_token=on_token)
+        except Stop:
+            pass
+        except Exception as e:  # one failed batch must not take the demo down
+            for job in batch:
+                job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+        else:
+            for job in batch:
+                if job.finish_reason is None:
+                    finish(job, "length")
+
+
+def moderate(demo, text):
+    """The categories the moderation endpoint flags text for: [] when clean, or when the filter is off."""
+    if demo.moderation is None or not text.strip():
+        return []
+    import openai
+    try:
+        result = demo.moderation.moderations.create(input=text).results[0]
+        categories = sorted(name for name, hit in result.categories.to_dict().items() if hit)
+    except (openai.OpenAIError, AttributeError, IndexError, TypeError) as e:
+        # Fail closed: with the filter on, nothing unchecked is shown.
+        raise ApiError(503, f"the content filter is unavailable, so nothing is shown ({e})", kind="server_error")
+    return (categories or ["unspecified"]) if result.flagged else []
+
+
+def log_flag(demo, instruction, input, output, reason, flagged_by):
+    record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "instruction": instruction,
+              "input": input, "output": output, "reason": reason, "flagged_by": flagged_by,
+              "watermark": demo.watermark_params}
+    with demo.flags_lock, open(demo.args.flags, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class DemoHandler(BaseHTTPRequestHandler):
+    """One thread per connection (ThreadingHTTPServer): a client that connects and sends nothing holds only
+    its own thread, and only for `timeout` seconds."""
+    protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
+    timeout = 60
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def route(self, method):
+        path, demo = urlsplit(self.path).path, self.server.demo
+        try:
+            if path not in ENDPOINTS:
+                raise ApiError(404, f"no such page or endpoint: {path}")
+            if ENDPOINTS[path] != method:
+                raise ApiError(405, f"use {ENDPOINTS[path]} for {path}")
+            if path == "/":
+                self.send(200, demo.page.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})
+            elif path == "/v1/models":
+                self.send_json(200, {"object": "list", "data": [{"id": demo.model_name, "object": "model",
+                                                                 "created": demo.started, "owned_by": "sample.py"}]})
+            elif path == "/flag":
+                self.flag(self.read_json())
+            else:
+                self.complete(self.read_json(), chat=path == "/v1/chat/completions")
+        except ApiError as e:
+            self.send_json(e.status, e.body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client left; its job was cancelled in complete()
+
+    def read_json(self):
+        length, limit = self.headers.get("Content-Length", ""), self.server.demo.args.max_body_bytes
+        if not length.isdigit() or int(length) > limit:
+            self.close_connection = True  # the body, if any, stays unread: this connection cannot go on
+            if not length.isdigit():
+                raise ApiError(411, "send the body with a Content-Length header")
+            raise ApiError(413, f"the body is {length} bytes; this server takes at most {limit}")
+        # Other pages in the user's browser can send text/plain here without asking; JSON needs CORS, never granted.
+        if self.headers.get_content_type() != "application/json":
+            raise ApiError(415, "send JSON, with Content-Type: application/json")
+        try:
+            return json.loads(self.rfile.read(int(length)))
+        except ValueError as e:
+            raise ApiError(400, f"the body is not valid JSON ({e})")
+
+    def flag(self, body):
+        if not isinstance(body, dict) or not isinstance(body.get("output"), str):
+            raise ApiError(400, "send the flagged 'output' (a string) in a JSON object", "output")
+        for name in ("instruction", "input", "reason"):
+            if not isinstance(body.get(name, ""), str):
+                raise ApiError(400, f"'{name}' must be a string", name)
+        demo = self.server.demo
+        log_flag(demo, body.get("instruction", ""), body.get("input", ""), body["output"], body.get("reason", ""),
+                 "user")
+        self.send_json(200, {"flagged": True})
+
+    def complete(self, body, chat):
+        demo = self.server.demo
+        job = read_request(body, chat, demo)
+        categories = moderate(demo, "\n\n".join(filter(None, [job.instruction, job.input])))
+        if categories:
+            log_flag(demo, job.instruction, job.input, "", f"prompt flagged: {', '.join(categories)}", "content_filter")
+            raise ApiError(400, f"the content filter flagged this prompt ({', '.join(categories)}), so it was refused",
+                           "messages" if chat else "prompt", "content_filter")
+        with demo.waiting:
+            if len(demo.queue) >= demo.args.max_queue:
+                raise ApiError(503, "the server is busy; try again shortly", code="server_busy", kind="server_error")
+            demo.queue.append(job)
+            demo.waiting.notify()
+        try:
+            self.respond(job, chat)
+        finally:
+            job.cancelled.set()  # a job whose client left stops at its next token, or is skipped
+
+    def respond(self, job, chat):
+        demo = self.server.demo
+        reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                 "model": demo.model_name}
+        chunk_type = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text, finish_reason=None, first=False):  # text None: the last chunk, with the finish_reason
+            delta = {} if text is None else {"role": "assistant", "content": text} if first else {"content": text}
+            choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": text or "", "logprobs": None}
+            return {**reply, "object": chunk_type, "choices": [{**choice, "finish_reason": finish_reason}]}
+
+        # With the content filter on, an output is checked whole before any of it is shown, so a stream
+        # arrives in one piece.
+        live = job.stream and demo.moderation is None
+        if live:
+            self.start_stream()
+            if chat:
+                self.send_event(chunk("", first=True))
+        while (event := self.next_event(job))[0] != "done":
+            if event[0] == "text" and live:
+                self.send_event(chunk(event[1]))
+            elif event[0] == "error":
+                error = ApiError(500, event[1], kind="server_error")
+                if not live:
+                    raise error
+                return self.send_event(error.body)
+        text, finish_reason = event[1]["text"], event[1]["finish_reason"]
+        extra = {"watermark": demo.watermark_params}
+        categories = moderate(demo, text)
+        if categories:
+            log_flag(demo, job.instruction, job.input, text, f"output flagged: {', '.join(categories)}",
+                     "content_filter")
+            text, finish_reason = "", "content_filter"
+            extra["content_filter"] = {"flagged": True, "categories": categories}
+        n_completion = event[1]["completion_tokens"]
+        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n_completion,
+                 "total_tokens": len(job.prompt_ids) + n_completion}
+        if not job.stream:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else \
+                {"index": 0, "text": text, "logprobs": None}
+            return self.send_json(200, {**reply, "object": "chat.completion" if chat else "text_completion",
+                                        "choices": [{**choice, "finish_reason": finish_reason}], "usage": usage,
+                                        **extra})
+        if not live:
+            self.start_stream()
+            self.send_event(chunk(text, first=True))
+        self.send_event({**chunk(None, finish_reason), **extra})
+        if job.include_usage:
+            self.send_event({**reply, "object": chunk_type, "choices": [], "usage": usage})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def next_event(self, job):
+        while True:
+            # A client that hung up leaves its socket readable with nothing to read: peek without waiting.
+            self.connection.settimeout(0)
+            try:
+                if not self.connection.recv(1, socket.MSG_PEEK):
+                    raise ConnectionResetError
+            except BlockingIOError:
+                pass
+            finally:
+                self.connection.settimeout(self.timeout)
+            try:
+                return job.events.get(timeout=0.2)
+            except queue.Empty:
+                pass
+
+    def start_stream(self):
+        self.send_response(200)
+        for name, value in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+                            ("Connection", "close")):  # the stream ends when the connection does
+            self.send_header(name, value)
+        self.end_headers()
+        self.close_connection = True
+
+    def send_event(self, payload):
+        self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+        self.wfile.flush()
+
+    def send_json(self, status, payload):
+        self.send(status, json.dumps(payload, ensure_ascii=False).encode(), "application/json")
+
+    def send(self, status, data, content_type, headers={}):
+        self.send_response(status)
+        for name, value in {"Content-Type": content_type, "Content-Length": str(len(data)),
+                            "X-Content-Type-Options": "nosniff", **headers}.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def make_server(model, tokenizer, args):
+    """The demo's HTTP server with its worker thread started: call serve_forever(), then close_server()."""
+    logits_processor, watermark = make_logits_processor(args, model, tokenizer)
+    moderation = None
+    if os.environ.get("OPENAI_API_KEY") or args.moderation_base_url:
+        import openai
+        moderation = openai.OpenAI(base_url=args.moderation_base_url or None, max_retries=2, timeout=30,
+                                   api_key=os.environ.get("OPENAI_API_KEY") or "none")
+    if os.path.exists(args.flags):
+        cut_torn_line(args.flags)
+    demo = SimpleNamespace(
+        model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation,
+        watermark_params=watermark.params if watermark else None, model_name=os.path.basename(
+            os.path.normpath(args.checkpoint)), started=int(time.time()), queue=[], waiting=threading.Condition(),
+        closing=False, current=[], flags_lock=threading.Lock(),
+        max_prompt_tokens=min(args.max_prompt_tokens or math.inf, model.args.max_seq_len - 1))
+    demo.filter_state = f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged " \
+        "prompts are refused and flagged outputs withheld" if moderation else \
+        "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
+    demo.watermark_state = "off" if watermark is None else "on, every output: {scheme}, gamma {gamma}, delta " \
+        "{delta}, key fingerprint {key_fingerprint} (check with watermark.py detect)".format(**watermark.params)
+    fields = {"model": demo.model_name, "filter": demo.filter_state, "watermark": demo.watermark_state,
+              "temperature": args.temperature, "top_p": args.top_p, "cap": args.max_tokens_cap,
+              "max_tokens": min(args.max_new_tokens, args.max_tokens_cap)}
+    demo.page = PAGE
+    for name, value in fields.items():
+        demo.page = demo.page.replace("{{" + name + "}}", html.escape(str(value)))
+    server = ThreadingHTTPServer((args.host, args.port), DemoHandler)
+    server.demo = demo
+    demo.worker = threading.Thread(target=run_jobs, args=(demo,), daemon=True)
+    demo.worker.start()
+    return server
+
+
+def close_server(server):
+    demo = server.demo
+    server.server_close()
+    with demo.waiting:
+        demo.closing = True
+        for job in demo.current:
+            job.cancelled.set()
+        demo.waiting.notify()
+    demo.worker.join(timeout=10)
+
+
+def serve(model, tokenizer, args):
+    server = make_server(model, tokenizer, args)
+    host, port = server.server_address[:2]
+    demo = server.demo
+    print(f"Serving {demo.model_name} at http://{host}:{port}/ (OpenAI-compatible API at http://{host}:{port}/v1); "
+          "Ctrl-C stops", flush=True)
+    print(f"content filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\nflags go to {args.flags}",
+          flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: bound to {host}, so other machines can reach this demo", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        close_server(server)
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="out/tiny", help="a Meta or Hugging Face LLaMA folder")
     parser.add_argument("--tokenizer", default="", help="tokenizer.model (default: the checkpoint's)")
@@ -340,8 +882,8 @@ def main(argv=None):
     parser.add_argument("--input", default="", help="the optional input that goes with --prompt")
     parser.add_argument("--in", default=None, help="an evaluation file (JSONL or JSON array) to answer in batches")
     parser.add_argument("--out", default="outputs.jsonl", help="JSONL of answers for --in; appended, resumable")
-    parser.add_argument("--batch_size", type=int, default=batch_size)
-    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--batch_size", type=int, default=batch_size, help="with --serve: most requests at once")
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="with --serve: the default")
     parser.add_argument("--temperature", type=float, default=temperature, help="0 for greedy")
     parser.add_argument("--top_k", type=int, default=top_k, help="0 for no cut")
     parser.add_argument("--top_p", type=float, default=top_p, help="1 for no cut")
@@ -355,13 +897,32 @@ def main(argv=None):
     parser.add_argument("--delta", type=float, default=2.0, help="watermark: logit bonus of green tokens")
     parser.add_argument("--scheme", default="lefthash", help="watermark: how the green list is seeded")
     parser.add_argument("--key", type=int, default=15485863, help="watermark: secret key")
+    demo = parser.add_argument_group("web demo")
+    demo.add_argument("--serve", action="store_true", help="serve the demo page and an OpenAI-compatible API")
+    demo.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to let other machines in")
+    demo.add_argument("--port", type=int, default=8000, help="0 for any free port")
+    demo.add_argument("--no_watermark", action="store_true", help="the demo watermarks every output unless this")
+    demo.add_argument("--moderation_base_url", default=None,
+                      help="content filter endpoint (default: OpenAI's when OPENAI_API_KEY is set; else no filter)")
+    demo.add_argument("--flags", default="flags.jsonl", help="JSONL that flagged outputs are appended to")
+    demo.add_argument("--max_body_bytes", type=int, default=256 * 1024)
+    demo.add_argument("--max_prompt_tokens", type=int, default=0, help="0: the model's context")
+    demo.add_argument("--max_tokens_cap", type=int, default=512, help="the most tokens one request may ask for")
+    demo.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond this get a 503")
     args = parser.parse_args(argv)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1 \
             or args.batch_size < 1:
         parser.error("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1")
+    if args.serve:
+        args.watermark = not args.no_watermark
     if args.dtype is None:
         gpu_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if gpu_bf16 else "float32"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     items = read_items(getattr(args, "in")) if getattr(args, "in") else None  # bad input stops us here
 
     model, tokenizer = load(args)
@@ -371,6 +932,8 @@ def main(argv=None):
             import torch._inductor.config as inductor_config
             inductor_config.freezing = True
         model = torch.compile(model, dynamic=True)
+    if args.serve:
+        return serve(model, tokenizer, args)
     logits_processor, watermark = make_logits_processor(args, model, tokenizer)
     settings = {"generator": os.path.basename(os.path.normpath(args.checkpoint)), "temperature": args.temperature,
                 "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
