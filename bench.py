@@ -301,10 +301,10 @@ def bench_watermark(args):
             wa, wb = a["instruction"].split(), b["instruction"].split()
             unseen.append({"instruction": " ".join(wa[:len(wa) // 2] + wb[len(wb) // 2:]), "input": b["input"]})
         prompt_sets = {"seen": seen[:args.prompts], "unseen": unseen[:args.prompts]}
+        ending = "stopping at EOS" if args.stop_at_eos else "EOS banned (the paper has T = 200 +- 5)"
         print(f"{args.checkpoint}: vocab {vocab}; {len(prompt_sets['seen'])} seen prompts, {n_val} held-out + "
               f"{len(unseen) - n_val} spliced unseen prompts; multinomial sampling at temperature "
-              f"{args.temperature}, {args.max_new_tokens} new tokens, " +
-              ("stopping at EOS" if args.stop_at_eos else "EOS banned, so every text is that long (the paper: T = 200 ± 5)"), flush=True)
+              f"{args.temperature}, {args.max_new_tokens} new tokens, {ending}", flush=True)
 
         def sample_texts(prompts, scheme, gamma, delta):
             """Generated ids for each prompt, and the mean entropy and spike entropy (Theorem 4.2) of the
