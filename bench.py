@@ -4,6 +4,7 @@ Benchmarks of the recipe's scripts on this machine: too slow or too noisy to be 
     python bench.py rouge       # generate_instructions.py's ROUGE-L filter over 52K instructions vs the reference
     python bench.py train       # train.py's packed rows vs the original recipe's padded batches
     python bench.py sample      # sample.py's decode speed against the memory-bandwidth roofline
+    python bench.py watermark   # watermark.py: detection rates on the tiny model (the paper's Table 2), decode overhead
 """
 import argparse
 
@@ -256,6 +257,167 @@ def bench_sample(args):
             del model, buffer
 
 
+def bench_watermark(args):
+    """Table 2 of the watermark paper on the tiny model: how often watermarked text is detected at z > 4, how
+    often the same model's plain text and human text are flagged, for several gamma and delta; then the
+    watermark's cost on batch-1 decode of the bench model (dim 512, 8 layers, vocab 32000)."""
+    import math
+    import os
+    import time
+
+    import numpy as np
+    import torch
+
+    import train
+    import watermark as wm
+    from sample import generate
+    from train import ModelArgs, Tokenizer, Transformer, format_prompt, read_examples
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{torch.get_num_threads()} threads, key {args.key}, z threshold 4")
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    if args.part in ("all", "table"):
+        tokenizer = Tokenizer(os.path.join(args.checkpoint, "tokenizer.model"))
+        model = Transformer.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+        vocab = model.args.vocab_size
+        examples = read_examples(args.data)
+        # train.py's held-out split (its default seed and val_fraction), so "unseen" prompts really are unseen.
+        order = np.random.default_rng(train.seed).permutation(len(examples))
+        n_val = min(len(examples) - 1, max(1, round(train.val_fraction * len(examples))))
+        held_out, seen = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
+        # The tiny model has memorised its training answers: on seen instructions it is nearly deterministic (low
+        # entropy), and a watermark can only move text where the model hesitates. Unseen prompts show the other
+        # case; as only a few tasks are held out, more are spliced from two seen instructions (the first half of
+        # one's words, the second half of the other's, with the second one's input).
+        rng = np.random.default_rng(args.seed)
+        unseen = list(held_out)
+        while len(unseen) < args.prompts:
+            a, b = (seen[i] for i in rng.choice(len(seen), 2, replace=False))
+            wa, wb = a["instruction"].split(), b["instruction"].split()
+            unseen.append({"instruction": " ".join(wa[:len(wa) // 2] + wb[len(wb) // 2:]), "input": b["input"]})
+        prompt_sets = {"seen": seen[:args.prompts], "unseen": unseen[:args.prompts]}
+        ending = "stopping at EOS" if args.stop_at_eos else "EOS banned (the paper has T = 200 +- 5)"
+        print(f"{args.checkpoint}: vocab {vocab}; {len(prompt_sets['seen'])} seen prompts, {n_val} held-out + "
+              f"{len(unseen) - n_val} spliced unseen prompts; multinomial sampling at temperature "
+              f"{args.temperature}, {args.max_new_tokens} new tokens, {ending}", flush=True)
+
+        def sample_texts(prompts, scheme, gamma, delta):
+            """Generated ids for each prompt, and the mean entropy and spike entropy (Theorem 4.2) of the
+            distributions they were sampled from, taken before the watermark changes them."""
+            watermark = wm.WatermarkProcessor(vocab, gamma, delta, scheme, args.key) if delta else None
+            alpha = math.exp(delta / args.temperature)  # the watermark adds delta before the temperature divides
+            modulus = (1 - gamma) * (alpha - 1) / (1 + (alpha - 1) * gamma)
+            entropy, spike, outputs = [], [], []
+            for start in range(0, len(prompts), args.batch_size):
+                batch = [tokenizer.encode(format_prompt(e["instruction"], e["input"]), bos=True)
+                         for e in prompts[start:start + args.batch_size]]
+                finished = set()
+
+                def process(history, logits):
+                    logits[:, tokenizer.vocab_size:] = float("-inf")
+                    if not args.stop_at_eos:
+                        logits[:, tokenizer.eos_id] = float("-inf")
+                    probs = torch.softmax(logits.float() / args.temperature, dim=-1)
+                    for row, ids in enumerate(history):
+                        if ids[-1] == tokenizer.eos_id and len(ids) > len(batch[row]):
+                            finished.add(row)
+                    live = [row for row in range(len(history)) if row not in finished]
+                    p = probs[live]
+                    entropy.extend((-(p * p.clamp_min(1e-30).log()).sum(-1)).tolist())
+                    spike.extend((p / (1 + modulus * p)).sum(-1).tolist())
+                    return logits if watermark is None else watermark(history, logits)
+
+                seeds = [args.seed + start + i for i in range(len(batch))]
+                outputs += generate(model, batch, args.max_new_tokens, args.temperature, 0, 1.0, seeds, process,
+                                    tokenizer.eos_id if args.stop_at_eos else None)
+            return outputs, mean(entropy), mean(spike), alpha
+
+        def score(texts, scheme, gamma):
+            results = [wm.detect(ids, vocab, gamma, scheme, args.key) if ids else None for ids in texts]
+            return {"T": mean([len(ids) for ids in texts]),
+                    "scored": mean([r["num_tokens_scored"] if r else 0 for r in results]),
+                    "z": mean([r and r["z_score"] for r in results]),
+                    "flagged": mean([bool(r and r["prediction"]) for r in results]),
+                    "green": mean([r and r["green_fraction"] for r in results])}
+
+        settings = [("lefthash", gamma, delta) for gamma in args.gammas for delta in args.deltas]
+        settings += [("selfhash", gamma, delta) for gamma, delta in args.selfhash]
+        human = [tokenizer.encode(e["output"]) for e in examples]
+        baselines, rows = {}, []
+        start_time = time.perf_counter()
+        for set_name, prompts in prompt_sets.items():
+            plain, plain_entropy, _, _ = sample_texts(prompts, "lefthash", 0.25, 0)
+            for scheme, gamma, delta in settings:
+                if (scheme, gamma) not in baselines:
+                    baselines[scheme, gamma] = {"human": score(human, scheme, gamma)}
+                if (scheme, gamma, set_name) not in baselines:
+                    baselines[scheme, gamma, set_name] = score(plain, scheme, gamma)
+                texts, entropy, spike, alpha = sample_texts(prompts, scheme, gamma, delta)
+                stats = score(texts, scheme, gamma)
+                # Theorem 4.2: the expected green fraction is at least gamma alpha S / (1 + (alpha - 1) gamma).
+                bound = gamma * alpha * spike / (1 + (alpha - 1) * gamma)
+                rows.append((set_name, scheme, gamma, delta, stats, baselines[scheme, gamma, set_name],
+                             baselines[scheme, gamma]["human"], entropy, bound))
+                print(f"  {set_name} {scheme} gamma {gamma} delta {delta}: z {stats['z']:.1f}, "
+                      f"{time.perf_counter() - start_time:.0f}s", flush=True)
+            print(f"  {set_name}, no watermark: mean entropy {plain_entropy:.2f} nats", flush=True)
+        print("\n| prompts | scheme | gamma | delta | T | T scored | z mean | TPR z>4 | FPR z>4 no watermark (T, z) "
+              "| FPR z>4 human (T, z) | green fraction | bound (Thm 4.2) | entropy |")
+        print("|---" * 13 + "|")
+        for set_name, scheme, gamma, delta, s, plain, human_s, entropy, bound in rows:
+            print(f"| {set_name} | {scheme} | {gamma} | {delta:g} | {s['T']:.0f} | {s['scored']:.0f} | {s['z']:.1f} | "
+                  f"{s['flagged']:.2f} | {plain['flagged']:.2f} ({plain['T']:.0f}, {plain['z']:.2f}) | "
+                  f"{human_s['flagged']:.2f} ({human_s['T']:.0f}, {human_s['z']:.2f}) | {s['green']:.2f} | "
+                  f"{bound:.2f} | {entropy:.2f} |")
+        print(f"table: {time.perf_counter() - start_time:.0f}s\n", flush=True)
+        del model
+
+    if args.part in ("all", "overhead"):
+        # Decode cost of the watermark at batch 1, the case where its per-row Python work weighs most. The runs
+        # take turns (plain, cold, warm) so machine load hits all alike. Sampling at temperature 1 from random
+        # weights picks a new previous token at almost every step, so a cold green-list cache (cleared before the
+        # run) misses almost always: the worst case. Warm reruns the same tokens with every list cached.
+        worst = 0.0
+        for dtype_name in ("float32", "bfloat16"):
+            torch.manual_seed(0)
+            model = Transformer(ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=1024))
+            model.init_weights()
+            model = model.to(getattr(torch, dtype_name)).eval()
+            prompt = [[1 + (7 * j) % 31000 for j in range(32)]]
+
+            def decode(n, watermarked=False, cold=False):
+                if cold:
+                    wm.lefthash_mask.cache_clear()
+                processor = wm.WatermarkProcessor(32000, 0.25, 2.0, "lefthash", args.key) if watermarked else None
+                return lambda: generate(model, [list(p) for p in prompt], n, 1.0, 0, 1.0, 0, processor)
+
+            runs = {"prefill": (1, False, False), "plain": (1 + args.new_tokens, False, False),
+                    "cold": (1 + args.new_tokens, True, True), "warm": (1 + args.new_tokens, True, False)}
+            decode(1 + args.new_tokens)()  # warm up kernels and allocator
+            times = {name: [] for name in runs}
+            for _ in range(args.repeats):
+                for name, (n, watermarked, cold) in runs.items():
+                    run = decode(n, watermarked, cold)
+                    t0 = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - t0)
+            t = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+            step = (t["plain"] - t["prefill"]) / args.new_tokens
+            cold, warm = ((t[k] - t["plain"]) / args.new_tokens for k in ("cold", "warm"))
+            worst = max(worst, cold / step)
+            print(f"{dtype_name}: plain decode {1e3 * step:.2f} ms/step; watermark adds {1e3 * cold:+.3f} ms/step "
+                  f"({100 * cold / step:+.1f}%) with a cold green-list cache, {1e3 * warm:+.3f} ms/step "
+                  f"({100 * warm / step:+.1f}%) warm (medians of {args.repeats}, {args.new_tokens} steps)",
+                  flush=True)
+            del model
+        print(f"watermark_overhead_batch1={100 * worst:.1f}%")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -281,5 +443,26 @@ if __name__ == "__main__":
     sample_parser.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     sample_parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     sample_parser.set_defaults(run=bench_sample)
+    wm_parser = commands.add_parser("watermark", help="detection rates (the paper's Table 2) and decode overhead")
+    wm_parser.add_argument("--part", choices=["all", "table", "overhead"], default="all")
+    wm_parser.add_argument("--checkpoint", default="out/tiny", help="the model that writes (python train.py)")
+    wm_parser.add_argument("--data", default="seed_tasks.jsonl", help="its training data: prompts and human text")
+    wm_parser.add_argument("--prompts", type=int, default=64, help="prompts per set (seen and unseen)")
+    wm_parser.add_argument("--gammas", type=float, nargs="+", default=[0.25, 0.5])
+    wm_parser.add_argument("--deltas", type=float, nargs="+", default=[1.0, 2.0, 5.0])
+    wm_parser.add_argument("--selfhash", type=lambda s: tuple(map(float, s.split(","))), nargs="*",
+                           default=[(0.25, 2.0)], help="gamma,delta pairs also run with selfhash")
+    wm_parser.add_argument("--max_new_tokens", type=int, default=200)
+    wm_parser.add_argument("--temperature", type=float, default=0.7, help="sample.py's default; top_p is 1")
+    wm_parser.add_argument("--stop_at_eos", action="store_true", help="end texts at EOS (default: ban EOS)")
+    wm_parser.add_argument("--batch_size", type=int, default=32)
+    wm_parser.add_argument("--key", type=int, default=2**31 - 1,
+                           help="any key measures the same; the public default would print a warning per run")
+    wm_parser.add_argument("--new_tokens", type=int, default=64, help="overhead: decode steps timed per run")
+    wm_parser.add_argument("--repeats", type=int, default=5, help="overhead: runs of each kind, in turns")
+    wm_parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default); one is "
+                           "7x faster than two for the tiny model on a busy 2-core machine")
+    wm_parser.add_argument("--seed", type=int, default=1337)
+    wm_parser.set_defaults(run=bench_watermark)
     args = parser.parse_args()
     args.run(args)
