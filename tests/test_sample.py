@@ -13,12 +13,6 @@ import train
 from sample import generate, sample_next
 from train import ModelArgs, Tokenizer, Transformer, format_prompt, train_tokenizer
 
-if not hasattr(train, "write_atomic"):  # train_tokenizer's helper, not yet in this branch's train.py
-    def write_bytes(path, payload):
-        with open(path, "wb") as f:
-            f.write(payload)
-    train.write_atomic = write_bytes
-
 TEXTS = [format_prompt("Give three tips for staying healthy."), "Eat well, sleep enough and move every day.",
          format_prompt("Translate the sentence.", "Le chat dort."), "The cat is sleeping.",
          "Numbers like 12345 and words like alpaca, llama, vicuna."] * 20

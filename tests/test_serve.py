@@ -25,12 +25,6 @@ import train
 import watermark
 from train import ModelArgs, Tokenizer, Transformer, format_prompt, train_tokenizer
 
-if not hasattr(train, "write_atomic"):
-    def write_bytes(path, payload):
-        with open(path, "wb") as f:
-            f.write(payload)
-    train.write_atomic = write_bytes
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = [format_prompt("Give three tips for staying healthy."), "Eat well, sleep enough and move every day.",
          format_prompt("Translate the sentence.", "Le chat dort."), "The cat is sleeping.",
@@ -396,10 +390,34 @@ def test_content_filter_refuses_prompts_and_withholds_outputs(start):
     assert status == 503 and "content filter is unavailable" in reply["error"]["message"]
 
 
-def test_watermark_py_detects_the_demos_outputs(start, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def word_checkpoint(tmp_path_factory):
+    """A random model whose tokenizer has whole words only: decoding its output and encoding the text again gives
+    back the generated ids, as it mostly does for a trained model. With byte pieces a random model's text does not
+    survive that round trip, and detection from text would score other tokens than were generated."""
+    import io
+    import sentencepiece as spm
+    folder = tmp_path_factory.mktemp("words") / "tiny"
+    folder.mkdir()
+    words = [f"w{i}" for i in range(300)]
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(" ".join(words[j:j + 10]) for j in range(0, 300, 5)),
+                                   model_writer=model_file, model_type="word", vocab_size=len(words) + 3,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model_file.getvalue())
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=len(words) + 3, multiple_of=16,
+                                  max_seq_len=256))
+    model.init_weights(std=0.2)
+    (folder / "params.json").write_text(json.dumps(dataclasses.asdict(model.args)))
+    torch.save(model.state_dict(), folder / "consolidated.00.pth")
+    return str(folder)
+
+
+def test_watermark_py_detects_the_demos_outputs(start, word_checkpoint, tmp_path, capsys):
     outputs = tmp_path / "outputs.jsonl"
     for flags in (["--delta", "8"], ["--no_watermark"]):
-        url, demo = start(*flags)
+        url, demo = start("--checkpoint", word_checkpoint, *flags)
         reply = client(url).completions.create(model="tiny", prompt="The cat", max_tokens=64, temperature=1.0,
                                                seed=3)
         with open(outputs, "a") as f:
