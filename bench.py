@@ -96,7 +96,6 @@ def bench_train(args):
     import numpy as np
     import torch
 
-    import train
     from train import ModelArgs, Transformer, flops_of, make_batch, measure_peak_flops, pack
 
     torch.manual_seed(args.seed)

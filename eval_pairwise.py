@@ -718,7 +718,7 @@ def build_report(records, lengths, known_items, seed, sources):
                 f"{name_a} is longer on {pct(np.mean(la > lb))} of items.",
                 "The length-controlled win rate fits a logistic regression of the score (ties ½) on the length "
                 "difference in words divided by its SD, and reads it off at zero difference; its SE is a bootstrap "
-                f"over items. Slope per SD of length difference: "
+                "over items. Slope per SD of length difference: "
                 + ", ".join(f"{rater} {num(s['length_slope'], 2)}" for rater, s in stats.items()) + "."]
 
     ratings = {rater: {m: [r.get(f"rating_{m}") for r in by_rater[rater].values() if r.get(f"rating_{m}")]

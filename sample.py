@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from train import Tokenizer, Transformer, format_prompt
+from train import Tokenizer, Transformer, format_prompt, read_records
 
 # Decoding defaults. Greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off.
 max_new_tokens = 256
@@ -164,27 +164,8 @@ def read_items(path):
     Takes the Alpaca format ({instruction, input}, a JSON array or JSONL) and the self-instruct one
     ({id, instruction, instances: [{input}]}). An item's id is its 'id' (with /k for its k-th instance when it
     has several), else its line number in a JSONL file or its index in a JSON array."""
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
-            if not isinstance(records, list):
-                raise SystemExit(f"{path}: expected a JSON array of items")
-            records = [(f"{path}: item {i}", str(i), record) for i, record in enumerate(records)]
-        else:
-            records = []
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append((f"{path}:{lineno}", str(lineno), json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
     items, seen = [], {}
-    for where, default_id, record in records:
+    for where, number, record in read_records(path):
         if not isinstance(record, dict):
             raise SystemExit(f"{where}: expected a JSON object")
         instruction = record.get("instruction")
@@ -195,7 +176,7 @@ def read_items(path):
         instances = record.get("instances", [record])
         if not isinstance(instances, list) or not instances:
             raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
-        base_id = str(record["id"]) if "id" in record else default_id
+        base_id = str(record["id"]) if "id" in record else str(number)
         for k, instance in enumerate(instances):
             input = instance.get("input", "") if isinstance(instance, dict) else None
             if not isinstance(input, str):

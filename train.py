@@ -11,7 +11,6 @@ import glob
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -404,12 +403,11 @@ def format_prompt(instruction, input=""):
     return (PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT).format(instruction=instruction, input=input)
 
 
-def read_examples(path):
-    """{instruction, input, output} examples from a JSON array (alpaca_data.json) or a JSONL file; a JSONL line
-    in the self-instruct seed format ({instruction, instances: [{input, output}]}) gives one example per instance."""
+def read_records(path):
+    """(where, number, record) for each JSON value of a JSON array or a JSONL file: `where` names the file and line
+    (or array item) for error messages, `number` is that line or item number."""
     if not os.path.exists(path):
-        raise SystemExit(f"{path}: no such data file")
-    records = []
+        raise SystemExit(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
         if path.endswith(".json"):
             try:
@@ -417,17 +415,23 @@ def read_examples(path):
             except json.JSONDecodeError as e:
                 raise SystemExit(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
             if not isinstance(items, list):
-                raise SystemExit(f"{path}: expected a JSON array of examples")
-            records = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
-        else:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append((f"{path}:{lineno}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
+                raise SystemExit(f"{path}: expected a JSON array")
+            return [(f"{path}: item {i}", i, item) for i, item in enumerate(items)]
+        records = []
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append((f"{path}:{lineno}", lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
+    return records
+
+
+def read_examples(path):
+    """{instruction, input, output} examples from a JSON array (alpaca_data.json) or a JSONL file; a JSONL line
+    in the self-instruct seed format ({instruction, instances: [{input, output}]}) gives one example per instance."""
     examples = []
-    for where, record in records:
+    for where, _, record in read_records(path):
         if not isinstance(record, dict):
             raise SystemExit(f"{where}: expected a JSON object")
         instances = record.get("instances", [record])

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import sample
-import train
 from sample import generate, sample_next
 from train import ModelArgs, Tokenizer, Transformer, format_prompt, train_tokenizer
 

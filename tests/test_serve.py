@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import sample
-import train
 import watermark
 from train import ModelArgs, Tokenizer, Transformer, format_prompt, train_tokenizer
 
