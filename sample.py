@@ -115,7 +115,7 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     running = [True] * B
 
     tokens = torch.tensor([[0] * (L - n) + list(p) for n, p in zip(lengths, prompts)], device=device)
-    logits = model(tokens, positions[:, :L], prefill_mask[:, None], cache=cache)[:, -1]
+    logits = model(tokens, positions[:, :L], prefill_mask[:, None], cache=cache, last_only=True)[:, -1]
     for step in range(steps):
         if logits_processor is not None:
             logits = logits_processor(history, logits)

@@ -170,7 +170,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.activation_checkpointing = False
 
-    def forward(self, tokens, positions=None, mask=None, targets=None, cache=None, cache_pos=0):
+    def forward(self, tokens, positions=None, mask=None, targets=None, cache=None, cache_pos=0, last_only=False):
         """Logits (B, T, vocab) for tokens (B, T); or, given targets, the summed cross-entropy over the
         positions whose target is not -100.
 
@@ -178,6 +178,7 @@ class Transformer(nn.Module):
         mask: (B, 1, T, S) boolean, True where a query may attend to a key; default causal.
         cache: per layer (k, v) tensors of shape (B, n_kv_heads, S_max, head_dim); this call writes slots
                cache_pos..cache_pos+T and attends over slots 0..cache_pos+T.
+        last_only: logits for the last position only (B, 1, vocab), all that sampling needs after a prefill.
         """
         B, T = tokens.shape
         if positions is None:
@@ -193,7 +194,7 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, None if cache is None else cache[i], cache_pos)
         h = self.norm(h)
         if targets is None:
-            return self.output(h).float()
+            return self.output(h[:, -1:] if last_only else h).float()
         # Only response tokens carry a loss, so only they go through the (large) output layer. Their count is
         # padded to a multiple of 256 with ignored entries: few distinct shapes, as each new one costs a kernel
         # setup on CPU and a recompile under torch.compile.
@@ -646,7 +647,7 @@ def answer(model, tokenizer, instruction, input, dev, max_new_tokens=100):
     new = []
     with torch.no_grad():
         while len(new) < max_new_tokens and len(ids) < max_seq_len:
-            next_id = model(torch.tensor([ids], device=dev))[0, -1].argmax().item()
+            next_id = model(torch.tensor([ids], device=dev), last_only=True)[0, -1].argmax().item()
             if next_id == tokenizer.eos_id:
                 break
             ids.append(next_id)
