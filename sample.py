@@ -160,11 +160,13 @@ def stream_printer(tokenizer):
 
 
 def read_items(path):
-    """(id, instruction, input) for each instance of an evaluation file, checked before any work starts.
-    Takes the Alpaca format ({instruction, input}, a JSON array or JSONL) and the self-instruct one
-    ({id, instruction, instances: [{input}]}). An item's id is its 'id' (with /k for its k-th instance when it
-    has several), else its line number in a JSONL file or its index in a JSON array."""
+    """(id, dataset, instruction, input) for each instance of an evaluation file, checked before any work starts.
+    Takes the Alpaca format ({instruction, input}, a JSON array or JSONL; alpaca_eval's set too) and the
+    self-instruct one ({id, instruction, instances: [{input}]}). An item's id is its 'id' (with #k for its k-th
+    instance, k from 0, when it has several), else its line number in a JSONL file or its index in a JSON array.
+    Its dataset is its record's 'dataset' (as in alpaca_eval's set), else the file's name without extension."""
     items, seen = [], {}
+    stem = os.path.splitext(os.path.basename(path))[0]
     for where, number, record in read_records(path):
         if not isinstance(record, dict):
             raise SystemExit(f"{where}: expected a JSON object")
@@ -176,40 +178,56 @@ def read_items(path):
         instances = record.get("instances", [record])
         if not isinstance(instances, list) or not instances:
             raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
+        dataset = record.get("dataset", stem)
+        if not isinstance(dataset, str):
+            raise SystemExit(f"{where}: field 'dataset' must be a string")
         base_id = str(record["id"]) if "id" in record else str(number)
         for k, instance in enumerate(instances):
             input = instance.get("input", "") if isinstance(instance, dict) else None
             if not isinstance(input, str):
                 raise SystemExit(f"{where}: field 'input' must be a string" + (f" (instance {k})" if
                                                                                  "instances" in record else ""))
-            item_id = base_id if len(instances) == 1 else f"{base_id}/{k}"
+            item_id = base_id if len(instances) == 1 else f"{base_id}#{k}"
             if item_id in seen:
                 raise SystemExit(f"{where}: duplicate id '{item_id}' (first at {seen[item_id]})")
             seen[item_id] = where
-            items.append({"id": item_id, "instruction": instruction, "input": input, "where": where})
+            items.append({"id": item_id, "dataset": dataset, "instruction": instruction, "input": input,
+                          "where": where})
     return items
 
 
-def cut_torn_line(path):
-    """The whole lines of a JSONL file we append to; a run killed mid-write can leave a torn last line, cut here."""
+def join_processes(args):
+    """(rank, number of processes, barrier). Under torchrun each process holds the whole model on its own device
+    (one GPU each) and answers its share of the items; processes meet only before and after the work, so a
+    barrier over gloo is all they share: no tensor crosses, generate() runs no collective."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, lambda: None
+    if not getattr(args, "in"):
+        raise SystemExit("several processes (torchrun) are for answering an --in file")
+    import torch.distributed as dist
+    from datetime import timedelta
+    # Processes end their shares at different times; waiting for the slowest is not a failure.
+    dist.init_process_group("gloo", timeout=timedelta(hours=24))
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    return dist.get_rank(), world_size, dist.barrier
+
+
+def read_lines(path, settings, own):
+    """{id: (record, line)} of the whole lines of a JSONL file that outputs are appended to. A run killed
+    mid-write can leave a torn last line: it is ignored, and cut off from this process's own file (its item is
+    redone). Lines written with other settings stop the run: one file mixing them would spoil an evaluation."""
     with open(path, "rb") as f:
         data = f.read()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
+    if own and end < len(data):
         print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
         with open(path, "r+b") as f:
             f.truncate(end)
-    return data[:end]
-
-
-def read_finished(path, settings):
-    """The ids already in an output file, so a rerun skips them. A run killed mid-write can leave a torn last
-    line: it is cut off here (its batch is redone). Lines written with other settings stop the run, since
-    mixing them in one file would silently spoil an evaluation."""
-    if not os.path.exists(path):
-        return set()
-    finished = set()
-    for lineno, line in enumerate(cut_torn_line(path).decode("utf-8").splitlines(), 1):
+    lines = {}
+    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(keepends=True), 1):
         if not line.strip():
             continue
         try:
@@ -222,48 +240,82 @@ def read_finished(path, settings):
             if record.get(key) != value:
                 raise SystemExit(f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run has "
                                  f"{value!r}; use another --out")
-        finished.add(record["id"])
-    return finished
+        lines.setdefault(record["id"], (record, line))
+    return lines
 
 
-def run_batches(model, tokenizer, items, args, settings, logits_processor):
+def read_outputs(work, own, settings):
+    """Every output line already written: the working JSONL and the shard of every process of any run."""
+    folder, name = os.path.dirname(work) or ".", os.path.basename(work)
+    shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".rank"))
+    lines = {}
+    for path in [work] * os.path.exists(work) + shards:
+        for key, value in read_lines(path, settings, path == own).items():
+            lines.setdefault(key, value)
+    return lines, shards
+
+
+def write_atomically(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def run_batches(model, tokenizer, items, args, settings, logits_processor, rank=0, world_size=1, barrier=None):
+    """Answer items, appending each batch's lines to a working JSONL as they are produced: --out itself, or x.jsonl
+    for --out=x.json; under torchrun each process appends to its own shard, x.jsonl.rank<r>-of-<N>. At the end
+    the working JSONL is rewritten in input order with every line, then the JSON array, each atomically."""
     for item in items:
         item["prompt_ids"] = tokenizer.encode(format_prompt(item["instruction"], item["input"]), bos=True)
         if len(item["prompt_ids"]) >= model.args.max_seq_len:
             raise SystemExit(f"{item['where']}: the prompt is {len(item['prompt_ids'])} tokens, the model's "
                              f"context is {model.args.max_seq_len}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    finished = read_finished(args.out, settings)
-    todo = [item for item in items if item["id"] not in finished]
-    print(f"{len(items)} items, {len(items) - len(todo)} already in {args.out}, {len(todo)} to generate")
-    # Prompts of similar length share a batch, so little compute goes to padding.
-    todo.sort(key=lambda item: len(item["prompt_ids"]))
+    work = args.out[:-len(".json")] + ".jsonl" if args.out.endswith(".json") else args.out
+    own = work if world_size == 1 else f"{work}.rank{rank}-of-{world_size}"
+    os.makedirs(os.path.dirname(work) or ".", exist_ok=True)
+    finished, _ = read_outputs(work, own, settings)
+    barrier = barrier or (lambda: None)
+    barrier()  # every process has read the files before any writes to them, so all split the same list
+    # Prompts of similar length share a batch, so little compute goes to padding; dealing the sorted list out
+    # in turn gives every process a like share of long and short prompts.
+    todo = sorted((item for item in items if item["id"] not in finished), key=lambda item: len(item["prompt_ids"]))
+    if rank == 0:
+        print(f"{len(items)} items, {len(items) - len(todo)} already in {work}, {len(todo)} to generate"
+              + (f" by {world_size} processes" if world_size > 1 else ""))
+    todo = todo[rank::world_size]
     from tqdm import tqdm
-    with open(args.out, "a", encoding="utf-8") as out, tqdm(total=len(todo), unit="item") as progress:
+    with open(own, "a", encoding="utf-8") as out, tqdm(total=len(todo), unit="item", disable=rank > 0) as progress:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             # Each item samples from its own stream, keyed by its id: its output does not depend on which
-            # batch it lands in, so a resumed run gives the same outputs as an uninterrupted one.
+            # batch or process it lands in, so a resumed or split run gives the outputs of an uninterrupted one.
             seeds = [zlib.crc32(f"{args.seed}/{item['id']}".encode()) for item in batch]
             outputs = generate(model, [item["prompt_ids"] for item in batch], args.max_new_tokens,
                                args.temperature, args.top_k, args.top_p, seeds, logits_processor,
                                tokenizer.eos_id)
-            for item, ids in zip(batch, outputs):
-                record = {"id": item["id"], "instruction": item["instruction"], "input": item["input"],
-                          "output": tokenizer.decode(ids), **settings}
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write("".join(json.dumps({"id": item["id"], "dataset": item["dataset"], "instruction":
+                                          item["instruction"], "input": item["input"], "output":
+                                          tokenizer.decode(ids), **settings}, ensure_ascii=False) + "\n"
+                              for item, ids in zip(batch, outputs)))  # one write: a kill tears no line
             out.flush()
             os.fsync(out.fileno())
             progress.update(len(batch))
-    # Batches ran in length order; leave the finished file in the input's order, replaced atomically.
+    barrier()  # every shard is complete
+    if rank > 0:
+        return
+    lines, shards = read_outputs(work, own, settings)
     order = {item["id"]: i for i, item in enumerate(items)}
-    with open(args.out, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    lines.sort(key=lambda line: order.get(json.loads(line)["id"], len(order)))
-    with open(args.out + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out}")
+    ordered = sorted(lines.values(), key=lambda record_line: order.get(record_line[0]["id"], len(order)))
+    # Shards go last: a kill before then leaves lines twice, which the rerun reads once.
+    write_atomically(work, "".join(line for _, line in ordered))
+    if work != args.out:  # alpaca_eval's outputs: a JSON array of records with instruction, output, generator
+        records = [record for record, _ in ordered if record["id"] in order]
+        write_atomically(args.out, json.dumps(records, ensure_ascii=False, indent=2) + "\n")
+    for path in shards:
+        os.remove(path)
+    print(f"wrote {args.out}" + (f" and {work}" if work != args.out else ""))
 
 
 def answer(model, tokenizer, args, instruction, input, logits_processor, seed):
@@ -862,7 +914,9 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default=None, help="one instruction; without it, an interactive loop")
     parser.add_argument("--input", default="", help="the optional input that goes with --prompt")
     parser.add_argument("--in", default=None, help="an evaluation file (JSONL or JSON array) to answer in batches")
-    parser.add_argument("--out", default="outputs.jsonl", help="JSONL of answers for --in; appended, resumable")
+    parser.add_argument("--out", default="outputs.jsonl",
+                        help="answers to --in: JSONL, appended and resumable; x.json: also alpaca_eval's array")
+    parser.add_argument("--generator", default="", help="the model's name in --out (default: the checkpoint's)")
     parser.add_argument("--batch_size", type=int, default=batch_size, help="with --serve: most requests at once")
     parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="with --serve: the default")
     parser.add_argument("--temperature", type=float, default=temperature, help="0 for greedy")
@@ -905,6 +959,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     items = read_items(getattr(args, "in")) if getattr(args, "in") else None  # bad input stops us here
+    rank, world_size, barrier = join_processes(args)  # torchrun: this process's share and device
 
     model, tokenizer = load(args)
     if args.compile:
@@ -916,13 +971,16 @@ def main(argv=None):
     if args.serve:
         return serve(model, tokenizer, args)
     logits_processor, watermark = make_logits_processor(args, model, tokenizer)
-    settings = {"generator": os.path.basename(os.path.normpath(args.checkpoint)), "temperature": args.temperature,
-                "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    settings = {"generator": args.generator or os.path.basename(os.path.normpath(args.checkpoint)), "temperature":
+                args.temperature, "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed}
     if watermark is not None:
         settings["watermark"] = watermark.params
 
     if items is not None:
-        run_batches(model, tokenizer, items, args, settings, logits_processor)
+        run_batches(model, tokenizer, items, args, settings, logits_processor, rank, world_size, barrier)
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
     elif args.prompt is not None:
         n_tokens, seconds = answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
         print(f"({n_tokens} tokens in {seconds:.1f}s)", file=sys.stderr)

@@ -178,7 +178,7 @@ def test_batch_file_and_resume(checkpoint, tmp_path, monkeypatch):
               "--batch_size", "3", "--temperature", "0.9", "--top_p", "0.95"]
     sample.main(common)
     full = read_out(out)
-    assert [r["id"] for r in full] == ["1", "2", "3", "4", "5", "seed_task_0/0", "seed_task_0/1"]
+    assert [r["id"] for r in full] == ["1", "2", "3", "4", "5", "seed_task_0#0", "seed_task_0#1"]
     assert full[1]["input"] == "x" and full[6]["input"] == "Le chien."
     for r in full:
         assert r["generator"] == "tiny" and r["temperature"] == 0.9 and r["top_p"] == 0.95
