@@ -2,7 +2,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -167,7 +170,7 @@ def read_out(path):
         return [json.loads(line) for line in f]
 
 
-def test_batch_file_and_resume(checkpoint, tmp_path, monkeypatch):
+def test_batch_file_records_and_settings(checkpoint, tmp_path):
     eval_file = tmp_path / "eval.jsonl"
     write_lines(eval_file, [json.dumps({"instruction": f"Say something about number {i}.", "input": "x" * i})
                             for i in range(5)] +
@@ -183,48 +186,25 @@ def test_batch_file_and_resume(checkpoint, tmp_path, monkeypatch):
     for r in full:
         assert r["generator"] == "tiny" and r["temperature"] == 0.9 and r["top_p"] == 0.95
         assert r["top_k"] == 0 and r["max_new_tokens"] == 12 and r["seed"] == 1337 and "watermark" not in r
-        assert isinstance(r["output"], str)
-
-    # A kill -9 mid-write: two finished lines and a torn third. The rerun cuts the torn line, redoes only
-    # the missing items, and gives exactly the outputs of the uninterrupted run.
-    text = open(out).read().splitlines(keepends=True)
-    with open(out, "w") as f:
-        f.write(text[0] + text[4] + text[2][:15])
-    sample.main(common)
-    assert read_out(out) == full
-
-    # A run that dies after its first batch keeps that batch; the rerun finishes without duplicates.
-    os.remove(out)
-    real_generate, calls = sample.generate, []
-
-    def dying_generate(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(sample, "generate", dying_generate)
-    with pytest.raises(KeyboardInterrupt):
-        sample.main(common)
-    assert len(read_out(out)) == 3
-    monkeypatch.setattr(sample, "generate", real_generate)
-    sample.main(common)
-    assert read_out(out) == full
-
+        assert isinstance(r["output"], str) and r["dataset"] == "eval"
+    # Resuming after kill -9: the real-process tests below.
     # Other settings into the same file would mix two experiments: refused.
     with pytest.raises(SystemExit, match="out.jsonl:1: written with temperature"):
         sample.main(common + ["--temperature", "0.5"])
 
 
 def test_json_array_input_and_greedy_cli(checkpoint, tmp_path):
+    # alpaca_eval's eval set: records with instruction, output, generator and dataset (our run names its own)
     eval_file = tmp_path / "eval.json"
-    eval_file.write_text(json.dumps([{"instruction": "Name a colour.", "input": ""},
+    eval_file.write_text(json.dumps([{"instruction": "Name a colour.", "output": "Blue.",
+                                      "generator": "text_davinci_003", "dataset": "helpful_base"},
                                      {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]))
     out = tmp_path / "out.jsonl"
     sample.main(["--checkpoint", checkpoint, "--in", str(eval_file), "--out", str(out), "--temperature", "0",
                  "--max_new_tokens", "8"])
     records = read_out(out)
     assert [r["id"] for r in records] == ["0", "1"]
+    assert [(r["dataset"], r["generator"]) for r in records] == [("helpful_base", "tiny"), ("eval", "tiny")]
     # the batch path gives what generate gives for the Alpaca prompt, one prompt at a time
     tokenizer = Tokenizer(os.path.join(checkpoint, "tokenizer.model"))
     model = Transformer.from_pretrained(checkpoint)
@@ -241,6 +221,9 @@ def test_json_array_input_and_greedy_cli(checkpoint, tmp_path):
     (['{"instruction": "ok", "input": 3}'], "eval.jsonl:1: field 'input' must be a string"),
     (['{"instruction": "ok", "instances": []}'], "eval.jsonl:1: field 'instances' must be a non-empty list"),
     (['{"id": "a", "instruction": "ok"}', '{"id": "a", "instruction": "again"}'], "eval.jsonl:2: duplicate id 'a'"),
+    (['{"id": "a#1", "instruction": "ok"}', '{"id": "a", "instruction": "two", "instances": [{}, {}]}'],
+     "eval.jsonl:2: duplicate id 'a#1'"),
+    (['{"instruction": "ok", "dataset": 3}'], "eval.jsonl:1: field 'dataset' must be a string"),
 ])
 def test_bad_input_stops_before_any_work(checkpoint, tmp_path, lines, message):
     eval_file, out = tmp_path / "eval.jsonl", tmp_path / "out.jsonl"
@@ -317,3 +300,134 @@ def test_watermark_flag_builds_the_processor_and_records_its_params(checkpoint, 
     # resuming without the watermark into the same file is refused: the file would mix two kinds of output
     with pytest.raises(SystemExit, match="written with watermark="):
         sample.main(["--checkpoint", checkpoint, "--in", str(eval_file), "--out", str(out), "--max_new_tokens", "6"])
+
+
+# Batch mode as a user runs it: real processes, real SIGKILL, one process or several under torchrun. Every run must
+# end with the files of an uninterrupted run, byte for byte.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH_FLAGS = ["--max_new_tokens", "16", "--batch_size", "2", "--temperature", "0.9", "--generator", "tiny-alpaca"]
+
+
+@pytest.fixture(scope="module")
+def batch_run(checkpoint, tmp_path_factory):
+    """A self-instruct-style eval set (one to three instances per task) and the files one uninterrupted run writes."""
+    folder = tmp_path_factory.mktemp("batch")
+    tasks = [{"id": f"user_oriented_task_{t}", "motivation_app": "Notes", "instruction": f"Rewrite note {t}.",
+              "instances": [{"input": f"note {t}.{k} " * (1 + (t * 3 + k) % 5), "output": "x"}
+                            for k in range(1 + t % 3)]} for t in range(7)]
+    write_lines(folder / "user_oriented.jsonl", [json.dumps(task) for task in tasks])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the processes below (OMP_NUM_THREADS=1, torchrun's default)
+    try:
+        sample.main(["--checkpoint", checkpoint, "--in", str(folder / "user_oriented.jsonl"),
+                     "--out", str(folder / "reference.json"), *BATCH_FLAGS])
+    finally:
+        torch.set_num_threads(threads)
+    return folder, (folder / "reference.json").read_bytes(), (folder / "reference.jsonl").read_bytes()
+
+
+def test_json_out_is_alpaca_eval_array_and_ids_follow_self_instruct(batch_run):
+    folder, json_bytes, jsonl_bytes = batch_run
+    records = json.loads(json_bytes)
+    assert [json.loads(line) for line in jsonl_bytes.decode().splitlines()] == records
+    assert [r["id"] for r in records[:4]] == ["user_oriented_task_0", "user_oriented_task_1#0",
+                                              "user_oriented_task_1#1", "user_oriented_task_2#0"]
+    assert len(records) == 13 and records[2]["input"] == "note 1.1 " * 5
+    for r in records:  # alpaca_eval reads instruction, output, generator, dataset
+        assert r["dataset"] == "user_oriented" and r["generator"] == "tiny-alpaca"
+        assert isinstance(r["instruction"], str) and isinstance(r["output"], str)
+    assert sorted(os.listdir(folder)) == ["reference.json", "reference.jsonl", "user_oriented.jsonl"]
+
+
+def launch(checkpoint, batch_run, folder, launcher=(sys.executable,)):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "SAMPLE_TEST_RUN": str(folder)}
+    command = [*launcher, os.path.join(REPO, "sample.py"), "--checkpoint", checkpoint,
+               "--in", str(batch_run[0] / "user_oriented.jsonl"), "--out", str(folder / "out.json"), *BATCH_FLAGS]
+    return subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def lines_in(*paths):
+    return sum(open(p, "rb").read().count(b"\n") for p in paths if os.path.exists(p))
+
+
+def kill_when(proc, ready, pid=lambda proc: proc.pid, timeout=120):
+    """SIGKILL pid(proc) as soon as ready() holds; proc must not have finished before that."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "finished before the kill point:\n" + proc.stdout.read()
+        assert time.time() < deadline, "no kill point within the timeout"
+        time.sleep(0.002)
+    os.kill(pid(proc), signal.SIGKILL)
+    return proc.communicate(timeout=60)[0]
+
+
+def finish(proc):
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    return output
+
+
+def assert_final_files(folder, batch_run):
+    _, json_bytes, jsonl_bytes = batch_run
+    assert (folder / "out.json").read_bytes() == json_bytes
+    assert (folder / "out.jsonl").read_bytes() == jsonl_bytes
+    assert sorted(os.listdir(folder)) == ["out.json", "out.jsonl"]  # no shard or .tmp left behind
+
+
+def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_files(checkpoint, batch_run, tmp_path):
+    folder, work = tmp_path, tmp_path / "out.jsonl"
+    torchrun = ["torchrun", "--standalone", "--nproc_per_node=2"]
+    # Killed after the 1st line; the rerun (two processes now) is killed after the 5th, at its rank 0.
+    kill_when(launch(checkpoint, batch_run, folder), lambda: lines_in(work) >= 1)
+    shards = [folder / f"out.jsonl.rank{r}-of-2" for r in range(2)]
+    kill_when(launch(checkpoint, batch_run, folder, launcher=torchrun), lambda: lines_in(work, *shards) >= 5,
+              lambda proc: rank_pid(folder, 0))
+    assert 5 <= lines_in(work, *shards) < 13 and not os.path.exists(folder / "out.json")
+    # A torn last line, as a kill in the middle of a write leaves it (one write per batch makes that rare on a
+    # local disk; a full disk or NFS does not), and the leftovers of a kill while the final files were written.
+    with open(shards[1], "ab") as f:
+        f.write(batch_run[2].splitlines(keepends=True)[-1][:40])
+    (folder / "out.jsonl.tmp").write_bytes(batch_run[2][:100])
+    (folder / "out.json.tmp").write_bytes(batch_run[1][:100])
+    # The rerun (one process again; run here, as above it only reads files) finishes with the same files.
+    run_here = ["--checkpoint", checkpoint, "--in", str(batch_run[0] / "user_oriented.jsonl"),
+                "--out", str(folder / "out.json"), *BATCH_FLAGS]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sample.main(run_here)
+        assert_final_files(folder, batch_run)
+        os.remove(folder / "out.json")  # killed after the JSONL was rewritten: the rerun writes the rest
+        sample.main(run_here)
+    finally:
+        torch.set_num_threads(threads)
+    assert_final_files(folder, batch_run)
+
+
+def rank_pid(folder, rank):
+    """The pid of the torchrun worker of this test run with that rank."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"SAMPLE_TEST_RUN={folder}".encode() in environ and f"RANK={rank}".encode() in environ:
+            return int(pid)
+
+
+def test_torchrun_two_processes_give_the_files_of_one_and_resume_after_a_kill(checkpoint, batch_run, tmp_path):
+    torchrun = ["torchrun", "--standalone", "--nproc_per_node=2"]
+    folder = tmp_path
+    assert "by 2 processes" in finish(launch(checkpoint, batch_run, folder, launcher=torchrun))
+    assert_final_files(folder, batch_run)
+    # Kill -9 one worker once its shard has a line; torchrun then stops the other. The same command again
+    # finishes the job: the files of one uninterrupted process.
+    for name in os.listdir(folder):
+        os.remove(folder / name)
+    shards = [folder / f"out.jsonl.rank{r}-of-2" for r in range(2)]
+    kill_when(launch(checkpoint, batch_run, folder, launcher=torchrun), lambda: lines_in(shards[1]) >= 1,
+              lambda proc: rank_pid(folder, 1))
+    assert 0 < lines_in(*shards) < 13 and not os.path.exists(folder / "out.json")
+    assert "already in" in finish(launch(checkpoint, batch_run, folder, launcher=torchrun))
+    assert_final_files(folder, batch_run)
