@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from train import Tokenizer, Transformer, format_prompt, read_records
+from train import Tokenizer, Transformer, format_prompt, read_records, write_atomic
 
 # Decoding defaults. Greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off.
 max_new_tokens = 256
@@ -198,8 +198,8 @@ def read_items(path):
 
 def join_processes(args):
     """(rank, number of processes, barrier). Under torchrun each process holds the whole model on its own device
-    (one GPU each) and answers its share of the items; processes meet only before and after the work, so a
-    barrier over gloo is all they share: no tensor crosses, generate() runs no collective."""
+    (one GPU each) and answers its share of the items. They meet only before and after the work, so a barrier
+    over gloo is all they share: no tensor crosses, generate() runs no collective."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return 0, 1, lambda: None
@@ -207,66 +207,51 @@ def join_processes(args):
         raise SystemExit("several processes (torchrun) are for answering an --in file")
     import torch.distributed as dist
     from datetime import timedelta
-    # Processes end their shares at different times; waiting for the slowest is not a failure.
-    dist.init_process_group("gloo", timeout=timedelta(hours=24))
+    dist.init_process_group("gloo", timeout=timedelta(hours=24))  # waiting for the slowest share is no failure
     if args.device.startswith("cuda"):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
     return dist.get_rank(), world_size, dist.barrier
 
 
-def read_lines(path, settings, own):
-    """{id: (record, line)} of the whole lines of a JSONL file that outputs are appended to. A run killed
-    mid-write can leave a torn last line: it is ignored, and cut off from this process's own file (its item is
-    redone). Lines written with other settings stop the run: one file mixing them would spoil an evaluation."""
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if own and end < len(data):
-        print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    lines = {}
-    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(keepends=True), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line")
-        if not isinstance(record, dict) or "id" not in record:
-            raise SystemExit(f"{path}:{lineno}: not an output line of sample.py (no 'id')")
-        for key, value in {"watermark": None, **settings}.items():
-            if record.get(key) != value:
-                raise SystemExit(f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run has "
-                                 f"{value!r}; use another --out")
-        lines.setdefault(record["id"], (record, line))
-    return lines
-
-
 def read_outputs(work, own, settings):
-    """Every output line already written: the working JSONL and the shard of every process of any run."""
+    """{id: (record, line)} of every whole line already written to the working JSONL and to the shards of any
+    run's processes, and those shards. A kill mid-write can leave a torn last line: ignored, and cut off this
+    process's own file (its item is redone). Lines written with other settings stop the run, since mixing them
+    in one file would silently spoil an evaluation."""
     folder, name = os.path.dirname(work) or ".", os.path.basename(work)
     shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".rank"))
     lines = {}
     for path in [work] * os.path.exists(work) + shards:
-        for key, value in read_lines(path, settings, path == own).items():
-            lines.setdefault(key, value)
+        with open(path, "rb") as f:
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        if path == own and end < len(data):
+            print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
+            with open(path, "r+b") as f:
+                f.truncate(end)
+        for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(keepends=True), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line")
+            if not isinstance(record, dict) or "id" not in record:
+                raise SystemExit(f"{path}:{lineno}: not an output line of sample.py (no 'id')")
+            for key, value in {"watermark": None, **settings}.items():
+                if record.get(key) != value:
+                    raise SystemExit(f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run has "
+                                     f"{value!r}; use another --out")
+            lines.setdefault(record["id"], (record, line))
     return lines, shards
 
 
-def write_atomically(path, text):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def run_batches(model, tokenizer, items, args, settings, logits_processor, rank=0, world_size=1, barrier=None):
-    """Answer items, appending each batch's lines to a working JSONL as they are produced: --out itself, or x.jsonl
-    for --out=x.json; under torchrun each process appends to its own shard, x.jsonl.rank<r>-of-<N>. At the end
-    the working JSONL is rewritten in input order with every line, then the JSON array, each atomically."""
+def run_batches(model, tokenizer, items, args, settings, logits_processor, processes):
+    """Answer items, appending each batch's lines to a working JSONL as they come: --out itself, or x.jsonl for
+    --out=x.json; under torchrun each process appends to its own shard, x.jsonl.rank<r>-of-<N>. At the end the
+    working JSONL is rewritten in input order with every line, then the JSON array, each atomically."""
+    rank, world_size, barrier = processes
     for item in items:
         item["prompt_ids"] = tokenizer.encode(format_prompt(item["instruction"], item["input"]), bos=True)
         if len(item["prompt_ids"]) >= model.args.max_seq_len:
@@ -276,7 +261,6 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, rank=
     own = work if world_size == 1 else f"{work}.rank{rank}-of-{world_size}"
     os.makedirs(os.path.dirname(work) or ".", exist_ok=True)
     finished, _ = read_outputs(work, own, settings)
-    barrier = barrier or (lambda: None)
     barrier()  # every process has read the files before any writes to them, so all split the same list
     # Prompts of similar length share a batch, so little compute goes to padding; dealing the sorted list out
     # in turn gives every process a like share of long and short prompts.
@@ -298,7 +282,7 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, rank=
             out.write("".join(json.dumps({"id": item["id"], "dataset": item["dataset"], "instruction":
                                           item["instruction"], "input": item["input"], "output":
                                           tokenizer.decode(ids), **settings}, ensure_ascii=False) + "\n"
-                              for item, ids in zip(batch, outputs)))  # one write: a kill tears no line
+                              for item, ids in zip(batch, outputs)))  # one write per batch: few torn lines
             out.flush()
             os.fsync(out.fileno())
             progress.update(len(batch))
@@ -308,12 +292,11 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, rank=
     lines, shards = read_outputs(work, own, settings)
     order = {item["id"]: i for i, item in enumerate(items)}
     ordered = sorted(lines.values(), key=lambda record_line: order.get(record_line[0]["id"], len(order)))
-    # Shards go last: a kill before then leaves lines twice, which the rerun reads once.
-    write_atomically(work, "".join(line for _, line in ordered))
+    write_atomic(work, "".join(line for _, line in ordered).encode())
     if work != args.out:  # alpaca_eval's outputs: a JSON array of records with instruction, output, generator
         records = [record for record, _ in ordered if record["id"] in order]
-        write_atomically(args.out, json.dumps(records, ensure_ascii=False, indent=2) + "\n")
-    for path in shards:
+        write_atomic(args.out, (json.dumps(records, ensure_ascii=False, indent=2) + "\n").encode())
+    for path in shards:  # last: a kill before this leaves lines twice, which the rerun reads once
         os.remove(path)
     print(f"wrote {args.out}" + (f" and {work}" if work != args.out else ""))
 
@@ -959,7 +942,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     items = read_items(getattr(args, "in")) if getattr(args, "in") else None  # bad input stops us here
-    rank, world_size, barrier = join_processes(args)  # torchrun: this process's share and device
+    processes = join_processes(args)  # under torchrun: this process's rank and device
 
     model, tokenizer = load(args)
     if args.compile:
@@ -978,8 +961,8 @@ def main(argv=None):
         settings["watermark"] = watermark.params
 
     if items is not None:
-        run_batches(model, tokenizer, items, args, settings, logits_processor, rank, world_size, barrier)
-        if world_size > 1:
+        run_batches(model, tokenizer, items, args, settings, logits_processor, processes)
+        if processes[1] > 1:
             torch.distributed.destroy_process_group()
     elif args.prompt is not None:
         n_tokens, seconds = answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
