@@ -3,7 +3,7 @@ Benchmarks of the recipe's scripts on this machine: too slow or too noisy to be 
 
     python bench.py rouge       # generate_instructions.py's ROUGE-L filter over 52K instructions vs the reference
     python bench.py train       # train.py's packed rows vs the original recipe's padded batches
-    python bench.py sample      # sample.py's decode speed against the memory-bandwidth roofline
+    python bench.py sample      # sample.py's decode speed against the memory-bandwidth roofline; --in items/s
     python bench.py watermark   # watermark.py: detection rates on the tiny model (the paper's Table 2), decode overhead
 """
 import argparse
@@ -171,10 +171,67 @@ def bench_train(args):
     print(f"speedup_packed_vs_padded={results['packed'] / results['padded']:.2f}")
 
 
+def bench_sample_processes(args):
+    """sample.py --in as a user runs it, timed as whole processes (start-up, loading, tokenizing and writing
+    included): items/s with one process and with torchrun's two, on the bench model with random weights (so every
+    answer runs to --new_tokens) and the first --items instances of seed_tasks.jsonl."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import torch
+
+    from train import ModelArgs, Transformer, read_examples, train_tokenizer
+
+    folder = tempfile.mkdtemp(prefix="bench_sample_")
+    examples = read_examples("seed_tasks.jsonl")
+    train_tokenizer([e["instruction"] + e["input"] + e["output"] for e in examples], f"{folder}/tokenizer.model",
+                    vocab_size=2000)  # the model's 32000 ids past the tokenizer's are banned, as for padded vocabularies
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=1024))
+    model.init_weights()
+    with open(f"{folder}/params.json", "w") as f:
+        json.dump(dataclasses.asdict(model.args), f)
+    torch.save(model.state_dict(), f"{folder}/consolidated.00.pth")
+    with open(f"{folder}/eval.jsonl", "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in examples[:args.items])
+    common = ["sample.py", f"--checkpoint={folder}", f"--in={folder}/eval.jsonl", f"--out={folder}/out.json",
+              f"--max_new_tokens={args.new_tokens}", "--temperature=0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    runs = {"1 process": ([sys.executable], {}),
+            "1 process, 1 thread": ([sys.executable], {"OMP_NUM_THREADS": "1"}),
+            "2 processes (torchrun, 1 thread each)": ([*torchrun, "--nproc_per_node=2"], {})}
+    times = {name: [] for name in runs}
+    outputs = {}
+    for _ in range(args.repeats):
+        for name, (launcher, env) in runs.items():  # in turns, so a busy moment slows all alike
+            for ext in (".json", ".jsonl"):
+                if os.path.exists(f"{folder}/out{ext}"):
+                    os.remove(f"{folder}/out{ext}")
+            start = time.perf_counter()
+            subprocess.run([*launcher, *common], check=True, capture_output=True, env={**os.environ, **env})
+            times[name].append(time.perf_counter() - start)
+            outputs[name] = open(f"{folder}/out.jsonl", "rb").read()
+    print(f"sample.py --in: {args.items} items x {args.new_tokens} new tokens (greedy, batch 16), whole process, "
+          f"median of {args.repeats} runs taken in turns")
+    for name, t in times.items():
+        median = sorted(t)[len(t) // 2]
+        same = "same outputs" if outputs[name] == outputs["1 process"] else "OUTPUTS DIFFER from 1 process"
+        print(f"  {name:40s} {args.items / median:6.2f} items/s ({median:.1f} s; {same})", flush=True)
+
+
 def bench_sample(args):
     """Decode tokens/s of sample.generate at batch 1 and 16, in bf16 and fp32, against the roofline for batch 1:
     each decode step reads every weight once (the embedding only one row), so tokens/s cannot beat
-    measured memory bandwidth / bytes of weights."""
+    measured memory bandwidth / bytes of weights. Then (or only, --part=processes) bench_sample_processes."""
+    if args.part != "decode":
+        bench_sample_processes(args)
+    if args.part == "processes":
+        return
     import time
 
     import torch
@@ -441,6 +498,9 @@ if __name__ == "__main__":
     sample_parser.add_argument("--repeats", type=int, default=5)
     sample_parser.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     sample_parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    sample_parser.add_argument("--part", choices=["all", "decode", "processes"], default="all",
+                               help="processes: sample.py --in items/s with 1 and 2 processes")
+    sample_parser.add_argument("--items", type=int, default=32, help="processes: eval items (seed tasks)")
     sample_parser.set_defaults(run=bench_sample)
     wm_parser = commands.add_parser("watermark", help="detection rates (the paper's Table 2) and decode overhead")
     wm_parser.add_argument("--part", choices=["all", "table", "overhead"], default="all")
