@@ -178,6 +178,7 @@ def bench_sample_processes(args):
     import dataclasses
     import json
     import os
+    import shutil
     import subprocess
     import sys
     import tempfile
@@ -222,6 +223,7 @@ def bench_sample_processes(args):
         median = sorted(t)[len(t) // 2]
         same = "same outputs" if outputs[name] == outputs["1 process"] else "OUTPUTS DIFFER from 1 process"
         print(f"  {name:40s} {args.items / median:6.2f} items/s ({median:.1f} s; {same})", flush=True)
+    shutil.rmtree(folder)
 
 
 def bench_sample(args):
