@@ -222,7 +222,7 @@ def read_outputs(work, own, settings):
     folder, name = os.path.dirname(work) or ".", os.path.basename(work)
     shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".rank"))
     lines = {}
-    for path in [work] * os.path.exists(work) + shards:
+    for path in ([work] if os.path.exists(work) else []) + shards:
         with open(path, "rb") as f:
             data = f.read()
         end = data.rfind(b"\n") + 1

@@ -352,13 +352,15 @@ def lines_in(*paths):
 
 
 def kill_when(proc, ready, pid=lambda proc: proc.pid, timeout=120):
-    """SIGKILL pid(proc) as soon as ready() holds; proc must not have finished before that."""
-    deadline = time.time() + timeout
-    while not ready():
+    """SIGKILL pid(proc) (found first, so the kill follows at once) as soon as ready() holds; proc must not have
+    finished before that."""
+    deadline, target = time.time() + timeout, None
+    while target is None or not ready():
         assert proc.poll() is None, "finished before the kill point:\n" + proc.stdout.read()
         assert time.time() < deadline, "no kill point within the timeout"
+        target = target or pid(proc)
         time.sleep(0.002)
-    os.kill(pid(proc), signal.SIGKILL)
+    os.kill(target, signal.SIGKILL)
     return proc.communicate(timeout=60)[0]
 
 
