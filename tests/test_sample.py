@@ -377,7 +377,7 @@ def assert_final_files(folder, batch_run):
     assert sorted(os.listdir(folder)) == ["out.json", "out.jsonl"]  # no shard or .tmp left behind
 
 
-def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_files(checkpoint, batch_run, tmp_path):
+def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_files(checkpoint, batch_run, tmp_path, capsys):
     folder, work = tmp_path, tmp_path / "out.jsonl"
     torchrun = ["torchrun", "--standalone", "--nproc_per_node=2"]
     # Killed after the 1st line; the rerun (two processes now) is killed after the 5th, at its rank 0.
@@ -388,8 +388,9 @@ def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_files(checkpoint
     assert 5 <= lines_in(work, *shards) < 13 and not os.path.exists(folder / "out.json")
     # A torn last line, as a kill in the middle of a write leaves it (one write per batch makes that rare on a
     # local disk; a full disk or NFS does not), and the leftovers of a kill while the final files were written.
-    with open(shards[1], "ab") as f:
-        f.write(batch_run[2].splitlines(keepends=True)[-1][:40])
+    for path in (work, shards[1]):  # the rerun's own file (cut) and another's (ignored, then merged away)
+        with open(path, "ab") as f:
+            f.write(batch_run[2].splitlines(keepends=True)[-1][:40])
     (folder / "out.jsonl.tmp").write_bytes(batch_run[2][:100])
     (folder / "out.json.tmp").write_bytes(batch_run[1][:100])
     # The rerun (one process again; run here, as above it only reads files) finishes with the same files.
@@ -399,6 +400,7 @@ def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_files(checkpoint
     torch.set_num_threads(1)
     try:
         sample.main(run_here)
+        assert "out.jsonl: cutting a torn last line (40 bytes)" in capsys.readouterr().out
         assert_final_files(folder, batch_run)
         os.remove(folder / "out.json")  # killed after the JSONL was rewritten: the rerun writes the rest
         sample.main(run_here)
