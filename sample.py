@@ -72,9 +72,9 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
              logits_processor=None, eos_id=None, on_token=None):
     """The new token ids for each prompt in prompts (lists of token ids), generated together as one batch.
 
-    A row ends at eos_id (one id, or several such as tokenizer.stop_ids; not included in its ids), after
-    max_new_tokens, or at the model's context length. Every row comes out as if generated alone: prompts are
-    left-padded and the padding is masked out, each row's positions start at 0, and each row draws its random numbers from its own stream, seeded by
+    A row ends at eos_id (an id or a set of them, not in its ids), after max_new_tokens, or at the model's context
+    length. Every row comes out as if generated alone: prompts are left-padded and the padding is masked out,
+    each row's positions start at 0, and each row draws its random numbers from its own stream, seeded by
     seed (an int, the same for every row) or seed[i] (a list, one per row).
     logits_processor(prev_tokens, logits) may rewrite each step's (B, V) logits (the watermark's hook);
     prev_tokens[i] is row i's prompt and generated ids so far. on_token(i, id) is called for each new id of

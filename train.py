@@ -106,11 +106,11 @@ def rope_inv_freq(args, device=None):
     if not args.use_scaled_rope:
         return inv_freq
     wavelen = 2 * math.pi / inv_freq
-    smooth = (args.original_max_seq_len / wavelen - args.low_freq_factor) / (args.high_freq_factor - args.low_freq_factor)
+    low, high = args.low_freq_factor, args.high_freq_factor
+    smooth = (args.original_max_seq_len / wavelen - low) / (high - low)
     blended = (1 - smooth) * inv_freq / args.rope_scaling_factor + smooth * inv_freq
-    scaled = torch.where(wavelen > args.original_max_seq_len / args.low_freq_factor,
-                         inv_freq / args.rope_scaling_factor, blended)
-    return torch.where(wavelen < args.original_max_seq_len / args.high_freq_factor, inv_freq, scaled)
+    scaled = torch.where(wavelen > args.original_max_seq_len / low, inv_freq / args.rope_scaling_factor, blended)
+    return torch.where(wavelen < args.original_max_seq_len / high, inv_freq, scaled)
 
 
 def rope_cos_sin(positions, inv_freq):
@@ -259,25 +259,13 @@ class Transformer(nn.Module):
             raise SystemExit(f"{path}: neither a Meta (params.json) nor a Hugging Face (config.json) LLaMA folder")
         with torch.device("meta"):
             model = Transformer(args)
-        check_state_dict(model, state, path)
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        model.load_state_dict(state, assign=True)
+        try:  # strict: a missing, unexpected or misshapen tensor is named
+            model.load_state_dict(state, assign=True)
+        except RuntimeError as e:
+            raise SystemExit(f"{path}: {e}")
         return model
-
-
-def check_state_dict(model, state, path):
-    """Refuse a checkpoint that does not fit the model exactly, naming the tensor at fault."""
-    expected = model.state_dict()
-    for name in expected:
-        if name not in state:
-            raise SystemExit(f"{path}: tensor '{name}' missing from the checkpoint")
-        if tuple(state[name].shape) != tuple(expected[name].shape):
-            raise SystemExit(f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, "
-                             f"the model expects {tuple(expected[name].shape)}")
-    for name in state:
-        if name not in expected:
-            raise SystemExit(f"{path}: unexpected tensor '{name}' in the checkpoint")
 
 
 def read_meta_checkpoint(path):
@@ -376,7 +364,8 @@ def hf_args(cfg, where):
     if rope_type == "llama3":
         args.use_scaled_rope = True
         args.rope_scaling_factor, args.low_freq_factor = rope["factor"], rope["low_freq_factor"]
-        args.high_freq_factor, args.original_max_seq_len = rope["high_freq_factor"], rope["original_max_position_embeddings"]
+        args.high_freq_factor = rope["high_freq_factor"]
+        args.original_max_seq_len = rope["original_max_position_embeddings"]
     # HF stores the FFN width itself; choose multiple_of so LLaMA's rule lands exactly on it.
     hidden = cfg["intermediate_size"]
     args.multiple_of = hidden
@@ -389,13 +378,19 @@ def read_hf_checkpoint(path):
     with open(os.path.join(path, "config.json")) as f:
         args = hf_args(json.load(f), os.path.join(path, "config.json"))
     from safetensors.torch import load_file  # memory-maps the file
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    load = load_file
-    if not files:
-        files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
-        load = lambda f: torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-    if not files:
-        raise SystemExit(f"{path}: no *.safetensors or pytorch_model*.bin files")
+    # The index names the shards (Mistral's repos also hold a consolidated.safetensors in Mistral's own names).
+    load_bin = lambda f: torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    for stem, ext, load in (("model", "safetensors", load_file), ("pytorch_model", "bin", load_bin)):
+        index = os.path.join(path, f"{stem}.{ext}.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+        else:
+            files = sorted(glob.glob(os.path.join(path, f"{stem}*.{ext}")))
+        if files:
+            break
+    else:
+        raise SystemExit(f"{path}: no model*.safetensors or pytorch_model*.bin files")
     names, state = hf_names(args), {}
     for file in files:
         for name, tensor in load(file).items():
@@ -488,8 +483,8 @@ def read_tokenizer_json(path):
                          f"no normalizer); for sentencepiece models give tokenizer.model")
     # Byte-level BPE spells each byte as a printable character (GPT-2's table); map the spellings back to bytes.
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    char_of = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(sorted(set(range(256)) - set(printable)))}
-    byte_of = {c: b for b, c in char_of.items()}
+    others = sorted(set(range(256)) - set(printable))
+    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
     special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
     if not {"<|begin_of_text|>", "<|end_of_text|>"} <= set(special):
         raise SystemExit(f"{path}: added_tokens lack Llama 3's <|begin_of_text|> and <|end_of_text|>")

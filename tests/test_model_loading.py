@@ -4,6 +4,7 @@ weights stay memory-mapped."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -304,16 +305,17 @@ def meta_folder(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     (lambda s: s.update({"layers.1.attention.wk.weight": torch.zeros(64, 64)}),
-     "tensor 'layers.1.attention.wk.weight' has shape (64, 64), the model expects (32, 64)"),
-    (lambda s: s.pop("layers.0.ffn_norm.weight"), "tensor 'layers.0.ffn_norm.weight' missing"),
+     "size mismatch for layers.1.attention.wk.weight: copying a param with shape torch.Size([64, 64]) from "
+     "checkpoint, the shape in current model is torch.Size([32, 64])"),
+    (lambda s: s.pop("layers.0.ffn_norm.weight"), 'Missing key(s) in state_dict: "layers.0.ffn_norm.weight"'),
     (lambda s: s.update({"layers.0.attention.wq.bias": torch.zeros(64)}),
-     "unexpected tensor 'layers.0.attention.wq.bias'"),
+     'Unexpected key(s) in state_dict: "layers.0.attention.wq.bias"'),
 ])
 def test_meta_checkpoint_errors_name_the_tensor(meta_folder, change, message):
     args, state, folder = meta_folder
     change(state)
     path = write_meta(folder, meta_params(args), [state])
-    with pytest.raises(SystemExit, match=f"^{path}: " + message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SystemExit, match=f"^{re.escape(path)}: (.|\n)*" + re.escape(message)):
         train.Transformer.from_pretrained(path)
 
 
@@ -328,8 +330,8 @@ def test_meta_shards_that_do_not_assemble(meta_folder):
 @pytest.mark.parametrize("change,message", [
     (lambda hf: hf.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}),
      "unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"),
-    (lambda hf: hf.pop("model.layers.1.mlp.up_proj.weight"), "tensor 'layers.1.feed_forward.w3.weight' missing"),
-    (lambda hf: hf.update({"model.norm.weight": torch.ones(63)}), "tensor 'norm.weight' has shape (63,)"),
+    (lambda hf: hf.pop("model.layers.1.mlp.up_proj.weight"), 'Missing key(s) in state_dict: "layers.1.feed_forward.w3.weight"'),
+    (lambda hf: hf.update({"model.norm.weight": torch.ones(63)}), "size mismatch for norm.weight: copying a param with shape torch.Size([63])"),
 ])
 def test_hf_checkpoint_errors_name_the_tensor(tmp_path, change, message):
     args = tiny_args()
@@ -337,7 +339,7 @@ def test_hf_checkpoint_errors_name_the_tensor(tmp_path, change, message):
     hf = meta_to_hf(random_meta_state(args, hidden), args)
     change(hf)
     path = write_hf(tmp_path / "bad", hf_config(args, hidden), hf)
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SystemExit, match=re.escape(message)):
         train.Transformer.from_pretrained(path)
 
 
