@@ -446,7 +446,7 @@ class Tokenizer:
         else:
             import sentencepiece as spm
             self.sp = spm.SentencePieceProcessor(model_file=path)
-            self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+            self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
             self.stop_ids, self.vocab_size = {self.eos_id}, self.sp.get_piece_size()
 
     def encode(self, text, bos=False, eos=False):
@@ -459,6 +459,8 @@ class Tokenizer:
 
 
 def read_tiktoken_ranks(path):
+    # Meta's format: a base64 token and its rank per line. (tiktoken's load_tiktoken_bpe caches files by path,
+    # so it would return a stale copy after a path's file is replaced, as out_dir's is.)
     import base64
     ranks = {}
     with open(path, "rb") as f:
@@ -717,8 +719,7 @@ def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
         os.makedirs(out_dir, exist_ok=True)
         write_atomic(os.path.join(out_dir, "consolidated.00.pth"), full)
         write_atomic(os.path.join(out_dir, "params.json"), json.dumps(args.__dict__, indent=2).encode())
-        if save_hf:
-            export_hf(full, args, tokenizer_path, os.path.join(out_dir, "hf"))
+        if save_hf: export_hf(full, args, tokenizer_path, os.path.join(out_dir, "hf"))
         if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
             with open(tokenizer_path, "rb") as f:
                 write_atomic(os.path.join(out_dir, "tokenizer.model"), f.read())
