@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from train import Tokenizer, Transformer, format_prompt, read_records, write_atomic
+from train import Tokenizer, Transformer, find_tokenizer, format_prompt, read_records, write_atomic
 
 # Decoding defaults. Greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off.
 max_new_tokens = 256
@@ -72,7 +72,7 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
              logits_processor=None, eos_id=None, on_token=None):
     """The new token ids for each prompt in prompts (lists of token ids), generated together as one batch.
 
-    A row ends at eos_id (which is not included in its ids), after max_new_tokens, or at the model's context
+    A row ends at eos_id (an id or a set of them, not in its ids), after max_new_tokens, or at the model's context
     length. Every row comes out as if generated alone: prompts are left-padded and the padding is masked out,
     each row's positions start at 0, and each row draws its random numbers from its own stream, seeded by
     seed (an int, the same for every row) or seed[i] (a list, one per row).
@@ -81,6 +81,7 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     row i as it is produced, for streaming. Holds no state between calls: serialize calls that share a model."""
     param = next(model.parameters())
     args = model.args
+    stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
     device, dtype = param.device, param.dtype
     B, lengths = len(prompts), [len(p) for p in prompts]
     if B == 0:
@@ -103,7 +104,7 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     # A pad query sees only itself: one that sees nothing gives NaN on some backends, and NaN would reach the cache.
     prefill_mask = (causal & real[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
     decode_mask = real[:, None, None, :] if L > min(lengths) else None
-    n_kv_heads, head_dim = args.n_kv_heads or args.n_heads, args.dim // args.n_heads
+    n_kv_heads, head_dim = args.n_kv_heads or args.n_heads, args.head_dim
     cache = [(torch.zeros(B, n_kv_heads, S, head_dim, device=device, dtype=dtype),
               torch.zeros(B, n_kv_heads, S, head_dim, device=device, dtype=dtype)) for _ in range(args.n_layers)]
 
@@ -124,7 +125,7 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
             history[i].append(token)
             if not running[i]:
                 continue
-            if token == eos_id:
+            if token in stop_ids:
                 running[i] = False
                 continue
             new_ids[i].append(token)
@@ -278,7 +279,7 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
             seeds = [zlib.crc32(f"{args.seed}/{item['id']}".encode()) for item in batch]
             outputs = generate(model, [item["prompt_ids"] for item in batch], args.max_new_tokens,
                                args.temperature, args.top_k, args.top_p, seeds, logits_processor,
-                               tokenizer.eos_id)
+                               tokenizer.stop_ids)
             out.write("".join(json.dumps({"id": item["id"], "dataset": item["dataset"], "instruction":
                                           item["instruction"], "input": item["input"], "output":
                                           tokenizer.decode(ids), **settings}, ensure_ascii=False) + "\n"
@@ -307,7 +308,7 @@ def answer(model, tokenizer, args, instruction, input, logits_processor, seed):
     start = time.time()
     try:
         generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed,
-                 logits_processor, tokenizer.eos_id, on_token)
+                 logits_processor, tokenizer.stop_ids, on_token)
     except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
         pass
     return len(finish()), time.time() - start
@@ -335,7 +336,7 @@ def interact(model, tokenizer, args, logits_processor):
 def load(args):
     if not os.path.isdir(args.checkpoint):
         raise SystemExit(f"{args.checkpoint}: no such checkpoint folder")
-    tokenizer_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model")
+    tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
     if not os.path.exists(tokenizer_path):
         raise SystemExit(f"{tokenizer_path}: no tokenizer; pass --tokenizer=path/to/tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
@@ -602,7 +603,7 @@ def run_jobs(demo):
         def on_token(row, token):
             job = batch[row]
             if job.finish_reason is None:
-                if job.cancelled.is_set() or token == tokenizer.eos_id:
+                if job.cancelled.is_set() or token in tokenizer.stop_ids:
                     finish(job, "stop")
                 else:
                     job.ids.append(token)

@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -48,6 +49,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16"                # autocast dtype; "float32" turns mixed precision off
 compile = False
 activation_checkpointing = False
+save_hf = False                   # also write out_dir/hf/: the model in Hugging Face's layout (transformers, vLLM)
 # With no --init there is no pretrained model to fine-tune, so the demo trains a tiny LLaMA from scratch on
 # the seed tasks. That needs a high learning rate, small batches and many passes; these apply only then.
 tiny_model = dict(dim=192, n_layers=4, n_heads=6, vocab_size=2000, multiple_of=32, max_seq_len=512)
@@ -70,6 +72,18 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    head_dim: Optional[int] = None    # dim // n_heads unless a checkpoint says otherwise (HF's head_dim)
+    # Llama 3.1+: RoPE frequencies stretched for long context, with the factors of Meta's reference.
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+    tie_word_embeddings: bool = False  # Llama 3.2 1B/3B: the output layer is the embedding matrix
+    sliding_window: Optional[int] = None  # Mistral v0.1; exact only while the context is no longer than it
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.dim // self.n_heads
 
 
 class RMSNorm(nn.Module):
@@ -85,9 +99,22 @@ class RMSNorm(nn.Module):
         return y.type_as(x) * self.weight
 
 
-def rope_cos_sin(positions, head_dim, theta):
+def rope_inv_freq(args, device=None):
+    """The rotary frequencies of each head's feature pairs, in fp32; for Llama 3.1+ scaled as Meta's apply_scaling:
+    long wavelengths slowed by the factor, short ones kept, the band between blended smoothly."""
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim)
+    if not args.use_scaled_rope:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low, high = args.low_freq_factor, args.high_freq_factor
+    smooth = (args.original_max_seq_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / args.rope_scaling_factor + smooth * inv_freq
+    scaled = torch.where(wavelen > args.original_max_seq_len / low, inv_freq / args.rope_scaling_factor, blended)
+    return torch.where(wavelen < args.original_max_seq_len / high, inv_freq, scaled)
+
+
+def rope_cos_sin(positions, inv_freq):
     """cos and sin of the rotary angles for each position: (B, T, head_dim/2), in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
@@ -104,14 +131,17 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads or args.n_heads
-        self.head_dim = args.dim // args.n_heads
+        self.args, self.head_dim = args, args.head_dim
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, cache_pos):
+    def forward(self, x, positions, mask, cache, cache_pos):
         B, T, _ = x.shape
+        # The angles are computed here, from integer positions, so they are fp32 whatever dtype the block's
+        # inputs and weights come in (FSDP's mixed precision casts floating-point inputs, not integer ones).
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.args, x.device))
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -155,8 +185,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos)
+    def forward(self, x, positions, mask=None, cache=None, cache_pos=0):
+        x = x + self.attention(self.attention_norm(x), positions, mask, cache, cache_pos)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -167,7 +197,11 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.sliding_window is not None and args.sliding_window < args.max_seq_len:
+            raise SystemExit(f"context {args.max_seq_len} is longer than the checkpoint's sliding_window "
+                             f"{args.sliding_window}: this LLaMA attends to the whole context")
+        # Tied: no output layer of its own, so the one matrix is sharded, saved and trained once.
+        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.activation_checkpointing = False
 
     def forward(self, tokens, positions=None, mask=None, targets=None, cache=None, cache_pos=0, last_only=False):
@@ -185,24 +219,26 @@ class Transformer(nn.Module):
             positions = torch.arange(cache_pos, cache_pos + T, device=tokens.device).expand(B, T)
         if mask is None and cache is not None and T > 1:  # causal over the cached tokens and these
             mask = torch.ones(T, cache_pos + T, dtype=torch.bool, device=tokens.device).tril(cache_pos)
-        cos, sin = rope_cos_sin(positions, self.args.dim // self.args.n_heads, self.args.rope_theta)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, positions, mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, None if cache is None else cache[i], cache_pos)
+                h = layer(h, positions, mask, None if cache is None else cache[i], cache_pos)
         h = self.norm(h)
         if targets is None:
-            return self.output(h[:, -1:] if last_only else h).float()
+            return self.logits(h[:, -1:] if last_only else h)
         # Only response tokens carry a loss, so only they go through the (large) output layer. Their count is
         # padded to a multiple of 256 with ignored entries: few distinct shapes, as each new one costs a kernel
         # setup on CPU and a recompile under torch.compile.
         targets = targets.flatten()
         keep = (targets != -100).nonzero().squeeze(1)
         pad = -len(keep) % 256
-        logits = self.output(h.flatten(0, 1)[F.pad(keep, (0, pad))]).float()
+        logits = self.logits(h.flatten(0, 1)[F.pad(keep, (0, pad))])
         return F.cross_entropy(logits, F.pad(targets[keep], (0, pad), value=-100), reduction="sum")
+
+    def logits(self, h):
+        return (self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)).float()
 
     def init_weights(self, std=0.02):
         for name, p in self.named_parameters():
@@ -213,8 +249,8 @@ class Transformer(nn.Module):
 
     @staticmethod
     def from_pretrained(path, dtype=None):
-        """A LLaMA from a Meta folder (params.json + consolidated.*.pth) or a Hugging Face folder
-        (config.json + *.safetensors), with weights memory-mapped rather than copied where possible."""
+        """A LLaMA from a Meta folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json +
+        *.safetensors or pytorch_model*.bin), with weights memory-mapped rather than copied where possible."""
         if os.path.exists(os.path.join(path, "params.json")):
             args, state = read_meta_checkpoint(path)
         elif os.path.exists(os.path.join(path, "config.json")):
@@ -223,32 +259,18 @@ class Transformer(nn.Module):
             raise SystemExit(f"{path}: neither a Meta (params.json) nor a Hugging Face (config.json) LLaMA folder")
         with torch.device("meta"):
             model = Transformer(args)
-        check_state_dict(model, state, path)
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        model.load_state_dict(state, assign=True)
+        try:  # strict: a missing, unexpected or misshapen tensor is named
+            model.load_state_dict(state, assign=True)
+        except RuntimeError as e:
+            raise SystemExit(f"{path}: {e}")
         return model
-
-
-def check_state_dict(model, state, path):
-    """Refuse a checkpoint that does not fit the model exactly, naming the tensor at fault."""
-    expected = model.state_dict()
-    for name in expected:
-        if name not in state:
-            raise SystemExit(f"{path}: tensor '{name}' missing from the checkpoint")
-        if tuple(state[name].shape) != tuple(expected[name].shape):
-            raise SystemExit(f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, "
-                             f"the model expects {tuple(expected[name].shape)}")
-    for name in state:
-        if name not in expected:
-            raise SystemExit(f"{path}: unexpected tensor '{name}' in the checkpoint")
 
 
 def read_meta_checkpoint(path):
     with open(os.path.join(path, "params.json")) as f:
         params = json.load(f)
-    if params.get("use_scaled_rope"):
-        raise SystemExit(f"{path}/params.json: use_scaled_rope (LLaMA 3.1) is not supported by this LLaMA")
     known = {f.name for f in fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in params.items() if k in known})
     shard_files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
@@ -257,6 +279,8 @@ def read_meta_checkpoint(path):
     shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in shard_files]
     for shard in shards:
         shard.pop("rope.freqs", None)  # Meta stores the rotary table; we compute it
+    # Meta's Llama 3.2 files carry output.weight (a copy of the embedding); ours omit it when tied.
+    args.tie_word_embeddings = "output.weight" not in shards[0]
     if args.vocab_size <= 0:  # LLaMA-1 writes -1 and leaves the size to the tokenizer
         args.vocab_size = sum(s["output.weight"].shape[0] for s in shards)
     if len(shards) == 1:
@@ -281,27 +305,6 @@ def read_meta_checkpoint(path):
     return args, state
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
-
-
-def read_safetensors(filename):
-    # The format is an 8-byte header length, a JSON header of {name: dtype, shape, offsets}, then raw bytes;
-    # small enough to read by hand, memory-mapped so a large file is not copied into RAM.
-    with open(filename, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    buffer = np.memmap(filename, dtype=np.uint8, mode="c")
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        raw = torch.frombuffer(buffer, dtype=torch.uint8, offset=8 + header_len + begin, count=end - begin)
-        tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return tensors
-
-
 def hf_to_meta_qk(w, n_heads):
     # Hugging Face reorders each head's q/k rows so its rotate-half RoPE matches Meta's interleaved pairs;
     # put them back: HF keeps first halves then second halves, Meta interleaves them.
@@ -309,68 +312,194 @@ def hf_to_meta_qk(w, n_heads):
     return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def read_hf_checkpoint(path):
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("rope_scaling"):
-        raise SystemExit(f"{path}/config.json: rope_scaling is not supported by this LLaMA")
+def meta_to_hf_qk(w, n_heads):
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+# Hugging Face names of one block's tensors, and the rest; the output layer is absent when tied.
+HF_LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+                  "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+                  "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+                  "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+                  "post_attention_layernorm": "ffn_norm"}
+HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+            "lm_head.weight": "output.weight"}
+
+
+def hf_names(args):
+    """{Hugging Face tensor name: ours} for every tensor of the model."""
+    names = dict(HF_NAMES)
+    for i in range(args.n_layers):
+        names.update({f"model.layers.{i}.{h}.weight": f"layers.{i}.{m}.weight" for h, m in HF_LAYER_NAMES.items()})
+    return names
+
+
+def hf_args(cfg, where):
+    """ModelArgs from a config.json as transformers 4.x (top-level rope_theta, rope_scaling) or 5.x
+    (rope_parameters) writes it. Whatever this LLaMA does not compute is refused, naming the key."""
+    def refuse(key, why):
+        raise SystemExit(f"{where}: {key}={json.dumps(cfg.get(key))}: {why}")
+    if cfg.get("model_type") not in ("llama", "mistral"):
+        refuse("model_type", "only the LLaMA family (llama, mistral) is implemented")
+    if cfg.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "this LLaMA's feed-forward is SwiGLU (silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            refuse(key, "this LLaMA's linear layers have no bias")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        refuse("rope_parameters" if "rope_parameters" in cfg else "rope_scaling",
+               f"rope_type '{rope_type}' is not implemented (only default and llama3)")
     args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                      n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
-                     max_seq_len=cfg.get("max_position_embeddings", 2048))
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6), head_dim=cfg.get("head_dim"),
+                     rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+                     max_seq_len=cfg.get("max_position_embeddings", 2048),
+                     tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                     sliding_window=cfg.get("sliding_window"))
+    if args.sliding_window is not None:  # full attention equals sliding-window attention up to the window
+        args.max_seq_len = min(args.max_seq_len, args.sliding_window)
+    if rope_type == "llama3":
+        args.use_scaled_rope = True
+        args.rope_scaling_factor, args.low_freq_factor = rope["factor"], rope["low_freq_factor"]
+        args.high_freq_factor = rope["high_freq_factor"]
+        args.original_max_seq_len = rope["original_max_position_embeddings"]
     # HF stores the FFN width itself; choose multiple_of so LLaMA's rule lands exactly on it.
     hidden = cfg["intermediate_size"]
     args.multiple_of = hidden
     if int(8 * args.dim / 3) > hidden:
         args.ffn_dim_multiplier = hidden / int(8 * args.dim / 3)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise SystemExit(f"{path}: no *.safetensors files")
-    hf = {}
+    return args
+
+
+def read_hf_checkpoint(path):
+    with open(os.path.join(path, "config.json")) as f:
+        args = hf_args(json.load(f), os.path.join(path, "config.json"))
+    from safetensors.torch import load_file  # memory-maps the file
+    # The index names the shards (Mistral's repos also hold a consolidated.safetensors in Mistral's own names).
+    load_bin = lambda f: torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    for stem, ext, load in (("model", "safetensors", load_file), ("pytorch_model", "bin", load_bin)):
+        index = os.path.join(path, f"{stem}.{ext}.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+        else:
+            files = sorted(glob.glob(os.path.join(path, f"{stem}*.{ext}")))
+        if files:
+            break
+    else:
+        raise SystemExit(f"{path}: no model*.safetensors or pytorch_model*.bin files")
+    names, state = hf_names(args), {}
     for file in files:
-        hf.update(read_safetensors(file))
-    if cfg.get("tie_word_embeddings") and "lm_head.weight" not in hf:
-        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
-    n_kv = args.n_kv_heads or args.n_heads
-    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                 "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-                 "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-                 "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-                 "post_attention_layernorm": "ffn_norm"}
-    for i in range(args.n_layers):
-        for hf_name, meta_name in per_layer.items():
-            names[f"model.layers.{i}.{hf_name}.weight"] = f"layers.{i}.{meta_name}.weight"
-    state = {}
-    for name, tensor in hf.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        if name not in names:
-            raise SystemExit(f"{path}: unexpected tensor '{name}' in the checkpoint")
-        if name.endswith("q_proj.weight"):
-            tensor = hf_to_meta_qk(tensor, args.n_heads)
-        elif name.endswith("k_proj.weight"):
-            tensor = hf_to_meta_qk(tensor, n_kv)
-        state[names[name]] = tensor
+        for name, tensor in load(file).items():
+            if name.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            if name not in names:
+                raise SystemExit(f"{file}: unexpected tensor '{name}' in the checkpoint")
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                tensor = hf_to_meta_qk(tensor, args.n_heads if "q_proj" in name else args.n_kv_heads or args.n_heads)
+            state[names[name]] = tensor
     return args, state
 
 
+# Llama 3's tokenizer as Meta's reference builds it: its split pattern, and 256 special tokens after the BPE ranks.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA3_SPECIAL += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
+
+
+def find_tokenizer(folder):
+    """A checkpoint folder's tokenizer: tokenizer.model (sentencepiece, or Llama 3's tiktoken ranks), where HF's
+    Llama 3 repos keep Meta's (original/), or a Hugging Face tokenizer.json; none: tokenizer.model, for the
+    caller to report missing."""
+    paths = [os.path.join(folder, n) for n in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")]
+    return next((p for p in paths if os.path.exists(p)), paths[0])
+
+
 class Tokenizer:
-    """LLaMA's sentencepiece tokenizer. LLaMA has no pad token (pad_id is -1); padding never reaches the loss."""
+    """LLaMA's tokenizer, whichever the file is: sentencepiece (LLaMA 1/2, Mistral, the demo) or Llama 3's
+    byte-level BPE, read with tiktoken from Meta's rank file or from a tokenizer.json. LLaMA has no pad token
+    (pad_id is -1); padding never reaches the loss. stop_ids: the ids that end a generation (an instruct
+    Llama 3 ends its turn with <|eot_id|>, not with EOS)."""
 
     def __init__(self, path):
-        import sentencepiece as spm
-        self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=path)
-        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
-        self.vocab_size = self.sp.get_piece_size()
+        self.path, self.pad_id = path, -1
+        with open(path, "rb") as f:
+            head = f.readline(200)
+        if head.startswith(b"{") or re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", head):
+            import tiktoken
+            if head.startswith(b"{"):
+                ranks, pattern, special = read_tokenizer_json(path)
+            else:
+                ranks, pattern = read_tiktoken_ranks(path), LLAMA3_PATTERN
+                special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL)}
+            self.tt = tiktoken.Encoding(os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks,
+                                        special_tokens=special)
+            self.bos_id, self.eos_id = special["<|begin_of_text|>"], special["<|end_of_text|>"]
+            self.stop_ids = {special[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in special}
+            self.vocab_size = self.tt.n_vocab
+        else:
+            import sentencepiece as spm
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+            self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+            self.stop_ids, self.vocab_size = {self.eos_id}, self.sp.get_piece_size()
 
     def encode(self, text, bos=False, eos=False):
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        # Special tokens' text is encoded as plain text, as Meta's reference does: data cannot inject them.
+        ids = self.tt.encode(text, disallowed_special=()) if hasattr(self, "tt") else self.sp.encode(text)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids):
-        return self.sp.decode(list(ids))
+        return self.tt.decode(list(ids)) if hasattr(self, "tt") else self.sp.decode(list(ids))
+
+
+def read_tiktoken_ranks(path):
+    # Meta's format: a base64 token and its rank per line. (tiktoken's load_tiktoken_bpe caches files by path,
+    # so it would return a stale copy after a path's file is replaced, as out_dir's is.)
+    import base64
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError:
+                raise SystemExit(f"{path}:{lineno}: expected a base64 token and its rank")
+    return ranks
+
+
+def read_tokenizer_json(path):
+    """The BPE ranks and split pattern of a byte-level tokenizer.json (Llama 3's), for tiktoken. Its token ids
+    serve as ranks, which equals Hugging Face's merge order only when the merges come in id order: checked."""
+    with open(path, encoding="utf-8") as f:
+        tj = json.load(f)
+    model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
+    splits = pre.get("pretokenizers", [])
+    if model.get("type") != "BPE" or tj.get("normalizer") or [p.get("type") for p in splits] != ["Split", "ByteLevel"]:
+        raise SystemExit(f"{path}: only Llama 3's kind of tokenizer.json is read (byte-level BPE, a Split regex, "
+                         f"no normalizer); for sentencepiece models give tokenizer.model")
+    # Byte-level BPE spells each byte as a printable character (GPT-2's table); map the spellings back to bytes.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = sorted(set(range(256)) - set(printable))
+    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    if not {"<|begin_of_text|>", "<|end_of_text|>"} <= set(special):
+        raise SystemExit(f"{path}: added_tokens lack Llama 3's <|begin_of_text|> and <|end_of_text|>")
+    vocab, last = {t: i for t, i in model["vocab"].items() if t not in special}, -1
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items()}
+    for merge in model.get("merges", []):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        if vocab[left + right] < last:
+            raise SystemExit(f"{path}: merge {left!r} + {right!r} is out of id order; tiktoken cannot read this file")
+        last = vocab[left + right]
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise SystemExit(f"{path}: model.vocab ids are not 0..{len(ranks) - 1}")
+    return ranks, splits[0]["pattern"]["Regex"], special
 
 
 def train_tokenizer(texts, path, vocab_size):
@@ -456,10 +585,12 @@ def read_examples(path):
 def tokenize_example(tokenizer, example, max_seq_len, stats):
     """Token ids of prompt + response + EOS, and how many leading ids are prompt (no loss on those)."""
     prompt = format_prompt(example["instruction"], example["input"])
-    prompt_ids = tokenizer.encode(prompt, bos=True)
-    # As in Alpaca, the response is tokenized together with the prompt, so its first piece is the one the model
-    # sees at sampling time, right after "### Response:".
-    response_ids = tokenizer.encode(prompt + example["output"], bos=True)[len(prompt_ids):] + [tokenizer.eos_id]
+    # As in Alpaca, the input is the joint tokenization of prompt + response: text the tokenizer really produces.
+    # The prompt's tokens are those it shares with the prompt tokenized alone. A piece that straddles the
+    # boundary (":-" of "Response:-") counts as response, so no character of the response goes unsupervised.
+    ids, alone = tokenizer.encode(prompt + example["output"], bos=True, eos=True), tokenizer.encode(prompt, bos=True)
+    n_prompt = next((i for i, (a, b) in enumerate(zip(ids, alone)) if a != b), len(alone))
+    prompt_ids, response_ids = ids[:n_prompt], ids[n_prompt:]
     if len(prompt_ids) + len(response_ids) > max_seq_len:
         # Cut the middle of the prompt first (keeping its start and the "### Response:" cue), and the end of the
         # response only if it alone would leave the prompt less than a quarter of the row: every example keeps
@@ -539,8 +670,8 @@ def flops_of(rows, examples, args):
     """Training FLOPs for packed rows: 6 per parameter per token for the blocks, the output layer only on
     supervised tokens, and causal attention (6·L·dim·n² for an example of n tokens)."""
     hidden = ffn_hidden_dim(args)
-    kv_dim = (args.n_kv_heads or args.n_heads) * (args.dim // args.n_heads)
-    block_params = args.n_layers * (2 * args.dim * args.dim + 2 * args.dim * kv_dim + 3 * args.dim * hidden)
+    q_dim, kv_dim = args.n_heads * args.head_dim, (args.n_kv_heads or args.n_heads) * args.head_dim
+    block_params = args.n_layers * (2 * args.dim * q_dim + 2 * args.dim * kv_dim + 3 * args.dim * hidden)
     total = 0
     for row in rows:
         for i in row:
@@ -588,6 +719,7 @@ def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
         os.makedirs(out_dir, exist_ok=True)
         write_atomic(os.path.join(out_dir, "consolidated.00.pth"), full)
         write_atomic(os.path.join(out_dir, "params.json"), json.dumps(args.__dict__, indent=2).encode())
+        if save_hf: export_hf(full, args, tokenizer_path, os.path.join(out_dir, "hf"))
         if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
             with open(tokenizer_path, "rb") as f:
                 write_atomic(os.path.join(out_dir, "tokenizer.model"), f.read())
@@ -606,6 +738,51 @@ def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
         os.replace(tmp_dir, resume_dir)
         shutil.rmtree(old_dir, ignore_errors=True)
     dist.barrier()
+
+
+def export_hf(state, args, tokenizer_path, folder):
+    """The model as a Hugging Face LlamaForCausalLM folder: config.json (read by transformers 4.x and 5.x),
+    model.safetensors with q/k rows in HF's rotate-half order, the tokenizer, generation_config.json with the stop
+    ids. Written to folder.tmp, then renamed into place."""
+    from safetensors.torch import save_file
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    tensors = {}
+    for hf_name, name in hf_names(args).items():
+        if name in state:
+            w = state[name]
+            if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                w = meta_to_hf_qk(w, args.n_heads if "q_proj" in hf_name else args.n_kv_heads or args.n_heads)
+            tensors[hf_name] = w.contiguous()
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    tokenizer = Tokenizer(tokenizer_path)
+    rope = dict(rope_type="llama3", factor=args.rope_scaling_factor, low_freq_factor=args.low_freq_factor,
+                high_freq_factor=args.high_freq_factor, original_max_position_embeddings=args.original_max_seq_len) \
+        if args.use_scaled_rope else None
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=args.dim,
+                  intermediate_size=ffn_hidden_dim(args), num_hidden_layers=args.n_layers,
+                  num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads or args.n_heads,
+                  head_dim=args.head_dim, vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps,
+                  max_position_embeddings=args.max_seq_len, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                  tie_word_embeddings=args.tie_word_embeddings, rope_theta=args.rope_theta, rope_scaling=rope,
+                  rope_parameters={**(rope or {"rope_type": "default"}), "rope_theta": args.rope_theta},
+                  torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+                  bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    generation = dict(bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
+    with open(tokenizer_path, "rb") as f:
+        raw = f.read()
+    # Where each kind of tokenizer file sits in a Hugging Face folder (Llama 3's Meta file goes to original/).
+    name = ("tokenizer.json" if raw.startswith(b"{") else os.path.join("original", "tokenizer.model")
+            if hasattr(tokenizer, "tt") else "tokenizer.model")
+    os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+    for file, payload in (("config.json", config), ("generation_config.json", generation), (name, raw)):
+        with open(os.path.join(tmp, file), "wb") as f:
+            f.write(payload if isinstance(payload, bytes) else json.dumps(payload, indent=2).encode())
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_resume_state(model, optimizer):
@@ -648,7 +825,7 @@ def answer(model, tokenizer, instruction, input, dev, max_new_tokens=100):
     with torch.no_grad():
         while len(new) < max_new_tokens and len(ids) < max_seq_len:
             next_id = model(torch.tensor([ids], device=dev), last_only=True)[0, -1].argmax().item()
-            if next_id == tokenizer.eos_id:
+            if next_id in tokenizer.stop_ids:
                 break
             ids.append(next_id)
             new.append(next_id)
@@ -714,7 +891,7 @@ def main():
     n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples)))) if val_fraction > 0 else 0
     val_raw, train_raw = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
     if init:
-        tokenizer_path = os.path.join(init, "tokenizer.model")
+        tokenizer_path = find_tokenizer(init)
     else:
         tokenizer_path = os.path.join(out_dir, "tokenizer.model")
         if rank == 0 and not (resume and os.path.exists(tokenizer_path)):
@@ -723,7 +900,7 @@ def main():
                             tokenizer_path, tiny_model["vocab_size"])
         dist.barrier()
     if not os.path.exists(tokenizer_path):
-        raise SystemExit(f"{tokenizer_path}: no tokenizer.model next to the checkpoint")
+        raise SystemExit(f"{tokenizer_path}: no tokenizer (nor original/tokenizer.model, tokenizer.json) there")
     tokenizer = Tokenizer(tokenizer_path)
     stats = {"prompts_cut": 0, "responses_cut": 0, "tokens_dropped": 0}
     train_set = [tokenize_example(tokenizer, e, max_seq_len, stats) for e in train_raw]

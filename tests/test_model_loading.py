@@ -4,6 +4,7 @@ weights stay memory-mapped."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -121,27 +122,9 @@ def hf_config(args, hidden):
             "tie_word_embeddings": False, "torch_dtype": "float32"}
 
 
-SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-                     torch.uint8: "U8"}
-
-
 def write_safetensors(path, tensors):
-    """The safetensors format by hand: 8-byte little-endian header length, JSON header of
-    {name: {dtype, shape, data_offsets}} (offsets into the data that follows), then the raw bytes."""
-    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, t in tensors.items():
-        raw = t.contiguous().flatten().view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the real writer pads the header so the data is 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for raw in chunks:
-            f.write(raw)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
 def write_hf(folder, config, hf, n_files=1):
@@ -304,7 +287,7 @@ def test_meta_rope_on_meta_weights_equals_rotate_half_on_hf_weights():
     g = torch.Generator().manual_seed(0)
     n_heads, head_dim, dim, T = 2, 8, 16, 5
     w, x = torch.randn(n_heads * head_dim, dim, generator=g), torch.randn(1, T, dim, generator=g)
-    cos, sin = train.rope_cos_sin(torch.arange(T)[None], head_dim, 10000.0)
+    cos, sin = train.rope_cos_sin(torch.arange(T)[None], train.rope_inv_freq(train.ModelArgs(dim=head_dim, n_heads=1)))
     meta = train.apply_rope((x @ w.T).view(1, T, n_heads, head_dim), cos, sin)
     hf_q = (x @ hf_permute(w, n_heads).T).view(1, T, n_heads, head_dim)
     cos2, sin2 = torch.cat((cos, cos), -1)[:, :, None], torch.cat((sin, sin), -1)[:, :, None]
@@ -322,16 +305,17 @@ def meta_folder(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     (lambda s: s.update({"layers.1.attention.wk.weight": torch.zeros(64, 64)}),
-     "tensor 'layers.1.attention.wk.weight' has shape (64, 64), the model expects (32, 64)"),
-    (lambda s: s.pop("layers.0.ffn_norm.weight"), "tensor 'layers.0.ffn_norm.weight' missing"),
+     "size mismatch for layers.1.attention.wk.weight: copying a param with shape torch.Size([64, 64]) from "
+     "checkpoint, the shape in current model is torch.Size([32, 64])"),
+    (lambda s: s.pop("layers.0.ffn_norm.weight"), 'Missing key(s) in state_dict: "layers.0.ffn_norm.weight"'),
     (lambda s: s.update({"layers.0.attention.wq.bias": torch.zeros(64)}),
-     "unexpected tensor 'layers.0.attention.wq.bias'"),
+     'Unexpected key(s) in state_dict: "layers.0.attention.wq.bias"'),
 ])
 def test_meta_checkpoint_errors_name_the_tensor(meta_folder, change, message):
     args, state, folder = meta_folder
     change(state)
     path = write_meta(folder, meta_params(args), [state])
-    with pytest.raises(SystemExit, match=f"^{path}: " + message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SystemExit, match=f"^{re.escape(path)}: (.|\n)*" + re.escape(message)):
         train.Transformer.from_pretrained(path)
 
 
@@ -343,20 +327,11 @@ def test_meta_shards_that_do_not_assemble(meta_folder):
         train.Transformer.from_pretrained(write_meta(folder, meta_params(args), shards))
 
 
-def test_meta_params_with_scaled_rope_refused(meta_folder):
-    # LLaMA 3.1's params.json asks for scaled RoPE frequencies, which this model does not compute: loading it
-    # silently would give wrong logits at every position.
-    args, state, folder = meta_folder
-    path = write_meta(folder, {**meta_params(args), "use_scaled_rope": True}, [state])
-    with pytest.raises(SystemExit, match="use_scaled_rope"):
-        train.Transformer.from_pretrained(path)
-
-
 @pytest.mark.parametrize("change,message", [
     (lambda hf: hf.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}),
      "unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"),
-    (lambda hf: hf.pop("model.layers.1.mlp.up_proj.weight"), "tensor 'layers.1.feed_forward.w3.weight' missing"),
-    (lambda hf: hf.update({"model.norm.weight": torch.ones(63)}), "tensor 'norm.weight' has shape (63,)"),
+    (lambda hf: hf.pop("model.layers.1.mlp.up_proj.weight"), 'Missing key(s) in state_dict: "layers.1.feed_forward.w3.weight"'),
+    (lambda hf: hf.update({"model.norm.weight": torch.ones(63)}), "size mismatch for norm.weight: copying a param with shape torch.Size([63])"),
 ])
 def test_hf_checkpoint_errors_name_the_tensor(tmp_path, change, message):
     args = tiny_args()
@@ -364,7 +339,7 @@ def test_hf_checkpoint_errors_name_the_tensor(tmp_path, change, message):
     hf = meta_to_hf(random_meta_state(args, hidden), args)
     change(hf)
     path = write_hf(tmp_path / "bad", hf_config(args, hidden), hf)
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SystemExit, match=re.escape(message)):
         train.Transformer.from_pretrained(path)
 
 
@@ -417,18 +392,6 @@ def test_hf_weights_are_memory_mapped_not_copied(tmp_path):
     for name, p in model.named_parameters():
         if not name.endswith(("wq.weight", "wk.weight")):
             assert inside(p, ranges), f"{name} was copied out of the checkpoint file"
-
-
-def test_safetensors_reader_round_trip(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).bfloat16(),
-               "f16": torch.randn(2, 2, 2, generator=g).half(), "i64": torch.arange(-3, 9).view(3, 4),
-               "u8": torch.arange(5, dtype=torch.uint8)}
-    write_safetensors(tmp_path / "t.safetensors", tensors)
-    read = train.read_safetensors(str(tmp_path / "t.safetensors"))
-    assert set(read) == set(tensors)
-    for name, t in tensors.items():
-        assert read[name].dtype == t.dtype and torch.equal(read[name], t), name
 
 
 def test_grouped_query_attention_equals_explicit_repeat():
