@@ -35,12 +35,10 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
 import textwrap
-import time
 
 import numpy as np
 
@@ -52,28 +50,35 @@ MAX_RETRIES = 6
 BOOTSTRAP = 1000
 
 
-def read_jsonl(path):
-    """(line number, record) pairs. A torn last line (no newline, not JSON: a killed writer) is skipped with a note."""
+def read_records(path):
+    """(where, record) for each object of a JSON array or a JSONL file; `where` ("file:line" or "file: item i")
+    starts error messages. A torn last JSONL line (no newline, not JSON: a killed writer) is skipped with a note."""
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
+            text = f.read()
     except FileNotFoundError:
         raise SystemExit(f"{path}: file not found")
-    tail = lines.pop()  # "" when the file ends with a newline
     records = []
-    for lineno, line in enumerate(lines + [tail], 1):
-        if not line.strip():
-            continue
+    if text.lstrip().startswith("["):
         try:
-            record = json.loads(line)
+            records = [(f"{path}: item {i}", r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
-            if lineno == len(lines) + 1:
-                print(f"{path}:{lineno}: ignoring a torn last line (an interrupted write)", file=sys.stderr)
+            raise SystemExit(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
+    else:
+        lines = text.split("\n")  # the last one is "" when the file ends with a newline
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
                 continue
-            raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
-        if not isinstance(record, dict):
-            raise SystemExit(f"{path}:{lineno}: expected a JSON object")
-        records.append((lineno, record))
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                if lineno == len(lines):
+                    print(f"{path}:{lineno}: ignoring a torn last line (an interrupted write)", file=sys.stderr)
+                    continue
+                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise SystemExit(f"{where}: expected a JSON object")
     return records
 
 
@@ -116,16 +121,19 @@ def words(text):
 
 
 def load_outputs(path, name):
+    """sample.py's JSONL, alpaca_eval's model_outputs.json, self-instruct's predictions (text in `response`)..."""
     rows, generators = [], set()
-    for lineno, r in read_jsonl(path):
-        for field in ("instruction", "output"):
-            if not isinstance(r.get(field), str):
-                raise SystemExit(f"{path}:{lineno}: field '{field}' missing or not a string")
+    for where, r in read_records(path):
+        text = r.get("output", r.get("response"))
+        if not isinstance(r.get("instruction"), str):
+            raise SystemExit(f"{where}: field 'instruction' missing or not a string")
+        if not isinstance(text, str):
+            raise SystemExit(f"{where}: field 'output' (or 'response') missing or not a string")
         if not isinstance(r.get("input") or "", str):
-            raise SystemExit(f"{path}:{lineno}: field 'input' is not a string")
-        rows.append({"line": lineno, "id": None if r.get("id") is None else str(r["id"]),
+            raise SystemExit(f"{where}: field 'input' is not a string")
+        rows.append({"where": where, "id": None if r.get("id") is None else str(r["id"]),
                      "instruction": r["instruction"].strip(), "input": (r.get("input") or "").strip(),
-                     "output": r["output"]})
+                     "output": text})
         if r.get("generator"):
             generators.add(str(r["generator"]))
     if not rows:
@@ -141,16 +149,16 @@ def load_outputs(path, name):
 def load_eval_set(path):
     """Self-instruct format: one task per line with its instances; a task with several instances gives id#k items."""
     items = []
-    for lineno, r in read_jsonl(path):
+    for where, r in read_records(path):
         if not isinstance(r.get("instruction"), str):
-            raise SystemExit(f"{path}:{lineno}: field 'instruction' missing or not a string")
+            raise SystemExit(f"{where}: field 'instruction' missing or not a string")
         instances = r.get("instances", [{"input": r.get("input") or ""}])
         if not isinstance(instances, list) or not instances or not all(isinstance(x, dict) for x in instances):
-            raise SystemExit(f"{path}:{lineno}: field 'instances' must be a non-empty list of objects")
+            raise SystemExit(f"{where}: field 'instances' must be a non-empty list of objects")
         for k, instance in enumerate(instances):
             text = (r["instruction"].strip(), (instance.get("input") or "").strip())
             item_id = str(r["id"]) if r.get("id") is not None else text_id(*text)
-            items.append({"line": lineno, "id": item_id if len(instances) == 1 else f"{item_id}#{k}",
+            items.append({"where": where, "id": item_id if len(instances) == 1 else f"{item_id}#{k}",
                           "instruction": text[0], "input": text[1]})
     return items
 
@@ -175,35 +183,35 @@ def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow
 
     problems, bad = [], set()
 
-    def index(path, rows):
+    def index(rows):
         by_key = {}
         for r in rows:
             k = key(r)
             if k in by_key:
-                problems.append(f"{path}:{r['line']}: item {describe(k)} duplicates line {by_key[k]['line']}")
+                problems.append(f"{r['where']}: item {describe(k)} duplicates {by_key[k]['where']}")
                 bad.add(k)
             else:
                 by_key[k] = r
             if not r["output"].strip():
-                problems.append(f"{path}:{r['line']}: item {describe(k)} has an empty output")
+                problems.append(f"{r['where']}: item {describe(k)} has an empty output")
                 bad.add(k)
         return by_key
 
-    a, b = index(path_a, rows_a), index(path_b, rows_b)
+    a, b = index(rows_a), index(rows_b)
     ids = {}
     if eval_items:
         for e in eval_items:
             k = key(e)
             if k in ids:
-                problems.append(f"{eval_path}:{e['line']}: item {describe(k)} appears twice in the eval set")
+                problems.append(f"{e['where']}: item {describe(k)} appears twice in the eval set")
                 bad.add(k)
             ids[k] = e["id"]
             for path, by_key in ((path_a, a), (path_b, b)):
                 if k not in by_key:
-                    problems.append(f"{eval_path}:{e['line']}: item {describe(k)} missing from {path}")
+                    problems.append(f"{e['where']}: item {describe(k)} missing from {path}")
                     bad.add(k)
         for path, by_key in ((path_a, a), (path_b, b)):
-            problems += [f"{path}:{r['line']}: item {describe(k)} is not in the eval set {eval_path}"
+            problems += [f"{r['where']}: item {describe(k)} is not in the eval set {eval_path}"
                          for k, r in by_key.items() if k not in ids]
         order = list(ids)
     else:
@@ -211,7 +219,7 @@ def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow
         for k in order:
             for path, here, other_path, there in ((path_a, a, path_b, b), (path_b, b, path_a, a)):
                 if k in here and k not in there:
-                    problems.append(f"{path}:{here[k]['line']}: item {describe(k)} missing from {other_path}")
+                    problems.append(f"{here[k]['where']}: item {describe(k)} missing from {other_path}")
                     bad.add(k)
         ids = {k: a[k]["id"] or b[k]["id"] or text_id(*k) for k in order if k in a and k in b}
     if problems:
@@ -242,8 +250,7 @@ def load_judgments(paths, missing_ok=False):
     for path in paths:
         if missing_ok and not os.path.exists(path):
             continue
-        for lineno, r in read_jsonl(path):
-            where = f"{path}:{lineno}"
+        for where, r in read_records(path):
             for field in ("annotator", "item", "model_a", "model_b", "verdict"):
                 if not isinstance(r.get(field), str) or not r[field]:
                     raise SystemExit(f"{where}: field '{field}' missing or not a string")
@@ -317,6 +324,8 @@ def next_unjudged(items, done, start):
 
 
 def run_human(args):
+    if args.annotations:
+        return import_annotations(args, args.annotator)
     name_a, name_b, items = prepare(args)
     records = load_judgments([args.judgments], missing_ok=True)
     check_models(records, name_a, name_b)
@@ -391,31 +400,17 @@ def parse_verdict(answer, first):
     return {"1": first, "2": other(first), "T": "tie"}[tokens[-1].upper()]
 
 
-def retry_delay(error, attempt):
-    """Honour the server's Retry-After when it sends one; otherwise exponential backoff with jitter."""
-    try:
-        return min(60.0, max(0.0, float(error.response.headers["retry-after"])))
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return min(60.0, 2.0 ** attempt) * random.uniform(0.5, 1.0)
-
-
 def ask_judge(client, args, messages):
-    import openai
-    for attempt in range(MAX_RETRIES + 1):
-        try:
-            response = client.chat.completions.create(model=args.model, messages=messages,
-                                                      temperature=args.temperature, max_tokens=args.max_new_tokens)
-            usage = response.usage
-            return (response.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
-                    usage.completion_tokens if usage else 0)
-        except (openai.APIConnectionError, openai.APIStatusError) as e:
-            status = getattr(e, "status_code", None)
-            if (status is not None and status not in (408, 409, 429) and status < 500) or attempt == MAX_RETRIES:
-                raise
-            time.sleep(retry_delay(e, attempt))
+    response = client.chat.completions.create(model=args.model, messages=messages, temperature=args.temperature,
+                                              max_tokens=args.max_new_tokens)
+    usage = response.usage
+    return (response.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0)
 
 
 def run_judge(args):
+    if args.annotations:
+        return import_annotations(args, f"judge:{args.model}")
     import openai  # only the judge needs it; keeps the other subcommands quick to start
     from tqdm import tqdm
     name_a, name_b, items = prepare(args)
@@ -424,10 +419,11 @@ def run_judge(args):
     check_models(records, name_a, name_b)
     done = {item: r for (who, item), r in latest(records).items() if who == annotator}
     cache_path = args.cache or os.path.splitext(args.judgments)[0] + ".cache.jsonl"
-    cache = {r["key"]: r for _, r in read_jsonl(cache_path)} if os.path.exists(cache_path) else {}
+    cache = {r["key"]: r for _, r in read_records(cache_path)} if os.path.exists(cache_path) else {}
     fd, cache_fd = open_for_append(args.judgments), open_for_append(cache_path)
+    # The client retries 408, 409, 429, 5xx and network errors itself, with backoff or as Retry-After asks.
     client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "none"),
-                           max_retries=0, timeout=120.0)
+                           max_retries=MAX_RETRIES, timeout=120.0)
 
     answers, calls, waiting, failures = {}, [], {}, []
     counts = {"skipped": 0, "identical": 0, "cached": 0, "calls": 0, "tokens_in": 0, "tokens_out": 0, "usd": 0.0}
@@ -525,6 +521,76 @@ def run_judge(args):
         if not args.allow_failures:
             raise SystemExit(message)
         print(message)
+
+
+# alpaca_eval's annotations.json: output_1 is the reference and output_2 the model under evaluation; preference 1
+# means output_1 is better, 2 output_2, 1.5 (0 in old files) a tie, values between a weighted verdict, -1 or null no
+# verdict. So A, the model being evaluated, is written as output_2 and alpaca_eval's win rate is A's (ties half).
+PREFERENCE = {"b": 1, "a": 2, "tie": 1.5}
+
+
+def merged_instruction(instruction, input):
+    return f"{instruction}\n\n{input}" if input else instruction  # how alpaca_eval folds an input in
+
+
+def to_annotations(current, items, name_a, name_b):
+    by_id = {item["id"]: item for item in items}
+    return [{"instruction": merged_instruction(item["instruction"], item["input"]), "output_1": item["out_b"],
+             "generator_1": name_b, "output_2": item["out_a"], "generator_2": name_a, "annotator": annotator,
+             "preference": PREFERENCE[r["verdict"]]}
+            for (annotator, item_id), r in current.items() if r["verdict"] != "skip" for item in [by_id[item_id]]]
+
+
+def import_annotations(args, annotator):
+    """Append the verdicts of an alpaca_eval annotations file as `annotator`'s judgments. Annotations align on the
+    instruction (input folded in, as alpaca_eval does) and must show the outputs of --a and --b, in either order.
+    Rerunning appends nothing new."""
+    name_a, name_b, items = prepare(args)
+    records = load_judgments([args.judgments], missing_ok=True)
+    check_models(records, name_a, name_b)
+    done = {item: r for (who, item), r in latest(records).items() if who == annotator}
+    by_text = {merged_instruction(item["instruction"], item["input"]): item for item in items}
+    problems, found, unusable = [], {}, 0
+    for where, r in read_records(args.annotations):
+        for field in ("instruction", "output_1", "output_2"):
+            if not isinstance(r.get(field), str):
+                raise SystemExit(f"{where}: field '{field}' missing or not a string")
+        item = by_text.get(merged_instruction(r["instruction"].strip(), (r.get("input") or "").strip()))
+        pair, p = (r["output_1"].strip(), r["output_2"].strip()), r.get("preference")
+        if item is None:
+            problems.append(f"{where}: instruction {r['instruction'][:50]!r} is not one of the {len(items)} items")
+            continue
+        ab, ba = (item["out_a"].strip(), item["out_b"].strip()), (item["out_b"].strip(), item["out_a"].strip())
+        if pair not in (ab, ba):
+            problems.append(f"{where}: item {item['id']!r}: the outputs are not those of {args.a} and {args.b}")
+        elif item["id"] in found:
+            problems.append(f"{where}: item {item['id']!r} annotated twice (also at {found[item['id']][0]})")
+        elif p is None or p == -1 or p != p:  # p != p: NaN
+            unusable += 1
+        elif isinstance(p, bool) or not isinstance(p, (int, float)) or not (p == 0 or 1 <= p <= 2):
+            problems.append(f"{where}: field 'preference' is {p!r}, not 0 or a number from 1 to 2")
+        else:
+            models = ("b", "a") if pair == ba else ("a", "b")  # the models shown as output_1, output_2
+            verdict = "tie" if p in (0, 1.5) or ab == ba else models[0] if p < 1.5 else models[1]
+            found[item["id"]] = (where, item, verdict, p)
+    if problems:
+        shown = "\n".join(problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else []))
+        if not args.allow_missing:
+            raise SystemExit(f"{shown}\n{len(problems)} problem(s) in {args.annotations}; pass --allow_missing to "
+                             "import the rest")
+        print(f"{shown}\n--allow_missing: leaving {len(problems)} annotation(s) out", file=sys.stderr)
+    fd, added = open_for_append(args.judgments), 0
+    for item_id, (where, item, verdict, p) in found.items():
+        key = digest("annotations", item["out_a"], item["out_b"], verdict, p)
+        if done.get(item_id, {}).get("pair_key") != key:
+            append_record(fd, {"annotator": annotator, "item": item_id, "model_a": name_a, "model_b": name_b,
+                               "first": None, "verdict": verdict, "len_a": words(item["out_a"]),
+                               "len_b": words(item["out_b"]), "time": now(), "pair_key": key, "preference": p,
+                               "source": where})
+            added += 1
+    os.close(fd)
+    print(f"{annotator}: {len(found)} verdicts in {args.annotations} ({added} new, {unusable} annotations without "
+          f"one); {len(items) - len(found)} of {len(items)} items not annotated")
 
 
 def wilson(k, n, z=1.959963984540054):
@@ -752,6 +818,8 @@ def run_report(args):
     name_a, name_b = records[0]["model_a"], records[0]["model_b"]
     check_models(records, name_a, name_b)
     lengths, known_items = {}, None
+    if args.annotations and not (args.a and args.b):
+        raise SystemExit("--annotations needs --a and --b: the judgments do not hold the outputs")
     if args.a or args.b:
         if not (args.a and args.b):
             raise SystemExit("give both --a and --b, or neither")
@@ -781,6 +849,9 @@ def run_report(args):
         write_atomic(args.markdown, markdown)
     if args.json:
         write_atomic(args.json, json.dumps(json_safe(summary), indent=2) + "\n")
+    if args.annotations:
+        write_atomic(args.annotations, json.dumps(to_annotations(latest(records), items, name_a, name_b), indent=2,
+                                                  ensure_ascii=False) + "\n")
 
 
 def main(argv=None):
@@ -803,6 +874,7 @@ def main(argv=None):
     human.add_argument("--annotator", required=True, help="your name; each annotator resumes where they stopped")
     human.add_argument("--judgments", default="judgments.jsonl", help="append-only judgments file")
     human.add_argument("--rate", action="store_true", help="also rate each response A-D (self-instruct scale)")
+    human.add_argument("--annotations", help="import the verdicts of an alpaca_eval annotations.json instead")
 
     judge = commands.add_parser("judge", help="LLM judge through an OpenAI-compatible API, in both orders")
     add_inputs(judge, True)
@@ -821,12 +893,16 @@ def main(argv=None):
     judge.add_argument("--cache", help="cache of judge answers (default: <judgments>.cache.jsonl)")
     judge.add_argument("--allow_failures", action="store_true",
                        help="exit 0 even if some judge answers could not be parsed")
+    judge.add_argument("--annotations", help="import the verdicts of an alpaca_eval annotations.json (as judge "
+                                             "--model) instead of asking")
 
     report = commands.add_parser("report", help="win rates, confidence intervals, agreement, position and length")
     report.add_argument("--judgments", nargs="+", default=["judgments.jsonl"], help="one or more judgments files")
     add_inputs(report, False)
     report.add_argument("--markdown", help="also write the report here")
     report.add_argument("--json", help="write the numbers here as JSON")
+    report.add_argument("--annotations", help="write the current verdicts as alpaca_eval's annotations.json "
+                                              "(needs --a and --b)")
 
     args = parser.parse_args(argv)
     {"human": run_human, "judge": run_judge, "report": run_report}[args.command](args)
