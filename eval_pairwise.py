@@ -534,11 +534,12 @@ def merged_instruction(instruction, input):
 
 
 def to_annotations(current, items, name_a, name_b):
-    by_id = {item["id"]: item for item in items}
+    raters = sorted({annotator for annotator, _ in current})
     return [{"instruction": merged_instruction(item["instruction"], item["input"]), "output_1": item["out_b"],
              "generator_1": name_b, "output_2": item["out_a"], "generator_2": name_a, "annotator": annotator,
              "preference": PREFERENCE[r["verdict"]]}
-            for (annotator, item_id), r in current.items() if r["verdict"] != "skip" for item in [by_id[item_id]]]
+            for item in items for annotator in raters
+            for r in [current.get((annotator, item["id"]))] if r and r["verdict"] != "skip"]
 
 
 def import_annotations(args, annotator):
