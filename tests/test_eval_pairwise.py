@@ -486,7 +486,7 @@ def test_self_instruct_predictions_sample_ids_and_alpaca_eval_outputs_align(tmp_
     name_c, rows_c = ep.load_outputs(str(c), None)
     assert name_c == "text_davinci_003" and rows_c[0]["where"] == f"{c}: item 0"
     aligned = ep.align(a, ep.load_outputs(a, None)[1], str(c), rows_c, allow_missing=True)
-    assert [(x["instruction"], x["out_b"]) for x in aligned] == [("Write a tweet about tea.", "gpt 0")]
+    assert [(x["instruction"], x["out_b"]) for x in aligned] == [("Write a tweet about tea.", "gpt 3")]
     c.write_text('[{"instruction": "x", "output": 3}]')
     with pytest.raises(SystemExit, match=r"model_outputs.json: item 0: field 'output' \(or 'response'\)"):
         ep.load_outputs(str(c), None)
