@@ -339,7 +339,7 @@ def bench_watermark(args):
 
         def score(texts, scheme, gamma, key=args.key, counting="pairs"):
             results = [wm.detect(ids, vocab, gamma, scheme, key, counting=counting) if ids else None for ids in texts]
-            return {"T": mean([len(ids) for ids in texts]), "zs": [r["z_score"] for r in results if r],
+            return {"T": mean([len(ids) for ids in texts]), "zs": [r["z_score"] for r in results if r and r["z_score"] is not None],
                     "scored": mean([r["num_tokens_scored"] if r else 0 for r in results]),
                     "z": mean([r and r["z_score"] for r in results]),
                     "flagged": mean([bool(r and r["prediction"]) for r in results]),
