@@ -293,7 +293,11 @@ def test_cli_text_ids_and_jsonl(tokenizer_path, capsys, tmp_path):
     [out] = run_cli(capsys, f"--tokenizer={tokenizer_path}", f"--text={text}", "--json")
     assert out == wm.detect(sp.encode(text), sp.get_piece_size())
     [out] = run_cli(capsys, "--vocab_size=500", "--ids=12 87 3, 4 99 5", "--json", "--gamma=0.5")
-    assert out["num_tokens_scored"] == 5 and out["gamma"] == 0.5
+    assert out["num_tokens_scored"] == 5 and out["gamma"] == 0.5 and out["counting"] == "pairs"
+    looped = " ".join(["7 8 9"] * 10)  # one selfhash 4-gram per position of the loop, 27 windows in all
+    counted = {c: run_cli(capsys, "--vocab_size=500", f"--ids={looped}", "--json", "--scheme=selfhash",
+                          f"--counting={c}")[0]["num_tokens_scored"] for c in wm.COUNTINGS}
+    assert counted["all"] == 27 and counted["pairs"] <= counted["ngrams"] == 3
 
     proc = make_processor(sp.get_piece_size(), delta=6.0)
     marked = simulate(proc, sp.get_piece_size(), 120, 1.0, seed=6)
