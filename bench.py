@@ -339,7 +339,7 @@ def bench_watermark(args):
 
         def score(texts, scheme, gamma, key=args.key, counting="pairs"):
             results = [wm.detect(ids, vocab, gamma, scheme, key, counting=counting) if ids else None for ids in texts]
-            return {"T": mean([len(ids) for ids in texts]), "zs": [r["z_score"] for r in results if r and r["z_score"] is not None],
+            return {"T": mean([len(ids) for ids in texts]), "zs": [r["z_score"] for r in results if r],
                     "scored": mean([r["num_tokens_scored"] if r else 0 for r in results]),
                     "z": mean([r and r["z_score"] for r in results]),
                     "flagged": mean([bool(r and r["prediction"]) for r in results]),
@@ -375,7 +375,7 @@ def bench_watermark(args):
         # and SD 1 (at most: repeats skipped make it smaller); one key's verdicts on the same texts are not
         # independent, so many keys are needed to see the rate.
         keys = [int(k) for k in np.random.default_rng(args.seed).integers(1, 2**62, args.fpr_keys)]
-        print(f"| scheme | gamma | counting | keys | " + " | ".join(
+        print("| scheme | gamma | counting | keys | " + " | ".join(
             f"FPR z>4 {name} (T, z mean, z SD)" for name in unwatermarked) + " |")
         print("|---" * (4 + len(unwatermarked)) + "|")
         for scheme, gamma in dict.fromkeys((scheme, gamma) for scheme, gamma, _ in settings):
@@ -383,7 +383,7 @@ def bench_watermark(args):
                 cells = []
                 for texts in unwatermarked.values():
                     runs = [score(texts, scheme, gamma, key, counting) for key in keys]
-                    zs = np.array([z for r in runs for z in r["zs"]])
+                    zs = np.array([z for r in runs for z in r["zs"] if z is not None])  # None: nothing scored
                     cells.append(f"{sum(r['hits'] for r in runs)}/{len(texts) * len(keys)} ({runs[0]['T']:.0f}, "
                                  f"{zs.mean():.2f}, {zs.std():.2f})")
                 print(f"| {scheme} | {gamma} | {counting} | {len(keys)} | " + " | ".join(cells) + " |", flush=True)

@@ -445,7 +445,8 @@ def self_instruct_set(tmp_path):
     tasks = [{"id": "user_oriented_task_0", "motivation_app": "Grammarly", "instruction": "Fix the grammar.",
               "instances": [{"input": "She no went.", "output": "She did not go."}]},
              {"id": "user_oriented_task_1", "motivation_app": "Gmail", "instruction": "Write a subject line.",
-              "instances": [{"input": "Dinner on Friday?", "output": "Dinner"}, {"input": "Report due", "output": "Due"}]},
+              "instances": [{"input": "Dinner on Friday?", "output": "Dinner"},
+                            {"input": "Report due", "output": "Due"}]},
              {"id": "user_oriented_task_2", "motivation_app": "Twitter", "instruction": "Write a tweet about tea.",
               "instances": [{"input": "", "output": "Tea time!"}]}]
     items = [(t["id"] if len(t["instances"]) == 1 else f"{t['id']}#{k}", t["instruction"], x["input"])
