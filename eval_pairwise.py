@@ -79,6 +79,8 @@ def open_for_append(path):
     if os.path.exists(path):
         with open(path, "rb+") as f:
             data = f.read()
+            if data.lstrip().startswith(b"["):
+                raise SystemExit(f"{path}: a JSON array cannot be appended to; judge into a JSONL file")
             if data and not data.endswith(b"\n"):
                 cut = data.rfind(b"\n") + 1
                 try:

@@ -207,6 +207,10 @@ def test_torn_last_line_is_repaired_before_appending(tmp_path):
     path.write_text('{"x": 1}\n{"x": 2}')  # complete record, only the newline missing: kept
     os.close(ep.open_for_append(str(path)))
     assert path.read_text() == '{"x": 1}\n{"x": 2}\n'
+    path.write_text('[{"x": 1},\n {"x": 2}]')  # a JSON array (report reads it) is not appended to
+    assert [r["x"] for _, r in ep.read_records(str(path))] == [1, 2]
+    with pytest.raises(SystemExit, match="a JSON array cannot be appended to"):
+        ep.open_for_append(str(path))
 
 
 # The LLM judge against a local OpenAI-compatible server.
