@@ -7,25 +7,17 @@ responses and say which is better; then we report the result with the statistics
     python eval_pairwise.py judge  --a=a.jsonl --b=b.jsonl --model=gpt-4o-mini --judgments=judgments.jsonl
     python eval_pairwise.py report --judgments=judgments.jsonl [--a=a.jsonl --b=b.jsonl] [--markdown=report.md]
 
-A and B are JSONL files as `sample.py --out` writes them (instruction, input, output, optionally id and generator);
-any other system's outputs work too. Items are aligned on `id` when both files have ids, else on (instruction, input).
-`--eval_set` (self-instruct format: id, motivation_app, instruction, instances: [{input, output}]) fixes the item list
-and order. Missing, duplicate or empty items stop the run unless --allow_missing; they are always listed.
+A and B: JSONL or JSON arrays with instruction, input and output (or response), optionally id and generator, as
+sample.py, self-instruct's predictions and alpaca_eval's model_outputs.json have them. Items align on `id` when both
+files share ids, else on (instruction, input), whitespace around them ignored; `--eval_set` (self-instruct tasks,
+`<id>#<k>` for the k-th of several instances) fixes the items and their order. Problems are listed and stop the run.
 
-The judgments file is append-only JSONL, one record per judgment:
-    annotator          a person's name, or "judge:<model>" for the LLM judge
-    item               the aligned item id (the eval set's id, else the files' id, else a hash of instruction + input)
-    model_a, model_b   the two models' names; every record must name the same pair
-    first              which model was shown as Response 1: "a" or "b"
-    verdict            in terms of models: "a", "b", "tie" or "skip"
-    rating_a, rating_b self-instruct quality rating A-D of each response (human, with --rate)
-    len_a, len_b       output lengths in words, so that `report` needs nothing but this file
-    time               UTC timestamp
-    judge only:        prompt_version, pair_key, and orders: [{first, verdict, answer, key}, ...] with the raw answers
-Records are never edited. Judging an item again (the back key, or the judge on changed outputs) appends a new
-record; the last record per (annotator, item) supersedes the earlier ones, and `report` uses only that one.
-`report` takes --a/--b optionally: with them it also checks that every judged item exists and takes the lengths from
-the files; without them it trusts the lengths stored in the records.
+The judgments file is append-only JSONL, one record per judgment: annotator (a name, or "judge:<model>"), item,
+model_a, model_b, first (the model shown as Response 1), verdict ("a", "b", "tie" or "skip"), rating_a/rating_b
+(self-instruct's A-D, with --rate), len_a/len_b (words, so `report` needs nothing else), time; the judge adds
+prompt_version, pair_key and orders [{first, verdict, answer, key}] with its raw answers. The last record per
+(annotator, item) supersedes earlier ones. alpaca_eval's annotations.json goes both ways: `report --annotations`
+writes one, `judge`/`human --annotations` import one.
 """
 
 import argparse
@@ -35,12 +27,10 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
 import textwrap
-import time
 
 import numpy as np
 
@@ -52,28 +42,35 @@ MAX_RETRIES = 6
 BOOTSTRAP = 1000
 
 
-def read_jsonl(path):
-    """(line number, record) pairs. A torn last line (no newline, not JSON: a killed writer) is skipped with a note."""
+def read_records(path):
+    """(where, record) for each object of a JSON array or a JSONL file; `where` ("file:line" or "file: item i")
+    starts error messages. A torn last JSONL line (no newline, not JSON: a killed writer) is skipped with a note."""
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
+            text = f.read()
     except FileNotFoundError:
         raise SystemExit(f"{path}: file not found")
-    tail = lines.pop()  # "" when the file ends with a newline
     records = []
-    for lineno, line in enumerate(lines + [tail], 1):
-        if not line.strip():
-            continue
+    if text.lstrip().startswith("["):
         try:
-            record = json.loads(line)
+            records = [(f"{path}: item {i}", r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
-            if lineno == len(lines) + 1:
-                print(f"{path}:{lineno}: ignoring a torn last line (an interrupted write)", file=sys.stderr)
+            raise SystemExit(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
+    else:
+        lines = text.split("\n")  # the last one is "" when the file ends with a newline
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
                 continue
-            raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
-        if not isinstance(record, dict):
-            raise SystemExit(f"{path}:{lineno}: expected a JSON object")
-        records.append((lineno, record))
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                if lineno == len(lines):
+                    print(f"{path}:{lineno}: ignoring a torn last line (an interrupted write)", file=sys.stderr)
+                    continue
+                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise SystemExit(f"{where}: expected a JSON object")
     return records
 
 
@@ -82,6 +79,8 @@ def open_for_append(path):
     if os.path.exists(path):
         with open(path, "rb+") as f:
             data = f.read()
+            if data.lstrip().startswith(b"["):
+                raise SystemExit(f"{path}: a JSON array cannot be appended to; judge into a JSONL file")
             if data and not data.endswith(b"\n"):
                 cut = data.rfind(b"\n") + 1
                 try:
@@ -115,17 +114,34 @@ def words(text):
     return len(text.split())
 
 
+def judgment(annotator, item, names, first, verdict, **extra):
+    return {"annotator": annotator, "item": item["id"], "model_a": names[0], "model_b": names[1], "first": first,
+            "verdict": verdict, **extra, "len_a": words(item["out_a"]), "len_b": words(item["out_b"]), "time": now()}
+
+
+def stop_on_problems(problems, allow_missing, stop, go_on):
+    """List the problems (the first 30); stop with `stop` unless --allow_missing, then go on saying `go_on`."""
+    if problems:
+        shown = "\n".join(problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else []))
+        if not allow_missing:
+            raise SystemExit(f"{shown}\n{len(problems)} {stop}")
+        print(f"{shown}\n--allow_missing: {go_on}", file=sys.stderr)
+
+
 def load_outputs(path, name):
+    """sample.py's JSONL, alpaca_eval's model_outputs.json, self-instruct's predictions (text in `response`)..."""
     rows, generators = [], set()
-    for lineno, r in read_jsonl(path):
-        for field in ("instruction", "output"):
-            if not isinstance(r.get(field), str):
-                raise SystemExit(f"{path}:{lineno}: field '{field}' missing or not a string")
+    for where, r in read_records(path):
+        text = r.get("output", r.get("response"))
+        if not isinstance(r.get("instruction"), str):
+            raise SystemExit(f"{where}: field 'instruction' missing or not a string")
+        if not isinstance(text, str):
+            raise SystemExit(f"{where}: field 'output' (or 'response') missing or not a string")
         if not isinstance(r.get("input") or "", str):
-            raise SystemExit(f"{path}:{lineno}: field 'input' is not a string")
-        rows.append({"line": lineno, "id": None if r.get("id") is None else str(r["id"]),
+            raise SystemExit(f"{where}: field 'input' is not a string")
+        rows.append({"where": where, "id": None if r.get("id") is None else str(r["id"]),
                      "instruction": r["instruction"].strip(), "input": (r.get("input") or "").strip(),
-                     "output": r["output"]})
+                     "output": text})
         if r.get("generator"):
             generators.add(str(r["generator"]))
     if not rows:
@@ -141,16 +157,16 @@ def load_outputs(path, name):
 def load_eval_set(path):
     """Self-instruct format: one task per line with its instances; a task with several instances gives id#k items."""
     items = []
-    for lineno, r in read_jsonl(path):
+    for where, r in read_records(path):
         if not isinstance(r.get("instruction"), str):
-            raise SystemExit(f"{path}:{lineno}: field 'instruction' missing or not a string")
+            raise SystemExit(f"{where}: field 'instruction' missing or not a string")
         instances = r.get("instances", [{"input": r.get("input") or ""}])
         if not isinstance(instances, list) or not instances or not all(isinstance(x, dict) for x in instances):
-            raise SystemExit(f"{path}:{lineno}: field 'instances' must be a non-empty list of objects")
+            raise SystemExit(f"{where}: field 'instances' must be a non-empty list of objects")
         for k, instance in enumerate(instances):
             text = (r["instruction"].strip(), (instance.get("input") or "").strip())
             item_id = str(r["id"]) if r.get("id") is not None else text_id(*text)
-            items.append({"line": lineno, "id": item_id if len(instances) == 1 else f"{item_id}#{k}",
+            items.append({"where": where, "id": item_id if len(instances) == 1 else f"{item_id}#{k}",
                           "instruction": text[0], "input": text[1]})
     return items
 
@@ -175,35 +191,35 @@ def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow
 
     problems, bad = [], set()
 
-    def index(path, rows):
+    def index(rows):
         by_key = {}
         for r in rows:
             k = key(r)
             if k in by_key:
-                problems.append(f"{path}:{r['line']}: item {describe(k)} duplicates line {by_key[k]['line']}")
+                problems.append(f"{r['where']}: item {describe(k)} duplicates {by_key[k]['where']}")
                 bad.add(k)
             else:
                 by_key[k] = r
             if not r["output"].strip():
-                problems.append(f"{path}:{r['line']}: item {describe(k)} has an empty output")
+                problems.append(f"{r['where']}: item {describe(k)} has an empty output")
                 bad.add(k)
         return by_key
 
-    a, b = index(path_a, rows_a), index(path_b, rows_b)
+    a, b = index(rows_a), index(rows_b)
     ids = {}
     if eval_items:
         for e in eval_items:
             k = key(e)
             if k in ids:
-                problems.append(f"{eval_path}:{e['line']}: item {describe(k)} appears twice in the eval set")
+                problems.append(f"{e['where']}: item {describe(k)} appears twice in the eval set")
                 bad.add(k)
             ids[k] = e["id"]
             for path, by_key in ((path_a, a), (path_b, b)):
                 if k not in by_key:
-                    problems.append(f"{eval_path}:{e['line']}: item {describe(k)} missing from {path}")
+                    problems.append(f"{e['where']}: item {describe(k)} missing from {path}")
                     bad.add(k)
         for path, by_key in ((path_a, a), (path_b, b)):
-            problems += [f"{path}:{r['line']}: item {describe(k)} is not in the eval set {eval_path}"
+            problems += [f"{r['where']}: item {describe(k)} is not in the eval set {eval_path}"
                          for k, r in by_key.items() if k not in ids]
         order = list(ids)
     else:
@@ -211,15 +227,11 @@ def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow
         for k in order:
             for path, here, other_path, there in ((path_a, a, path_b, b), (path_b, b, path_a, a)):
                 if k in here and k not in there:
-                    problems.append(f"{path}:{here[k]['line']}: item {describe(k)} missing from {other_path}")
+                    problems.append(f"{here[k]['where']}: item {describe(k)} missing from {other_path}")
                     bad.add(k)
         ids = {k: a[k]["id"] or b[k]["id"] or text_id(*k) for k in order if k in a and k in b}
-    if problems:
-        shown = "\n".join(problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else []))
-        if not allow_missing:
-            raise SystemExit(f"{shown}\n{len(problems)} alignment problem(s): fix the files, or pass "
-                             f"--allow_missing to leave these {len(bad)} item(s) out")
-        print(f"{shown}\n--allow_missing: leaving {len(bad)} item(s) out", file=sys.stderr)
+    stop_on_problems(problems, allow_missing, f"alignment problem(s): fix the files, or pass --allow_missing to "
+                     f"leave these {len(bad)} item(s) out", f"leaving {len(bad)} item(s) out")
     print(f"aligned {len(order) - len(bad)} items on {'id' if use_ids else '(instruction, input)'}", file=sys.stderr)
     return [{"id": ids[k], "instruction": a[k]["instruction"], "input": a[k]["input"],
              "out_a": a[k]["output"], "out_b": b[k]["output"]} for k in order if k not in bad]
@@ -242,8 +254,7 @@ def load_judgments(paths, missing_ok=False):
     for path in paths:
         if missing_ok and not os.path.exists(path):
             continue
-        for lineno, r in read_jsonl(path):
-            where = f"{path}:{lineno}"
+        for where, r in read_records(path):
             for field in ("annotator", "item", "model_a", "model_b", "verdict"):
                 if not isinstance(r.get(field), str) or not r[field]:
                     raise SystemExit(f"{where}: field '{field}' missing or not a string")
@@ -266,6 +277,16 @@ def check_models(records, name_a, name_b):
 def latest(records):
     """The last record per (annotator, item): judging again supersedes."""
     return {(r["annotator"], r["item"]): r for r in records}
+
+
+def session(args, annotator):
+    """What judging starts from: the two model names, the aligned items, the annotator's current judgments, and
+    the judgments file open for appending."""
+    name_a, name_b, items = prepare(args)
+    records = load_judgments([args.judgments], missing_ok=True)
+    check_models(records, name_a, name_b)
+    done = {item: r for (who, item), r in latest(records).items() if who == annotator}
+    return (name_a, name_b), items, done, open_for_append(args.judgments)
 
 
 def order_first(seed, annotator, item):
@@ -317,11 +338,9 @@ def next_unjudged(items, done, start):
 
 
 def run_human(args):
-    name_a, name_b, items = prepare(args)
-    records = load_judgments([args.judgments], missing_ok=True)
-    check_models(records, name_a, name_b)
-    done = {item: r for (annotator, item), r in latest(records).items() if annotator == args.annotator}
-    fd = open_for_append(args.judgments)
+    if args.annotations:
+        return import_annotations(args, args.annotator)
+    names, items, done, fd = session(args, args.annotator)
     width = max(20, shutil.get_terminal_size().columns - 1)
     print(wrap(f"{len(items)} items, {sum(i['id'] in done for i in items)} already judged by {args.annotator}. "
                "Which response is better? 1 or 2, t = tie, s = skip, b = back, q = quit.", width, ""))
@@ -340,15 +359,13 @@ def run_human(args):
                 print("(this is the first item)")
             i = max(0, i - 1)
             continue
-        verdict = {"1": first, "2": other(first), "t": "tie", "s": "skip"}[key]
-        record = {"annotator": args.annotator, "item": item["id"], "model_a": name_a, "model_b": name_b,
-                  "first": first, "verdict": verdict}
+        verdict, ratings = {"1": first, "2": other(first), "t": "tie", "s": "skip"}[key], {}
         if args.rate and verdict != "skip":
-            ratings = [ask(f"rate Response {n} [A-D] > ", "abcd") for n in "12"]
-            if None in ratings:
+            given = [ask(f"rate Response {n} [A-D] > ", "abcd") for n in "12"]
+            if None in given:
                 break
-            record.update({f"rating_{first}": ratings[0].upper(), f"rating_{other(first)}": ratings[1].upper()})
-        record.update(len_a=words(item["out_a"]), len_b=words(item["out_b"]), time=now())
+            ratings = {f"rating_{first}": given[0].upper(), f"rating_{other(first)}": given[1].upper()}
+        record = judgment(args.annotator, item, names, first, verdict, **ratings)
         append_record(fd, record)
         done[item["id"]] = record
         i = next_unjudged(items, done, i + 1)
@@ -391,59 +408,36 @@ def parse_verdict(answer, first):
     return {"1": first, "2": other(first), "T": "tie"}[tokens[-1].upper()]
 
 
-def retry_delay(error, attempt):
-    """Honour the server's Retry-After when it sends one; otherwise exponential backoff with jitter."""
-    try:
-        return min(60.0, max(0.0, float(error.response.headers["retry-after"])))
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return min(60.0, 2.0 ** attempt) * random.uniform(0.5, 1.0)
-
-
-def ask_judge(client, args, messages):
-    import openai
-    for attempt in range(MAX_RETRIES + 1):
-        try:
-            response = client.chat.completions.create(model=args.model, messages=messages,
-                                                      temperature=args.temperature, max_tokens=args.max_new_tokens)
-            usage = response.usage
-            return (response.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
-                    usage.completion_tokens if usage else 0)
-        except (openai.APIConnectionError, openai.APIStatusError) as e:
-            status = getattr(e, "status_code", None)
-            if (status is not None and status not in (408, 409, 429) and status < 500) or attempt == MAX_RETRIES:
-                raise
-            time.sleep(retry_delay(e, attempt))
-
-
 def run_judge(args):
+    if args.annotations:
+        return import_annotations(args, f"judge:{args.model}")
     import openai  # only the judge needs it; keeps the other subcommands quick to start
     from tqdm import tqdm
-    name_a, name_b, items = prepare(args)
     annotator = f"judge:{args.model}"
-    records = load_judgments([args.judgments], missing_ok=True)
-    check_models(records, name_a, name_b)
-    done = {item: r for (who, item), r in latest(records).items() if who == annotator}
+    names, items, done, fd = session(args, annotator)
     cache_path = args.cache or os.path.splitext(args.judgments)[0] + ".cache.jsonl"
-    cache = {r["key"]: r for _, r in read_jsonl(cache_path)} if os.path.exists(cache_path) else {}
-    fd, cache_fd = open_for_append(args.judgments), open_for_append(cache_path)
+    cache = {r["key"]: r for _, r in read_records(cache_path)} if os.path.exists(cache_path) else {}
+    cache_fd = open_for_append(cache_path)
+    # The client retries 408, 409, 429, 5xx and network errors itself, with backoff or as Retry-After asks.
     client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "none"),
-                           max_retries=0, timeout=120.0)
+                           max_retries=MAX_RETRIES, timeout=120.0)
 
     answers, calls, waiting, failures = {}, [], {}, []
     counts = {"skipped": 0, "identical": 0, "cached": 0, "calls": 0, "tokens_in": 0, "tokens_out": 0, "usd": 0.0}
 
-    def finish(item, firsts, pair_key):
-        orders = [{"first": f, "verdict": parse_verdict(answers[item["id"], f][0], f),
-                   "answer": answers[item["id"], f][0], "key": answers[item["id"], f][1]} for f in firsts]
-        if any(o["verdict"] is None for o in orders):
-            failures.append(item["id"])
+    def finish_if_answered(item_id):
+        item, firsts, pair_key = waiting[item_id]
+        if not all((item_id, f) in answers for f in firsts):
             return
+        del waiting[item_id]
+        orders = [{"first": f, "verdict": parse_verdict(answers[item_id, f][0], f), "answer": answers[item_id, f][0],
+                   "key": answers[item_id, f][1]} for f in firsts]
+        if any(o["verdict"] is None for o in orders):
+            return failures.append(item_id)
         # Two orders that disagree mean the judge followed the position, not the content: a tie.
         verdicts = {o["verdict"] for o in orders}
-        append_record(fd, {"annotator": annotator, "item": item["id"], "model_a": name_a, "model_b": name_b,
-                           "first": firsts[0], "verdict": verdicts.pop() if len(verdicts) == 1 else "tie",
-                           "len_a": words(item["out_a"]), "len_b": words(item["out_b"]), "time": now(),
-                           "prompt_version": PROMPT_VERSION, "pair_key": pair_key, "orders": orders})
+        append_record(fd, judgment(annotator, item, names, firsts[0], verdicts.pop() if len(verdicts) == 1 else "tie",
+                                   prompt_version=PROMPT_VERSION, pair_key=pair_key, orders=orders))
 
     for item in items:
         firsts = [order_first(args.seed, annotator, item["id"])] if args.single_order else ["a", "b"]
@@ -454,10 +448,8 @@ def run_judge(args):
             continue
         if item["out_a"].strip() == item["out_b"].strip():
             counts["identical"] += 1
-            append_record(fd, {"annotator": annotator, "item": item["id"], "model_a": name_a, "model_b": name_b,
-                               "first": None, "verdict": "tie", "len_a": words(item["out_a"]),
-                               "len_b": words(item["out_b"]), "time": now(), "prompt_version": PROMPT_VERSION,
-                               "pair_key": pair_key, "orders": [], "note": "identical outputs"})
+            append_record(fd, judgment(annotator, item, names, None, "tie", prompt_version=PROMPT_VERSION,
+                                       pair_key=pair_key, orders=[], note="identical outputs"))
             continue
         for first in firsts:
             out = {"a": item["out_a"], "b": item["out_b"]}
@@ -469,10 +461,8 @@ def run_judge(args):
                 messages = judge_messages(item["instruction"], item["input"], out[first], out[other(first)])
                 calls.append((item["id"], first, key, messages))
         waiting[item["id"]] = (item, firsts, pair_key)
-    for item_id, (item, firsts, pair_key) in list(waiting.items()):
-        if all((item_id, f) in answers for f in firsts):
-            finish(item, firsts, pair_key)
-            del waiting[item_id]
+    for item_id in list(waiting):
+        finish_if_answered(item_id)
 
     # Keep at most --concurrency requests in flight and stop sending once the budget is spent.
     queue, pending = iter(calls), {}
@@ -483,18 +473,21 @@ def run_judge(args):
                 call = next(queue, None)
                 if call is None:
                     break
-                pending[pool.submit(ask_judge, client, args, call[3])] = call
+                pending[pool.submit(client.chat.completions.create, model=args.model, messages=call[3],
+                                    temperature=args.temperature, max_tokens=args.max_new_tokens)] = call
             if not pending:
                 break
             finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in finished:
                 item_id, first, key, _ = pending.pop(future)
                 try:
-                    answer, tokens_in, tokens_out = future.result()
+                    response = future.result()
                 except openai.OpenAIError as e:
                     for f in pending:
                         f.cancel()
                     raise SystemExit(f"judge API error on item {item_id}: {e}")
+                answer, usage = response.choices[0].message.content or "", response.usage
+                tokens_in, tokens_out = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
                 counts["calls"] += 1
                 counts["tokens_in"] += tokens_in
                 counts["tokens_out"] += tokens_out
@@ -504,10 +497,7 @@ def run_judge(args):
                     append_record(cache_fd, {"key": key, "model": args.model, "prompt_version": PROMPT_VERSION,
                                              "answer": answer, "tokens_in": tokens_in, "tokens_out": tokens_out})
                 answers[item_id, first] = (answer, key)
-                item, firsts, pair_key = waiting[item_id]
-                if all((item_id, f) in answers for f in firsts):
-                    finish(item, firsts, pair_key)
-                    del waiting[item_id]
+                finish_if_answered(item_id)
     os.close(fd)
     os.close(cache_fd)
 
@@ -525,6 +515,68 @@ def run_judge(args):
         if not args.allow_failures:
             raise SystemExit(message)
         print(message)
+
+
+# alpaca_eval's annotations.json: output_1 is the reference and output_2 the model under evaluation; preference 1
+# means output_1 is better, 2 output_2, 1.5 (0 in old files) a tie, values between a weighted verdict, -1 or null no
+# verdict. So A, the model being evaluated, is written as output_2 and alpaca_eval's win rate is A's (ties half).
+PREFERENCE = {"b": 1, "a": 2, "tie": 1.5}
+
+
+def merged_instruction(instruction, input):
+    return f"{instruction}\n\n{input}" if input else instruction  # how alpaca_eval folds an input in
+
+
+def to_annotations(current, items, name_a, name_b):
+    raters = sorted({annotator for annotator, _ in current})
+    return [{"instruction": merged_instruction(item["instruction"], item["input"]), "output_1": item["out_b"],
+             "generator_1": name_b, "output_2": item["out_a"], "generator_2": name_a, "annotator": annotator,
+             "preference": PREFERENCE[r["verdict"]]}
+            for item in items for annotator in raters
+            for r in [current.get((annotator, item["id"]))] if r and r["verdict"] != "skip"]
+
+
+def import_annotations(args, annotator):
+    """Append the verdicts of an alpaca_eval annotations file as `annotator`'s judgments. Annotations align on the
+    instruction (input folded in, as alpaca_eval does) and must show the outputs of --a and --b, in either order.
+    Rerunning appends nothing new."""
+    names, items, done, fd = session(args, annotator)
+    by_text = {merged_instruction(item["instruction"], item["input"]): item for item in items}
+    problems, found, unusable = [], {}, 0
+    for where, r in read_records(args.annotations):
+        for field in ("instruction", "output_1", "output_2"):
+            if not isinstance(r.get(field), str):
+                raise SystemExit(f"{where}: field '{field}' missing or not a string")
+        item = by_text.get(merged_instruction(r["instruction"].strip(), (r.get("input") or "").strip()))
+        pair, p = (r["output_1"].strip(), r["output_2"].strip()), r.get("preference")
+        if item is None:
+            problems.append(f"{where}: instruction {r['instruction'][:50]!r} is not one of the {len(items)} items")
+            continue
+        ab, ba = (item["out_a"].strip(), item["out_b"].strip()), (item["out_b"].strip(), item["out_a"].strip())
+        if pair not in (ab, ba):
+            problems.append(f"{where}: item {item['id']!r}: the outputs are not those of {args.a} and {args.b}")
+        elif item["id"] in found:
+            problems.append(f"{where}: item {item['id']!r} annotated twice (also at {found[item['id']][0]})")
+        elif p is None or p == -1 or p != p:  # p != p: NaN
+            unusable += 1
+        elif isinstance(p, bool) or not isinstance(p, (int, float)) or not (p == 0 or 1 <= p <= 2):
+            problems.append(f"{where}: field 'preference' is {p!r}, not 0 or a number from 1 to 2")
+        else:
+            models = ("b", "a") if pair == ba else ("a", "b")  # the models shown as output_1, output_2
+            verdict = "tie" if p in (0, 1.5) or ab == ba else models[0] if p < 1.5 else models[1]
+            found[item["id"]] = (where, item, verdict, p)
+    stop_on_problems(problems, args.allow_missing, f"problem(s) in {args.annotations}; pass --allow_missing to "
+                     "import the rest", f"leaving {len(problems)} annotation(s) out")
+    added = 0
+    for item_id, (where, item, verdict, p) in found.items():
+        key = digest("annotations", item["out_a"], item["out_b"], verdict, p)
+        if done.get(item_id, {}).get("pair_key") != key:
+            append_record(fd, judgment(annotator, item, names, None, verdict, pair_key=key, preference=p,
+                                       source=where))
+            added += 1
+    os.close(fd)
+    print(f"{annotator}: {len(found)} verdicts in {args.annotations} ({added} new, {unusable} annotations without "
+          f"one); {len(items) - len(found)} of {len(items)} items not annotated")
 
 
 def wilson(k, n, z=1.959963984540054):
@@ -752,6 +804,8 @@ def run_report(args):
     name_a, name_b = records[0]["model_a"], records[0]["model_b"]
     check_models(records, name_a, name_b)
     lengths, known_items = {}, None
+    if args.annotations and not (args.a and args.b):
+        raise SystemExit("--annotations needs --a and --b: the judgments do not hold the outputs")
     if args.a or args.b:
         if not (args.a and args.b):
             raise SystemExit("give both --a and --b, or neither")
@@ -781,6 +835,9 @@ def run_report(args):
         write_atomic(args.markdown, markdown)
     if args.json:
         write_atomic(args.json, json.dumps(json_safe(summary), indent=2) + "\n")
+    if args.annotations:
+        write_atomic(args.annotations, json.dumps(to_annotations(latest(records), items, name_a, name_b), indent=2,
+                                                  ensure_ascii=False) + "\n")
 
 
 def main(argv=None):
@@ -789,44 +846,44 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_inputs(p, required):
-        p.add_argument("--a", required=required, help="outputs of model A (JSONL: instruction, input, output)")
+        p.add_argument("--a", required=required, help="outputs of model A (JSONL or JSON array)")
         p.add_argument("--b", required=required, help="outputs of model B")
         p.add_argument("--name_a", help="name of model A (default: the 'generator' field, else the file name)")
         p.add_argument("--name_b", help="name of model B")
         p.add_argument("--eval_set", help="self-instruct style eval set that fixes the item list and order")
-        p.add_argument("--allow_missing", action="store_true",
-                       help="leave out (and list) items missing from a file, duplicated or empty, instead of stopping")
+        p.add_argument("--allow_missing", action="store_true", help="leave out (and list) problem items, not stop")
         p.add_argument("--seed", type=int, default=0, help="seed for the order of responses and the bootstrap")
 
+    def add_session(p):
+        add_inputs(p, True)
+        p.add_argument("--judgments", default="judgments.jsonl", help="append-only judgments file")
+        p.add_argument("--annotations", help="import the verdicts of an alpaca_eval annotations.json instead")
+
     human = commands.add_parser("human", help="blind judging session in the terminal")
-    add_inputs(human, True)
+    add_session(human)
     human.add_argument("--annotator", required=True, help="your name; each annotator resumes where they stopped")
-    human.add_argument("--judgments", default="judgments.jsonl", help="append-only judgments file")
     human.add_argument("--rate", action="store_true", help="also rate each response A-D (self-instruct scale)")
 
     judge = commands.add_parser("judge", help="LLM judge through an OpenAI-compatible API, in both orders")
-    add_inputs(judge, True)
-    judge.add_argument("--judgments", default="judgments.jsonl", help="append-only judgments file")
-    judge.add_argument("--model", default="gpt-4o-mini", help="judge model")
-    judge.add_argument("--base_url", default=None, help="OpenAI-compatible API (default: OpenAI's); key from "
-                                                        "OPENAI_API_KEY")
+    add_session(judge)
+    judge.add_argument("--model", default="gpt-4o-mini", help="judge model (and annotator name: judge:<model>)")
+    judge.add_argument("--base_url", default=None, help="OpenAI-compatible API (default OpenAI's; OPENAI_API_KEY)")
     judge.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     judge.add_argument("--max_usd", type=float, default=5.0, help="stop sending requests once this much is spent")
     judge.add_argument("--price_in", type=float, default=0.15, help="USD per 1M prompt tokens")
     judge.add_argument("--price_out", type=float, default=0.60, help="USD per 1M completion tokens")
     judge.add_argument("--temperature", type=float, default=0.0)
     judge.add_argument("--max_new_tokens", type=int, default=512, help="length limit of the judge's answer")
-    judge.add_argument("--single_order", action="store_true",
-                       help="ask each pair in one (seeded random) order instead of both")
+    judge.add_argument("--single_order", action="store_true", help="ask each pair in one (seeded) order, not both")
     judge.add_argument("--cache", help="cache of judge answers (default: <judgments>.cache.jsonl)")
-    judge.add_argument("--allow_failures", action="store_true",
-                       help="exit 0 even if some judge answers could not be parsed")
+    judge.add_argument("--allow_failures", action="store_true", help="exit 0 even if some answers had no verdict")
 
     report = commands.add_parser("report", help="win rates, confidence intervals, agreement, position and length")
     report.add_argument("--judgments", nargs="+", default=["judgments.jsonl"], help="one or more judgments files")
     add_inputs(report, False)
     report.add_argument("--markdown", help="also write the report here")
     report.add_argument("--json", help="write the numbers here as JSON")
+    report.add_argument("--annotations", help="write alpaca_eval's annotations.json here (needs --a, --b)")
 
     args = parser.parse_args(argv)
     {"human": run_human, "judge": run_judge, "report": run_report}[args.command](args)

@@ -559,11 +559,18 @@ def read_records(path):
 
 def read_examples(path):
     """{instruction, input, output} examples from a JSON array (alpaca_data.json) or a JSONL file; a JSONL line
-    in the self-instruct seed format ({instruction, instances: [{input, output}]}) gives one example per instance."""
-    examples = []
+    in the self-instruct seed format ({instruction, instances: [{input, output}]}) gives one example per instance;
+    a databricks-dolly-15k record (instruction, context, response, category) gives context as input, response as
+    output."""
+    examples, dolly = [], False
     for where, _, record in read_records(path):
         if not isinstance(record, dict):
             raise SystemExit(f"{where}: expected a JSON object")
+        names = {}  # the file's own field names, for error messages
+        if "output" not in record and "response" in record:
+            dolly, names = True, {"input": "context", "output": "response"}
+            record = {"instruction": record.get("instruction"), "input": record.get("context", ""),
+                      "output": record["response"]}
         instances = record.get("instances", [record])
         if not isinstance(instances, list) or not instances or not all(isinstance(i, dict) for i in instances):
             raise SystemExit(f"{where}: field 'instances' must be a non-empty list of objects")
@@ -573,12 +580,14 @@ def read_examples(path):
             for field in ("instruction", "input", "output"):
                 if not isinstance(example[field], str):
                     problem = "missing" if example[field] is None else "must be a string"
-                    raise SystemExit(f"{where}: field '{field}' {problem}")
+                    raise SystemExit(f"{where}: field '{names.get(field, field)}' {problem}")
             if not example["instruction"].strip():
                 raise SystemExit(f"{where}: field 'instruction' is empty")
             examples.append(example)
     if not examples:
         raise SystemExit(f"{path}: no examples")
+    if dolly and os.environ.get("RANK", "0") == "0":
+        print(f"data: dolly fields (context -> input, response -> output) in {path}")
     return examples
 
 
@@ -725,14 +734,14 @@ def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
                 write_atomic(os.path.join(out_dir, "tokenizer.model"), f.read())
     del full
     resume_dir, tmp_dir, old_dir = (os.path.join(out_dir, name) for name in ("resume", "resume.tmp", "resume.old"))
-    if rank == 0 and os.path.exists(tmp_dir):
-        shutil.rmtree(tmp_dir)
+    if rank == 0:
+        repair_resume(out_dir)  # after it only resume/ may exist, so the renames below cannot fail
     dist.barrier()
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
              checkpoint_id=tmp_dir)
     if rank == 0:
-        with open(os.path.join(tmp_dir, "step.json"), "w") as f:
-            json.dump({"step": step}, f)
+        # step.json marks a complete state, so it is written last and atomically.
+        write_atomic(os.path.join(tmp_dir, "step.json"), json.dumps({"step": step}).encode())
         if os.path.exists(resume_dir):
             os.replace(resume_dir, old_dir)
         os.replace(tmp_dir, resume_dir)
@@ -785,13 +794,39 @@ def export_hf(state, args, tokenizer_path, folder):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def repair_resume(out_dir):
+    """Undo what a crash inside save_checkpoint can leave (resume.tmp, resume.old, either half-deleted, or no
+    resume/): keep the newest complete state (one with step.json) as resume/ and delete the rest. Every step
+    leaves a state this function repairs again, so a crash here is harmless too. Rank 0 only."""
+    resume_dir, tmp_dir, old_dir = (os.path.join(out_dir, name) for name in ("resume", "resume.tmp", "resume.old"))
+    complete = {d: os.path.exists(os.path.join(d, "step.json")) for d in (resume_dir, tmp_dir, old_dir)}
+
+    def discard(path):
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(path):  # e.g. NFS keeps .nfs* files of deleted open files: move it out of the way
+            os.replace(path, f"{path}.stale.{time.time_ns()}")
+            print(f"warning: could not delete {path}; moved to {path}.stale.*, delete it by hand", file=sys.stderr)
+
+    if complete[tmp_dir]:  # saved in full (newest), crashed before or between the renames
+        discard(old_dir)
+        if os.path.exists(resume_dir):
+            os.replace(resume_dir, old_dir)
+        os.replace(tmp_dir, resume_dir)
+    elif complete[old_dir] and not complete[resume_dir]:  # an older save, moved aside when a crash came
+        discard(resume_dir)
+        os.replace(old_dir, resume_dir)
+    for path in (tmp_dir, old_dir):
+        discard(path)
+
+
 def load_resume_state(model, optimizer):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_state_dict)
+    if dist.get_rank() == 0:
+        repair_resume(out_dir)
+    dist.barrier()
     resume_dir = os.path.join(out_dir, "resume")
-    if not os.path.exists(resume_dir) and os.path.exists(resume_dir + ".old"):
-        resume_dir += ".old"  # a crash between the two renames of save_checkpoint
     if not os.path.exists(os.path.join(resume_dir, "step.json")):
         raise SystemExit(f"--resume: no saved state in {out_dir}")
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}

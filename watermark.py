@@ -203,18 +203,32 @@ def z_score(green, total, gamma):
     return (green - gamma * total) / math.sqrt(total * gamma * (1 - gamma))
 
 
-def score_tokens(token_ids, vocab_size, gamma, scheme, key, ignore_repeated_ngrams=True):
-    """Green/red for each scorable token: (positions, greens). The first h tokens (h - 1 for selfhash) lack context.
-    A repeated (context, token) n-gram is scored once: repeats are not independent evidence (think of a repeated
-    phrase or list), and counting them inflates z on repetitive human text too."""
+# What counts once (repeats are not independent evidence and inflate z on repetitive unwatermarked text):
+# "pairs", each (seed, token) once: independent coin flips, so the z-test keeps its stated false-positive rate;
+# "ngrams", each (context, token) n-gram once, the reference's ignore_repeated_ngrams=True; "all", the reference's
+# and HF's default. For lefthash pairs and ngrams agree. For selfhash they don't: a quarter of windows take their
+# seed from the candidate alone, so one (seed, token) recurs under many 4-grams, and ngrams over-flags.
+COUNTINGS = ("pairs", "ngrams", "all")
+
+
+def seed_of(ngram, scheme, key):
+    return lefthash_seed(ngram[-2], key) if scheme == "lefthash" else selfhash_seed(list(ngram), key)
+
+
+def score_tokens(token_ids, vocab_size, gamma, scheme, key, counting="pairs"):
+    """Green/red for each scored token: (positions, greens). The first h tokens (h - 1 for selfhash) lack context;
+    repeats are skipped as `counting` says (see COUNTINGS)."""
+    if counting not in COUNTINGS:
+        raise ValueError(f"unknown counting {counting!r}; choose one of {', '.join(COUNTINGS)}")
     n = CONTEXT_WIDTH[scheme] + 1 - SELF_SALTED[scheme]
     positions, greens, seen = [], [], set()
     for end in range(n, len(token_ids) + 1):
         ngram = tuple(token_ids[end - n:end])
-        if ignore_repeated_ngrams:
-            if ngram in seen:
+        if counting != "all":
+            unit = ngram if counting == "ngrams" else (seed_of(ngram, scheme, key), ngram[-1])
+            if unit in seen:
                 continue
-            seen.add(ngram)
+            seen.add(unit)
         positions.append(end - 1)
         greens.append(is_green(ngram, vocab_size, gamma, scheme, key))
     return positions, greens
@@ -235,7 +249,7 @@ def best_window(greens, gamma, min_size):
 
 
 def detect(token_ids, vocab_size, gamma=DEFAULT_GAMMA, scheme="lefthash", key=DEFAULT_KEY,
-           z_threshold=DEFAULT_Z_THRESHOLD, ignore_repeated_ngrams=True, window=False):
+           z_threshold=DEFAULT_Z_THRESHOLD, counting="pairs", window=False):
     """Score a token-id sequence (the generated text without the prompt, no BOS). Returns a JSON-ready dict; verdict
     is "watermarked", "no watermark" or "too short" (even all-green tokens could not reach z_threshold)."""
     check_params(vocab_size, gamma, scheme, key)
@@ -245,7 +259,7 @@ def detect(token_ids, vocab_size, gamma=DEFAULT_GAMMA, scheme="lefthash", key=DE
     bad = [t for t in token_ids if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-    positions, greens = score_tokens(token_ids, vocab_size, gamma, scheme, key, ignore_repeated_ngrams)
+    positions, greens = score_tokens(token_ids, vocab_size, gamma, scheme, key, counting)
     total, green = len(greens), sum(greens)
     result = {"num_tokens": len(token_ids), "num_tokens_scored": total, "num_green_tokens": green,
               "green_fraction": green / total if total else None,
@@ -275,8 +289,7 @@ def detect(token_ids, vocab_size, gamma=DEFAULT_GAMMA, scheme="lefthash", key=DE
     result["prediction"] = watermarked
     result["verdict"] = "too short" if too_short else "watermarked" if watermarked else "no watermark"
     result.update(scheme=scheme, gamma=gamma, vocab_size=vocab_size, context_width=CONTEXT_WIDTH[scheme],
-                  key_fingerprint=key_fingerprint(key), z_threshold=z_threshold,
-                  ignore_repeated_ngrams=ignore_repeated_ngrams)
+                  key_fingerprint=key_fingerprint(key), z_threshold=z_threshold, counting=counting)
     return result
 
 
@@ -331,7 +344,7 @@ def detect_one(args, token_ids, record, where, label, tokenizer):
     settings = resolve(args, record, where)
     try:
         result = detect(token_ids, settings["vocab_size"], settings["gamma"], settings["scheme"], args.key,
-                        args.z_threshold, not args.no_ignore_repeated_ngrams, args.window)
+                        args.z_threshold, args.counting, args.window)
     except ValueError as e:
         raise SystemExit(f"{where}: {e}")
     report(result, args, label, tokenizer, token_ids)
@@ -353,7 +366,9 @@ def main(argv=None):
     p.add_argument("--scheme", help="lefthash or selfhash (default lefthash, or as recorded)")
     p.add_argument("--key", type=int, default=DEFAULT_KEY, help="the secret key used at generation")
     p.add_argument("--z_threshold", type=float, default=DEFAULT_Z_THRESHOLD)
-    p.add_argument("--no_ignore_repeated_ngrams", action="store_true", help="score repeated n-grams every time")
+    p.add_argument("--counting", choices=COUNTINGS, default="pairs", help="what counts once: each (seed, token) "
+                   "pair (keeps the stated false-positive rate), each n-gram (the reference's "
+                   "ignore_repeated_ngrams=True), or every token (the reference's default)")
     p.add_argument("--window", action="store_true", help="find the most watermarked span (corrected p-value)")
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
     args = parser.parse_args(argv)

@@ -126,12 +126,12 @@ def test_alignment_problems_are_listed_and_stop(tmp_path):
     rows_a = ep.load_outputs(a, None)[1]
     rows_b = ep.load_outputs(b, None)[1]
     rows_b[1]["output"] = "   "
-    rows_a.append(dict(rows_a[0], line=5))
+    rows_a.append(dict(rows_a[0], where=f"{a}:5"))
     del rows_b[3]
     with pytest.raises(SystemExit) as e:
         ep.align(a, rows_a, b, rows_b)
     message = str(e.value)
-    assert f"{a}:5: item 't0' duplicates line 1" in message
+    assert f"{a}:5: item 't0' duplicates {a}:1" in message
     assert f"{b}:2: item 't1' has an empty output" in message
     assert f"{a}:4: item 't3' missing from {b}" in message
     assert "--allow_missing" in message
@@ -141,7 +141,7 @@ def test_alignment_problems_are_listed_and_stop(tmp_path):
 
 def test_bad_input_files_name_file_and_line(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": "y"}, {"instruction": "x"}])
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: field 'output' missing"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: field 'output' \(or 'response'\) missing"):
         ep.load_outputs(bad, None)
     a, b = outputs(tmp_path, ["x0"], ["y0"])
     with pytest.raises(SystemExit, match="both models are named"):
@@ -201,12 +201,16 @@ def test_order_is_seeded_per_annotator_and_item():
 def test_torn_last_line_is_repaired_before_appending(tmp_path):
     path = tmp_path / "j.jsonl"
     path.write_text('{"x": 1}\n{"x": 2')
-    assert [r["x"] for _, r in ep.read_jsonl(str(path))] == [1]
+    assert [r["x"] for _, r in ep.read_records(str(path))] == [1]
     os.close(ep.open_for_append(str(path)))
     assert path.read_text() == '{"x": 1}\n'
     path.write_text('{"x": 1}\n{"x": 2}')  # complete record, only the newline missing: kept
     os.close(ep.open_for_append(str(path)))
     assert path.read_text() == '{"x": 1}\n{"x": 2}\n'
+    path.write_text('[{"x": 1},\n {"x": 2}]')  # a JSON array (report reads it) is not appended to
+    assert [r["x"] for _, r in ep.read_records(str(path))] == [1, 2]
+    with pytest.raises(SystemExit, match="a JSON array cannot be appended to"):
+        ep.open_for_append(str(path))
 
 
 # The LLM judge against a local OpenAI-compatible server.
@@ -220,12 +224,19 @@ class FakeJudge(BaseHTTPRequestHandler):
         server = self.server
         with server.lock:
             server.requests.append(body)
+            server.times.append(time.monotonic())
             count = len(server.requests)
         if self.path != "/v1/chat/completions":
             return self.reply(404, {"error": {"message": "not found"}})
+        if count == server.hold_at:  # keep the client waiting until the test lets go
+            server.arrived.set()
+            server.release.wait(30)
+            return
+        time.sleep(server.delay)
         model, prompt = body["model"], body["messages"][-1]["content"]
         if model == "flaky" and count <= 2:
-            return self.reply(429 if count == 1 else 503, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+            return self.reply(429 if count == 1 else 503, {"error": {"message": "slow down"}},
+                              {"Retry-After": "0", "retry-after-ms": "10"})
         response1 = prompt.split("### Response 1\n")[1].split("### Response 2")[0]
         response2 = prompt.split("### Response 2\n")[1]
         if model == "biased":
@@ -247,7 +258,10 @@ class FakeJudge(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # a client killed mid-request
+            pass
 
     def log_message(self, *args):
         pass
@@ -256,10 +270,12 @@ class FakeJudge(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    httpd.requests, httpd.lock = [], threading.Lock()
+    httpd.requests, httpd.times, httpd.lock = [], [], threading.Lock()
+    httpd.delay, httpd.hold_at, httpd.arrived, httpd.release = 0, None, threading.Event(), threading.Event()
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
+    httpd.release.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -332,10 +348,10 @@ def test_unparseable_judge_fails_unless_allowed(tmp_path, server, capsys):
 def test_judge_retries_and_budget(tmp_path, server, capsys):
     a, b = outputs(tmp_path, A_TEXTS, B_TEXTS)
     judgments = str(tmp_path / "judgments.jsonl")
-    start = time.time()
     ep.main(judge_args(server, "flaky", a, b, judgments, "--concurrency", "1"))
     assert len(server.requests) == 12  # a 429 and a 503, then 10 answers
-    assert time.time() - start < 1.4  # Retry-After: 0 was honoured; our own backoff would wait 1.5 s or more
+    # retry-after-ms: 10 was honoured; the client's own backoff waits 0.375-0.5 s, then 0.75-1 s.
+    assert server.times[1] - server.times[0] < 0.3 and server.times[2] - server.times[1] < 0.3
     assert {r["item"]: r["verdict"] for r in read_lines(judgments)} == EXPECTED
 
     server.requests.clear()
@@ -346,15 +362,6 @@ def test_judge_retries_and_budget(tmp_path, server, capsys):
     ep.main(judge_args(server, "consistent", a, b, judgments))
     assert len(server.requests) == 10
     assert {r["item"]: r["verdict"] for r in read_lines(judgments)} == EXPECTED
-
-
-def test_retry_delay_honours_retry_after():
-    def error(headers):
-        return types.SimpleNamespace(response=types.SimpleNamespace(headers=headers))
-    assert ep.retry_delay(error({"retry-after": "7"}), 0) == 7.0
-    assert ep.retry_delay(error({"retry-after": "3600"}), 0) == 60.0
-    assert 0.5 <= ep.retry_delay(error({}), 0) <= 1.0
-    assert 4.0 <= ep.retry_delay(Exception(), 3) <= 8.0
 
 
 # The report: headline, annotators, agreement, and errors in judgments files.
@@ -433,3 +440,163 @@ def test_report_errors_name_file_and_line(tmp_path):
 def test_help_runs():
     run = run_cli("--help")
     assert run.returncode == 0 and "human" in run.stdout and "judge" in run.stdout and "report" in run.stdout
+
+
+# The field's files: self-instruct's eval set and predictions, sample.py's ids, alpaca_eval's JSON.
+
+def self_instruct_set(tmp_path):
+    """Three tasks as in self-instruct's user_oriented_instructions.jsonl; the second has two instances."""
+    tasks = [{"id": "user_oriented_task_0", "motivation_app": "Grammarly", "instruction": "Fix the grammar.",
+              "instances": [{"input": "She no went.", "output": "She did not go."}]},
+             {"id": "user_oriented_task_1", "motivation_app": "Gmail", "instruction": "Write a subject line.",
+              "instances": [{"input": "Dinner on Friday?", "output": "Dinner"},
+                            {"input": "Report due", "output": "Due"}]},
+             {"id": "user_oriented_task_2", "motivation_app": "Twitter", "instruction": "Write a tweet about tea.",
+              "instances": [{"input": "", "output": "Tea time!"}]}]
+    items = [(t["id"] if len(t["instances"]) == 1 else f"{t['id']}#{k}", t["instruction"], x["input"])
+             for t in tasks for k, x in enumerate(t["instances"])]
+    return write_jsonl(tmp_path / "user_oriented_instructions.jsonl", tasks), items
+
+
+def test_self_instruct_predictions_sample_ids_and_alpaca_eval_outputs_align(tmp_path, capsys):
+    ev, items = self_instruct_set(tmp_path)
+    # sample.py's records: the eval set's ids (<id>#<k> for a task with several instances) and its settings.
+    a = write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"id": i, "instruction": ins, "input": inp, "output": f"alpaca {k}", "generator": "alpaca-7b",
+         "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 512, "seed": 0}
+        for k, (i, ins, inp) in enumerate(reversed(items))])
+    # self-instruct's human_eval/predictions: no id, text in `response`, instructions with a trailing newline.
+    b = write_jsonl(tmp_path / "text-davinci-003_predictions.jsonl", [
+        {"prompt": f"{ins}\n\nInput: {inp}\nOutput:", "instruction": ins + "\n", "input": inp,
+         "response": f" davinci {k}", "target": "ref"} for k, (i, ins, inp) in enumerate(items)])
+    name_b, rows_b = ep.load_outputs(b, None)
+    aligned = ep.align(a, ep.load_outputs(a, None)[1], b, rows_b, ev, ep.load_eval_set(ev))
+    assert [(x["id"], x["out_a"], x["out_b"]) for x in aligned] == [
+        (i, f"alpaca {3 - k}", f" davinci {k}") for k, (i, _, _) in enumerate(items)]
+    assert [i for i, _, _ in items] == ["user_oriented_task_0", "user_oriented_task_1#0", "user_oriented_task_1#1",
+                                        "user_oriented_task_2"]
+    assert name_b == "text-davinci-003_predictions" and "on (instruction, input)" in capsys.readouterr().err
+
+    # Two sample.py files: aligned on the ids, for single- and multi-instance tasks alike.
+    a2 = write_jsonl(tmp_path / "llama.jsonl", [dict(json.loads(line), output="llama", generator="llama-7b")
+                                                for line in open(a)])
+    aligned = ep.align(a, ep.load_outputs(a, None)[1], a2, ep.load_outputs(a2, None)[1], ev, ep.load_eval_set(ev))
+    assert [x["id"] for x in aligned] == [i for i, _, _ in items] and "4 items on id" in capsys.readouterr().err
+
+    # alpaca_eval's model_outputs.json: a JSON array of {instruction, output, generator, dataset}.
+    c = tmp_path / "model_outputs.json"
+    c.write_text(json.dumps([{"dataset": "selfinstruct", "instruction": ins, "output": f"gpt {k}",
+                              "generator": "text_davinci_003"} for k, (_, ins, inp) in enumerate(items) if not inp],
+                            indent=2))
+    name_c, rows_c = ep.load_outputs(str(c), None)
+    assert name_c == "text_davinci_003" and rows_c[0]["where"] == f"{c}: item 0"
+    aligned = ep.align(a, ep.load_outputs(a, None)[1], str(c), rows_c, allow_missing=True)
+    assert [(x["instruction"], x["out_b"]) for x in aligned] == [("Write a tweet about tea.", "gpt 3")]
+    c.write_text('[{"instruction": "x", "output": 3}]')
+    with pytest.raises(SystemExit, match=r"model_outputs.json: item 0: field 'output' \(or 'response'\)"):
+        ep.load_outputs(str(c), None)
+
+
+def test_annotations_json_round_trip_with_alpaca_eval(tmp_path, server, capsys):
+    a, b = outputs(tmp_path, A_TEXTS, B_TEXTS)
+    judgments = str(tmp_path / "judgments.jsonl")
+    ep.main(judge_args(server, "consistent", a, b, judgments))
+    annotations = str(tmp_path / "annotations.json")
+    ep.main(["report", "--judgments", judgments, "--a", a, "--b", b, "--json", str(tmp_path / "r.json"),
+             "--annotations", annotations])
+    exported = json.load(open(annotations))
+    assert [set(x) for x in exported] == [{"instruction", "output_1", "generator_1", "output_2", "generator_2",
+                                           "annotator", "preference"}] * 6
+    # alpaca_eval's convention: output_1 is the reference (B), output_2 the evaluated model (A); 2 = output_2 better.
+    assert [(x["output_1"], x["output_2"], x["preference"]) for x in exported] == [
+        (B_TEXTS[k], A_TEXTS[k], {"a": 2, "b": 1, "tie": 1.5}[EXPECTED[f"t{k}"]]) for k in range(6)]
+    assert exported[0]["instruction"] == "Task 0\n\ninput 0" and exported[1]["instruction"] == "Task 1"
+    assert {(x["generator_1"], x["generator_2"], x["annotator"]) for x in exported} == {
+        ("davinci-003", "alpaca-ckpt", "judge:consistent")}
+    # alpaca_eval's win rate, mean(preference - 1), is our A win rate.
+    ours = json.load(open(tmp_path / "r.json"))["raters"]["judge:consistent"]["win_rate"]
+    assert np.mean([x["preference"] - 1 for x in exported]) == pytest.approx(ours)
+
+    # Read back as another judge: the same verdicts; a rerun appends nothing.
+    imported = str(tmp_path / "imported.jsonl")
+    args = ["judge", "--a", a, "--b", b, "--judgments", imported, "--model", "weighted_alpaca_eval_gpt4_turbo",
+            "--annotations", annotations]
+    ep.main(args)
+    assert {r["item"]: r["verdict"] for r in read_lines(imported)} == EXPECTED
+    assert {r["annotator"] for r in read_lines(imported)} == {"judge:weighted_alpaca_eval_gpt4_turbo"}
+    ep.main(args)
+    assert len(read_lines(imported)) == 6 and "(0 new, 0 annotations without one)" in capsys.readouterr().out
+
+    # A file written by alpaca_eval the other way round (A as output_1), with its extra fields, a weighted
+    # (fractional) preference, a judge answer it could not parse (-1), and a draw written as 0.
+    theirs = [dict(x, output_1=x["output_2"], output_2=x["output_1"], generator_1="alpaca", generator_2="davinci",
+                   preference=3 - x["preference"], price_per_example=0.01, time_per_example=1.2) for x in exported]
+    theirs[0]["preference"], theirs[1]["preference"], theirs[3]["preference"] = 1.23, -1, 0
+    (tmp_path / "theirs.json").write_text(json.dumps(theirs))
+    ep.main(["human", "--a", a, "--b", b, "--judgments", imported, "--annotator", "alpaca_farm_human",
+             "--annotations", str(tmp_path / "theirs.json")])
+    human = {r["item"]: r for r in read_lines(imported) if r["annotator"] == "alpaca_farm_human"}
+    assert {k: r["verdict"] for k, r in human.items()} == {k: v for k, v in EXPECTED.items() if k != "t1"}
+    assert human["t0"]["preference"] == 1.23 and "1 annotations without one" in capsys.readouterr().out
+
+    # Outputs that are not the files' are refused (or left out with --allow_missing).
+    theirs[2]["output_2"] = "some other model's answer"
+    (tmp_path / "theirs.json").write_text(json.dumps(theirs))
+    with pytest.raises(SystemExit, match=r"theirs.json: item 2: item 't2': the outputs are not those of"):
+        ep.main(["human", "--a", a, "--b", b, "--judgments", str(tmp_path / "x.jsonl"), "--annotator", "x",
+                 "--annotations", str(tmp_path / "theirs.json")])
+    with pytest.raises(SystemExit, match="--annotations needs --a and --b"):
+        ep.main(["report", "--judgments", judgments, "--annotations", annotations])
+
+
+# Nothing lost at any kill: real processes, real SIGKILL, a real HTTP judge.
+
+KILL_A = [f"GOOD answer {i}" if i % 3 == 0 else f"answer {i}" for i in range(10)]
+KILL_B = [f"GOOD reply {i}" if i % 3 == 1 else f"reply {i}" for i in range(10)]
+
+
+def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_files(tmp_path, server):
+    server.delay = 0.03  # a judge that takes a moment, so kills land between and inside requests
+    a, b = outputs(tmp_path, KILL_A, KILL_B)
+    ep.main(judge_args(server, "consistent", a, b, str(tmp_path / "straight.jsonl"), "--concurrency", "1"))
+    judgments = str(tmp_path / "killed.jsonl")
+    cache = str(tmp_path / "killed.cache.jsonl")
+    command = [sys.executable, SCRIPT, *judge_args(server, "consistent", a, b, judgments, "--concurrency", "1")]
+
+    def lines(path):
+        return len(open(path).read().splitlines()) if os.path.exists(path) else 0
+
+    def run_and_kill(ready):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not ready() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        assert process.poll() is None, "the judge finished before the kill point"
+        process.kill()  # SIGKILL
+        process.wait()
+
+    run_and_kill(lambda: lines(judgments) >= 1)  # after the first judgment line
+    before = lines(judgments)
+    run_and_kill(lambda: lines(judgments) >= before + 2)  # two more judgments
+    before = lines(cache)
+    run_and_kill(lambda: lines(cache) >= before + 1)  # right after an answer is cached, before its pair is complete
+    server.hold_at = len(server.requests) + 2  # inside a request: the judge waits for an answer that never comes
+    run_and_kill(server.arrived.is_set)
+    server.release.set()
+    # A kill inside write() leaves half a line: cut the last judgment in two, as such a kill would.
+    data = open(judgments, "rb").read()
+    open(judgments, "wb").write(data[:data.rstrip(b"\n").rfind(b"\n") + 1 + 40])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    def content(path):
+        text = open(path).read()
+        assert text.endswith("\n")
+        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in text.splitlines()]
+
+    killed, straight = content(judgments), content(str(tmp_path / "straight.jsonl"))
+    assert len(killed) == len({r["item"] for r in killed}) == 10  # each item exactly once, none torn
+    assert sorted(killed, key=lambda r: r["item"]) == sorted(straight, key=lambda r: r["item"])
+    killed_cache, straight_cache = content(cache), content(str(tmp_path / "straight.cache.jsonl"))
+    assert len(killed_cache) == len({r["key"] for r in killed_cache}) == 20
+    assert sorted(killed_cache, key=lambda r: r["key"]) == sorted(straight_cache, key=lambda r: r["key"])

@@ -114,6 +114,22 @@ def test_bad_json_array_names_the_item_and_field(tmp_path):
         train.read_examples(str(path))
 
 
+def test_dolly_records_map_context_and_response(tmp_path, capsys):
+    # Lines as in databricks-dolly-15k.jsonl: instruction, context, response, category.
+    rows = [{"instruction": "When did Virgin Australia start operating?",
+             "context": "Virgin Australia commenced services on 31 August 2000 as Virgin Blue.",
+             "response": "Virgin Australia commenced services on 31 August 2000.", "category": "closed_qa"},
+            {"instruction": "Which is a species of fish? Tope or Rope", "context": "", "response": "Tope",
+             "category": "classification"}]
+    path = write_lines(tmp_path / "databricks-dolly-15k.jsonl", [json.dumps(r) for r in rows])
+    assert train.read_examples(path) == [{"instruction": r["instruction"], "input": r["context"],
+                                          "output": r["response"]} for r in rows]
+    assert capsys.readouterr().out.count("data: dolly fields (context -> input, response -> output)") == 1
+    write_lines(tmp_path / "databricks-dolly-15k.jsonl", [json.dumps(rows[0]), json.dumps(dict(rows[1], context=5))])
+    with pytest.raises(SystemExit, match=r"dolly-15k\.jsonl:2: field 'context' must be a string"):
+        train.read_examples(path)
+
+
 def words(n, seed):
     return " ".join(f"w{(i * 7919 + seed) % 1000}" for i in range(n))
 

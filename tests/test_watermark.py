@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,7 +134,7 @@ def test_false_positive_rate_matches_nominal_p_value():
     hits, greens = 0, 0
     for _ in range(streams):
         result = wm.detect([rng.randrange(vocab_size) for _ in range(length)], vocab_size, gamma, "lefthash", KEY,
-                           ignore_repeated_ngrams=False)
+                           counting="all")
         hits += result["z_score"] > 2
         greens += result["num_green_tokens"]
     T = length - 1
@@ -189,11 +190,25 @@ def test_short_text_rule():
     json.dumps(single)
 
 
+def test_false_positive_rate_on_repetitive_text_over_many_keys():
+    # Unwatermarked text is repetitive: Zipf-distributed tokens, like words. 120 texts of 100 tokens, each with its
+    # own random key. At z > 2 the z-test promises 2.3% (2.7 of 120; 9 or more has probability < 0.2%). Counting
+    # each selfhash 4-gram once (the reference's way) flags a quarter of them; each (seed, token) pair once does not.
+    rng = np.random.default_rng(0)
+    flagged = {("lefthash", "pairs"): 0, ("selfhash", "pairs"): 0, ("selfhash", "ngrams"): 0}
+    for _ in range(120):
+        key, ids = int(rng.integers(1, 2**62)), ((rng.zipf(1.5, 100) - 1) % 1000).tolist()
+        for scheme, counting in flagged:
+            flagged[scheme, counting] += wm.detect(ids, 1000, 0.25, scheme, key, 2.0, counting)["prediction"]
+    assert flagged["lefthash", "pairs"] <= 8 and flagged["selfhash", "pairs"] <= 8, flagged
+    assert flagged["selfhash", "ngrams"] >= 18, flagged
+
+
 def test_repeated_ngrams_are_counted_once():
     tokens = all_green_tokens(2, 1000, 0.25, KEY)  # a, b, c with (a, b) and (b, c) green
     looped = tokens * 20
     once = wm.detect(looped, 1000)
-    every = wm.detect(looped, 1000, ignore_repeated_ngrams=False)
+    every = wm.detect(looped, 1000, counting="all")
     assert once["num_tokens_scored"] == 3  # (a,b), (b,c), (c,a)
     assert every["num_tokens_scored"] == len(looped) - 1
     assert once["verdict"] == "too short" and every["verdict"] == "watermarked"  # repetition alone fools counting all
@@ -206,7 +221,7 @@ def test_statistics():
         direct = sum(math.comb(total, g) * gamma**g * (1 - gamma) ** (total - g) for g in range(green, total + 1))
         assert wm.binomial_p_value(green, total, gamma) == pytest.approx(direct, rel=1e-9)
     assert 0 < wm.binomial_p_value(1500, 5000, 0.25) < 1e-8  # large T stays finite
-    result = wm.detect(list(range(100)), 1000, gamma=0.5, ignore_repeated_ngrams=False)
+    result = wm.detect(list(range(100)), 1000, gamma=0.5, counting="all")
     g, t = result["num_green_tokens"], result["num_tokens_scored"]
     assert result["z_score"] == pytest.approx((g - 0.5 * t) / math.sqrt(t * 0.25))
     assert result["p_value"] == pytest.approx(0.5 * math.erfc(result["z_score"] / math.sqrt(2)))
@@ -225,7 +240,7 @@ def test_window_locates_a_watermarked_span():
     assert overlap > 0.7 * (span["end"] - span["start"]) and overlap > 50, span
     assert result["verdict"] == "watermarked" and span["p_value_corrected"] < wm.normal_p_value(4)
     assert span["p_value_corrected"] == pytest.approx(min(1, span["p_value_binomial"] * span["num_windows"]))
-    plain = wm.detect(human * 2, vocab_size, key=proc.key, window=True, ignore_repeated_ngrams=False)
+    plain = wm.detect(human * 2, vocab_size, key=proc.key, window=True, counting="all")
     assert plain["verdict"] == "no watermark" and plain["window"]["z_score"] > 2  # the search finds some high z...
     assert plain["window"]["p_value_corrected"] > 0.01  # ...which the correction discounts
 
@@ -278,7 +293,11 @@ def test_cli_text_ids_and_jsonl(tokenizer_path, capsys, tmp_path):
     [out] = run_cli(capsys, f"--tokenizer={tokenizer_path}", f"--text={text}", "--json")
     assert out == wm.detect(sp.encode(text), sp.get_piece_size())
     [out] = run_cli(capsys, "--vocab_size=500", "--ids=12 87 3, 4 99 5", "--json", "--gamma=0.5")
-    assert out["num_tokens_scored"] == 5 and out["gamma"] == 0.5
+    assert out["num_tokens_scored"] == 5 and out["gamma"] == 0.5 and out["counting"] == "pairs"
+    looped = " ".join(["7 8 9"] * 10)  # one selfhash 4-gram per position of the loop, 27 windows in all
+    counted = {c: run_cli(capsys, "--vocab_size=500", f"--ids={looped}", "--json", "--scheme=selfhash",
+                          f"--counting={c}")[0]["num_tokens_scored"] for c in wm.COUNTINGS}
+    assert counted["all"] == 27 and counted["pairs"] <= counted["ngrams"] == 3
 
     proc = make_processor(sp.get_piece_size(), delta=6.0)
     marked = simulate(proc, sp.get_piece_size(), 120, 1.0, seed=6)

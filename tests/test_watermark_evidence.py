@@ -11,11 +11,16 @@ from train import ModelArgs, Tokenizer, Transformer, format_prompt, read_example
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def table_rows(stdout):
-    """The markdown table bench.py prints, as one dict per row keyed by the header."""
-    lines = [line for line in stdout.splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+def tables(stdout):
+    """The markdown tables bench.py prints, each as one dict per row keyed by the header."""
+    found, block = [], []
+    for line in stdout.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif block:
+            found.append([dict(zip(block[0], row)) for row in block[2:]])
+            block = []
+    return found
 
 
 def test_bench_watermark_table_detects_what_it_embeds(tmp_path):
@@ -35,18 +40,23 @@ def test_bench_watermark_table_detects_what_it_embeds(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "bench.py", "watermark", "--part=table", f"--checkpoint={tmp_path}", "--prompts=4",
-         "--batch_size=4", "--max_new_tokens=24", "--gammas", "0.25", "--deltas", "0.5", "5", "--selfhash"],
+         "--batch_size=4", "--max_new_tokens=24", "--gammas", "0.25", "--deltas", "0.5", "5", "--selfhash",
+         "--fpr_keys=3"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    rows = {(row["prompts"], float(row["delta"])): row for row in table_rows(result.stdout)}
+    detection, false_positives = tables(result.stdout)
+    rows = {(row["prompts"], float(row["delta"])): row for row in detection}
     assert set(rows) == {(s, d) for s in ("seen", "unseen") for d in (0.5, 5.0)}
     for (prompts, delta), row in rows.items():
         assert float(row["T"]) == 24  # EOS is banned, so every text is as long as asked
         assert 0 < float(row["T scored"]) <= 23  # the first token has no context inside the text
-        plain_fpr = row["FPR z>4 no watermark (T, z)"].split()[0]
-        human_fpr = row["FPR z>4 human (T, z)"].split()[0]
-        assert plain_fpr == "0.00" and human_fpr == "0.00"
         if delta == 5:
             assert float(row["TPR z>4"]) == 1.0 and float(row["green fraction"]) > 0.6
     for prompts in ("seen", "unseen"):
         assert float(rows[prompts, 5.0]["z mean"]) > float(rows[prompts, 0.5]["z mean"]) + 2
+    # Unwatermarked texts under 3 keys: none flagged; both countings agree for lefthash.
+    assert [(row["scheme"], row["counting"], row["keys"]) for row in false_positives] == [
+        ("lefthash", "pairs", "3"), ("lefthash", "ngrams", "3")]
+    assert false_positives[0] == dict(false_positives[1], counting="pairs")
+    for name, n in (("human", 3 * len(examples)), ("seen", 12), ("unseen", 12)):
+        assert false_positives[0][f"FPR z>4 {name} (T, z mean, z SD)"].startswith(f"0/{n} ("), name
