@@ -646,7 +646,7 @@ def evaluate(model, examples, rank, world_size, dev, autocast):
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
 
 
-def answer(model, tokenizer, instruction, input, dev, dtype, max_new_tokens=100):
+def answer(model, tokenizer, instruction, input, dev, dtype, max_new_tokens=300):
     """Greedy answer to one instruction, for the end-of-run demo (sample.py is the real sampler). The prompt goes
     through once, then each new token alone, attending to the keys and values cached so far. dtype: the dtype the
     blocks compute in (the cache's). Every process runs it: the sharded model's forward is collective."""
@@ -660,7 +660,8 @@ def answer(model, tokenizer, instruction, input, dev, dtype, max_new_tokens=100)
     with torch.no_grad():
         while len(new) < max_new_tokens and len(ids) + len(new) < max_seq_len:
             pos = len(ids) + len(new) - tokens.shape[1]
-            next_id = model(tokens, cache=cache, cache_pos=pos, last_only=True)[0, -1].argmax().item()
+            logits = model(tokens, cache=cache, cache_pos=pos, last_only=True)[0, -1]
+            next_id = logits[:tokenizer.vocab_size].argmax().item()  # a model's vocab may be padded beyond it
             if next_id == tokenizer.eos_id:
                 break
             new.append(next_id)
