@@ -136,7 +136,7 @@ def bench_train(args):
     with open(os.path.join(folder, "data.json"), "w") as f:
         json.dump(records, f)
     train_tokenizer([format_prompt(r["instruction"], r["input"]) + r["output"] for r in records],
-                    os.path.join(folder, "tokenizer.model"), 1500)
+                    os.path.join(folder, "tokenizer.model"), 4000)
     tokenizer = Tokenizer(os.path.join(folder, "tokenizer.model"))
     examples = [tokenize_example(tokenizer, r, 512, {"prompts_cut": 0, "responses_cut": 0, "tokens_dropped": 0})
                 for r in records]

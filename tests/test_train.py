@@ -449,3 +449,7 @@ def test_default_run_from_a_clean_clone(tmp_path):
     train_losses = losses(result.stdout)
     assert len(train_losses) > 10
     assert sum(train_losses[-5:]) / 5 < 0.5 * sum(train_losses[:3]) / 3
+    # It learned what it was taught: its answer to a training instruction is close to the reference (ROUGE-L's
+    # F-measure also falls if the answer runs on past it), and far closer than its answer to a held-out one.
+    training, held_out = [float(x) for x in re.findall(r"^ROUGE-L: ([0-9.]+)$", result.stdout, re.M)]
+    assert training >= 0.6 and held_out < training
