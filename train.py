@@ -53,7 +53,7 @@ activation_checkpointing = False
 # scratch needs other settings than fine-tuning: many passes, small batches, a high learning rate, Adam's second
 # moment over fewer steps; these replace the settings above, only then. fp32: bf16 autocast gains little at this size.
 tiny_model = dict(dim=128, n_layers=4, n_heads=4, vocab_size=2000, multiple_of=32, max_seq_len=512)
-tiny_recipe = dict(epochs=40, batch_size=8, micro_batch_size=4, learning_rate=6e-3, warmup_ratio=0.05, beta2=0.99,
+tiny_recipe = dict(epochs=36, batch_size=8, micro_batch_size=4, learning_rate=6e-3, warmup_ratio=0.05, beta2=0.99,
                    dtype="float32")
 
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
