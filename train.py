@@ -649,15 +649,14 @@ def evaluate(model, examples, rank, world_size, dev, autocast):
 
 
 def answer(model, tokenizer, instruction, input, dev, dtype, max_new_tokens=300):
-    """Greedy answer to one instruction, for the end-of-run demo (sample.py is the real sampler). The prompt goes
-    through once, then each new token alone, attending to the keys and values cached so far. dtype: the dtype the
-    blocks compute in (the cache's). Every process runs it: the sharded model's forward is collective."""
+    """Greedy answer to one instruction, for the end-of-run demo (sample.py is the real sampler): the prompt once,
+    then one token at a time on the KV cache (in dtype, the blocks' compute dtype). Every process runs it (FSDP)."""
     model.eval()
     ids = tokenizer.encode(format_prompt(instruction, input), bos=True)
-    args = model.args
-    n_kv_heads, head_dim, slots = args.n_kv_heads or args.n_heads, args.dim // args.n_heads, len(ids) + max_new_tokens
-    cache = [tuple(torch.zeros(1, n_kv_heads, slots, head_dim, device=dev, dtype=dtype) for _ in "kv")
-             for _ in range(args.n_layers)]
+    a = model.args
+    shape = (1, a.n_kv_heads or a.n_heads, len(ids) + max_new_tokens, a.dim // a.n_heads)
+    cache = [(torch.zeros(shape, device=dev, dtype=dtype), torch.zeros(shape, device=dev, dtype=dtype))
+             for _ in range(a.n_layers)]
     new, tokens = [], torch.tensor([ids], device=dev)
     with torch.no_grad():
         while len(new) < max_new_tokens and len(ids) + len(new) < max_seq_len:
