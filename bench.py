@@ -89,14 +89,24 @@ def bench_rouge(args):
 
 
 def bench_train(args):
-    """Training throughput: our packed rows against the original recipe's padded batches, same examples."""
+    """Training throughput: our packed rows against the original recipe's padded batches (on our model, and on
+    Hugging Face's LlamaForCausalLM where transformers is installed), same examples; then train.py's whole process
+    on those examples (start-up to the printed answers) against those padded passes, which leave out start-up and
+    saving, so that ratio is a lower bound."""
+    import json
+    import os
     import statistics
+    import subprocess
+    import sys
+    import tempfile
     import time
 
     import numpy as np
     import torch
+    import torch.nn.functional as F
 
-    from train import ModelArgs, Transformer, flops_of, make_batch, measure_peak_flops, pack
+    from train import (ModelArgs, Tokenizer, Transformer, ffn_hidden_dim, flops_of, format_prompt, make_batch,
+                       measure_peak_flops, pack, tokenize_example, train_tokenizer)
 
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
@@ -104,20 +114,32 @@ def bench_train(args):
     model_args = ModelArgs(**config[args.config], vocab_size=32000, max_seq_len=512)
     model = Transformer(model_args).to(dev)
     model.init_weights()
+    folder = tempfile.mkdtemp(prefix="bench_train_")  # the same model and examples as files, for train.py
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(folder, "consolidated.00.pth"))
+    with open(os.path.join(folder, "params.json"), "w") as f:
+        json.dump({**config[args.config], "vocab_size": 32000, "multiple_of": 256, "max_seq_len": 512}, f)
     if args.compile:
         for layer in model.layers:
             layer.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
 
-    # Alpaca-shaped examples: a templated prompt (~40 tokens of preamble, a short instruction, an input 40% of
-    # the time) and a response with a long tail, as in the 52K set (means ~80 prompt / ~70 response tokens).
+    # Alpaca-shaped examples: Alpaca's prompt around a short instruction, an input 40% of the time, and a response
+    # with a long tail, as in the 52K set (means ~80 prompt / ~70 response tokens). The words are random; a
+    # tokenizer trained on them makes most of them one piece.
     rng = np.random.default_rng(args.seed)
-    examples = []
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(3, 9))) for _ in range(1000)]
+    records = []
     for _ in range(args.examples):
-        n_prompt = 40 + int(rng.lognormal(2.7, 0.5)) + (int(rng.lognormal(3.0, 0.8)) if rng.random() < 0.4 else 0)
-        n_response = min(int(rng.lognormal(3.9, 0.8)) + 1, 512 - min(n_prompt, 256))
-        ids = rng.integers(3, 32000, min(n_prompt, 256) + n_response).tolist()
-        examples.append((ids, min(n_prompt, 256)))
+        n_input = int(rng.lognormal(3.0, 0.8)) if rng.random() < 0.4 else 0
+        lengths = (int(rng.lognormal(2.7, 0.5)) + 1, n_input, int(rng.lognormal(3.9, 0.8)) + 1)
+        records.append(dict(zip(("instruction", "input", "output"), (" ".join(rng.choice(words, n)) for n in lengths))))
+    with open(os.path.join(folder, "data.json"), "w") as f:
+        json.dump(records, f)
+    train_tokenizer([format_prompt(r["instruction"], r["input"]) + r["output"] for r in records],
+                    os.path.join(folder, "tokenizer.model"), 4000)
+    tokenizer = Tokenizer(os.path.join(folder, "tokenizer.model"))
+    examples = [tokenize_example(tokenizer, r, 512, {"prompts_cut": 0, "responses_cut": 0, "tokens_dropped": 0})
+                for r in records]
     real_tokens = sum(len(ids) - 1 for ids, _ in examples)
     print(f"{args.examples} examples, {real_tokens / args.examples:.0f} tokens each on average "
           f"({sum(n for _, n in examples) / args.examples:.0f} prompt); model {args.config}: "
@@ -133,42 +155,81 @@ def bench_train(args):
 
     order = rng.permutation(len(examples))
 
-    def padded():  # the original recipe's way: shuffled batches of 4 padded to the longest, logits everywhere
+    def padded_batches():  # the original recipe's way: shuffled batches of 4 padded to the longest
         for i in range(0, len(order), 4):
             batch = [examples[j] for j in order[i:i + 4]]
-            length = max(len(ids) for ids, _ in batch) - 1
+            length = max(len(ids) for ids, _ in batch)
             tokens = torch.zeros(len(batch), length, dtype=torch.long)
-            targets = torch.full((len(batch), length), -100, dtype=torch.long)
+            labels = torch.full((len(batch), length), -100, dtype=torch.long)
+            attention = torch.zeros(len(batch), length, dtype=torch.long)  # Hugging Face's padding mask
             for r, (ids, n_prompt) in enumerate(batch):
-                tokens[r, :len(ids) - 1] = torch.tensor(ids[:-1])
-                targets[r, n_prompt - 1:len(ids) - 1] = torch.tensor(ids[n_prompt:])
-            tokens, targets = tokens.to(dev), targets.to(dev)
+                tokens[r, :len(ids)] = torch.tensor(ids)
+                labels[r, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
+                attention[r, :len(ids)] = 1
+            yield tokens.to(dev), labels.to(dev), attention.to(dev)
+
+    def padded():  # ... on our model, logits everywhere
+        for tokens, labels, _ in padded_batches():
             with torch.autocast(dev.type, dtype=torch.bfloat16):
-                logits = model(tokens)
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+                logits = model(tokens[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten()).backward()
+
+    runs = {"packed": (packed, optimizer), "padded": (padded, optimizer)}
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        print("transformers is not installed: no Hugging Face path")
+    else:
+        hf = LlamaForCausalLM(LlamaConfig(
+            hidden_size=model_args.dim, num_hidden_layers=model_args.n_layers, num_attention_heads=model_args.n_heads,
+            intermediate_size=ffn_hidden_dim(model_args), vocab_size=32000, max_position_embeddings=512)).to(dev)
+
+        def hugging_face():  # ... on Hugging Face's LLaMA, as Alpaca's train.py ran it (Trainer, bf16)
+            for tokens, labels, attention in padded_batches():
+                with torch.autocast(dev.type, dtype=torch.bfloat16):
+                    loss = hf(input_ids=tokens, attention_mask=attention, labels=labels).loss
+                loss.backward()
+        runs["hugging_face"] = (hugging_face, torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=dev.type == "cuda"))
+
+    def whole_process():  # train.py from start-up to its printed answers, on the same model and examples
+        command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                   f"--init={folder}", f"--data={folder}/data.json", "--epochs=1", f"--out_dir={folder}/out",
+                   f"--device={args.device}"] + ["--compile"] * args.compile
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise SystemExit(f"train.py failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        whole_process.summary = result.stdout.strip().splitlines()[-1]
 
     useful_flops = flops_of(pack(examples, 512), examples, model_args)
     peak = measure_peak_flops(dev, torch.bfloat16)
-    results = {}
-    for name, run in (("packed", packed), ("padded", padded)):
-        times = []
-        for rep in range(args.repeats + 1):  # the first pass warms up kernels for every shape
+    times = {name: [] for name in [*runs, "whole_process"]}
+    for rep in range(args.repeats + 1):  # in turns, so a busy moment slows all alike; pass 0 warms up kernels
+        for name, (run, opt) in runs.items():
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             run()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if rep:
-                times.append(time.perf_counter() - t0)
-        seconds = statistics.median(times)
-        results[name] = real_tokens / seconds
-        print(f"{name}: {real_tokens / seconds:,.0f} real tokens/s, MFU {100 * useful_flops / seconds / peak:.1f}% "
-              f"(median of {args.repeats}: {', '.join(f'{t:.2f}' for t in times)} s)")
+                times[name].append(time.perf_counter() - t0)
+        if rep:
+            t0 = time.perf_counter()
+            whole_process()
+            times["whole_process"].append(time.perf_counter() - t0)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    for name in runs:
+        print(f"{name}: {real_tokens / seconds[name]:,.0f} real tokens/s, MFU "
+              f"{100 * useful_flops / seconds[name] / peak:.1f}% (median of {args.repeats}: "
+              f"{', '.join(f'{t:.2f}' for t in times[name])} s)")
+    print(f"whole process (python train.py --init=... --data=... --epochs=1): {seconds['whole_process']:.1f} s (median "
+          f"of {args.repeats}: {', '.join(f'{t:.1f}' for t in times['whole_process'])} s); {whole_process.summary}")
     print(f"peak used for MFU: {peak / 1e12:.2f} TFLOP/s ({'spec sheet' if dev.type == 'cuda' else 'measured'})")
-    print(f"speedup_packed_vs_padded={results['packed'] / results['padded']:.2f}")
+    print(f"speedup_packed_vs_padded={seconds['padded'] / seconds['packed']:.2f}")
+    for name in [name for name in runs if name != "packed"]:  # the baseline's steps alone vs our whole process
+        print(f"speedup_whole_process_vs_{name}={seconds[name] / seconds['whole_process']:.2f}")
 
 
 def bench_sample_processes(args):
@@ -499,7 +560,8 @@ if __name__ == "__main__":
     rouge_parser.set_defaults(run=bench_rouge)
     train_parser = commands.add_parser("train", help=bench_train.__doc__)
     train_parser.add_argument("--config", choices=["bench", "1b"], default="bench", help="bench: dim 512, 8 layers; 1b: ~1B")
-    train_parser.add_argument("--examples", type=int, default=64, help="Alpaca-shaped synthetic examples per pass")
+    train_parser.add_argument("--examples", type=int, default=64, help="Alpaca-shaped synthetic examples per pass "
+                              "(the whole process: one epoch of them)")
     train_parser.add_argument("--micro_batch_size", type=int, default=4, help="packed rows per forward")
     train_parser.add_argument("--repeats", type=int, default=3, help="timed passes (after one warm-up pass)")
     train_parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")

@@ -268,6 +268,47 @@ def test_every_process_gets_the_same_number_of_micro_batches():
             assert sorted(r[0] for share in shares for micro in share for r in micro if r) == list(range(7))
 
 
+
+def test_rope_and_rmsnorm_equal_the_plain_formulas():
+    # train.py computes both in fewer, fused operations; these are the textbook formulas they must match.
+    torch.manual_seed(0)
+    cos, sin = train.rope_cos_sin(torch.tensor([[0, 1, 2, 3, 0, 1, 40, 511]]), 16, 10000.0)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):  # bf16: one rounding of the output
+        x = torch.randn(1, 8, 3, 16).to(dtype).requires_grad_()
+        x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+        c, s = cos[:, :, None], sin[:, :, None]
+        plain = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+        rotated = train.apply_rope(x, cos, sin)
+        assert rotated.dtype == dtype
+        torch.testing.assert_close(rotated.float(), plain, atol=tol, rtol=tol)
+        g = torch.randn(1, 8, 3, 16)
+        (grad,) = torch.autograd.grad(rotated.float(), x, g)
+        (plain_grad,) = torch.autograd.grad(plain, x, g)
+        torch.testing.assert_close(grad.float(), plain_grad.float(), atol=tol, rtol=tol)
+    norm = train.RMSNorm(32, 1e-5)
+    norm.weight.data = torch.rand(32) + 0.5
+    x = torch.randn(5, 32) * 3
+    plain = x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.weight
+    torch.testing.assert_close(norm(x), plain, atol=1e-5, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the statistics stay fp32; only the output is cast
+        y = norm(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, plain.detach().to(torch.bfloat16))
+
+
+def test_answer_with_the_kv_cache_equals_recomputing_every_token(tokenizer):
+    torch.manual_seed(0)
+    model = train.Transformer(train.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                              vocab_size=tokenizer.vocab_size, multiple_of=16))
+    model.init_weights(std=0.2)
+    ids = tokenizer.encode(train.format_prompt("Name a colour.", "red or blue"), bos=True)
+    with torch.no_grad():
+        for _ in range(30):  # the plain way: the whole sequence again for each new token
+            ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
+    expected = ids[-30:][:ids[-30:].index(tokenizer.eos_id)] if tokenizer.eos_id in ids[-30:] else ids[-30:]
+    reply = train.answer(model, tokenizer, "Name a colour.", "red or blue", "cpu", torch.float32, max_new_tokens=30)
+    assert reply == tokenizer.decode(expected) and len(set(expected)) > 3
+
+
 def test_command_line_settings():
     runs = [subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -424,3 +465,7 @@ def test_default_run_from_a_clean_clone(tmp_path):
     train_losses = losses(result.stdout)
     assert len(train_losses) > 10
     assert sum(train_losses[-5:]) / 5 < 0.5 * sum(train_losses[:3]) / 3
+    # Both answers come with their ROUGE-L against the reference, and the run with the time of each phase.
+    scores = [float(x) for x in re.findall(r"^ROUGE-L: ([0-9.]+)$", result.stdout, re.M)]
+    assert len(scores) == 2 and all(0 <= x <= 1 for x in scores)
+    assert re.search(r"^time: setup [0-9.]+ s, steps [0-9.]+ s, .* answers [0-9.]+ s", result.stdout, re.M)
