@@ -272,7 +272,8 @@ def test_every_process_gets_the_same_number_of_micro_batches():
 def test_rope_and_rmsnorm_equal_the_plain_formulas():
     # train.py computes both in fewer, fused operations; these are the textbook formulas they must match.
     torch.manual_seed(0)
-    cos, sin = train.rope_cos_sin(torch.tensor([[0, 1, 2, 3, 0, 1, 40, 511]]), 16, 10000.0)
+    inv_freq = train.rope_inv_freq(train.ModelArgs(dim=64, n_heads=4, rope_theta=10000.0))
+    cos, sin = train.rope_cos_sin(torch.tensor([[0, 1, 2, 3, 0, 1, 40, 511]]), inv_freq)
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):  # bf16: one rounding of the output
         x = torch.randn(1, 8, 3, 16).to(dtype).requires_grad_()
         x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
