@@ -48,6 +48,14 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16"                # autocast dtype; "float32" turns mixed precision off
 compile = False
 activation_checkpointing = False
+# LoRA (Hu et al., 2021): freeze the model and train a low-rank update of its linear layers; what fits a 7-8B
+# model on one GPU (see README). alpaca-lora used rank 8, alpha 16, dropout 0.05 and --learning_rate=3e-4 (adapters
+# want a far higher rate than full fine-tuning's 2e-5: set it yourself), on wq and wv only; here every linear layer
+# of the blocks by default, which trains better for the same memory.
+lora_rank = 0                     # 0: full fine-tuning (Alpaca); R > 0: rank-R adapters on a frozen model
+lora_alpha = 16.0                 # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.05               # on the adapters' input only
+lora_targets = "wq,wk,wv,wo,w1,w2,w3"
 # With no --init there is no pretrained model to fine-tune, so the demo trains a tiny LLaMA from scratch on
 # the seed tasks. That needs a high learning rate, small batches and many passes; these apply only then.
 tiny_model = dict(dim=192, n_layers=4, n_heads=6, vocab_size=2000, multiple_of=32, max_seq_len=512)
@@ -145,6 +153,77 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (Hu et al., 2021): y = W x + (alpha / R) B A x, with A
+    (R x in) and B (out x R) in fp32. B starts at zero, so at step 0 the layer is exactly the base one. The weight
+    keeps its name (wq.weight), so merging B A into it gives a checkpoint with the base model's names."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.weight = base.weight
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, device=base.weight.device))
+        self.scale, self.dropout = alpha / rank, dropout
+
+    def forward(self, x):
+        update = F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_a), self.lora_b)
+        return F.linear(x, self.weight) + self.scale * update
+
+
+def add_lora(model, rank, alpha, dropout, targets):
+    """Freeze every parameter, then put the target linear layers of each block (names as in Attention and
+    FeedForward) in LoRALinear: only the adapters train."""
+    known = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    if not targets or any(t not in known for t in targets):
+        raise SystemExit(f"--lora_targets={','.join(targets)}: expected some of {','.join(known)}")
+    model.requires_grad_(False)
+    for block in model.layers:
+        for part in (block.attention, block.feed_forward):
+            for name in targets:
+                if name in part._modules:
+                    setattr(part, name, LoRALinear(getattr(part, name), rank, alpha, dropout))
+
+
+def lora_init(model, seed):
+    """Initial adapters, drawn on the CPU from a seeded generator so they are the same on any number of processes:
+    A as nn.Linear draws a weight (uniform, +-1/sqrt(in); PEFT's choice too), B zero."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in model.named_parameters():
+        if name.endswith(".lora_a"):
+            state[name] = (torch.rand(p.shape, generator=generator) * 2 - 1) / math.sqrt(p.shape[1])
+        elif name.endswith(".lora_b"):
+            state[name] = torch.zeros(p.shape)
+    return state
+
+
+def merge_lora(state, scale):
+    """Fold each adapter of a state dict into its weight, W + scale * B A, in place, and drop the adapters. Every
+    tensor comes out in fp32, as a full run writes them: rounding W + B A to bf16 would lose much of the update."""
+    for name in [n for n in state if n.endswith(".lora_a")]:
+        prefix = name[:-len("lora_a")]
+        a, b = state.pop(prefix + "lora_a").float(), state.pop(prefix + "lora_b").float()
+        state[prefix + "weight"] = state[prefix + "weight"].float() + scale * (b @ a)
+    for name in state:
+        state[name] = state[name].float()
+    return state
+
+
+def apply_adapters(state, path):
+    """A base model's state dict with the adapters of a run's adapters.safetensors merged in: what that run's own
+    consolidated.00.pth holds, for whoever has the base model and only the small adapters file."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta, adapters = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    if "lora_rank" not in meta or "lora_alpha" not in meta:
+        raise SystemExit(f"{path}: no lora_rank/lora_alpha in its metadata: not an adapters file of train.py")
+    for name, t in adapters.items():
+        weight, dim = state.get(name.rsplit(".", 1)[0] + ".weight"), int(name.endswith(".lora_a"))
+        if weight is None or t.shape[dim] != weight.shape[dim]:
+            raise SystemExit(f"{path}: adapter '{name}' of shape {tuple(t.shape)} does not fit the base model")
+    return merge_lora({**state, **adapters}, float(meta["lora_alpha"]) / int(meta["lora_rank"]))
 
 
 class TransformerBlock(nn.Module):
@@ -579,13 +658,18 @@ def write_atomic(path, payload):
 
 def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
     """The model in Meta's layout (what sample.py and from_pretrained read), then the resume state: sharded
-    model and optimizer (torch.distributed.checkpoint, so a run may resume on another number of processes)."""
+    model and optimizer (torch.distributed.checkpoint, so a run may resume on another number of processes).
+    With LoRA, the adapters alone go to adapters.safetensors and merged into the weights everywhere else; the
+    resume state holds only what trains (the adapters and their optimizer): the frozen model is --init's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
+        if lora_rank:
+            save_adapters(full, os.path.join(out_dir, "adapters.safetensors"))
+            full = merge_lora(full, lora_alpha / lora_rank)
         write_atomic(os.path.join(out_dir, "consolidated.00.pth"), full)
         write_atomic(os.path.join(out_dir, "params.json"), json.dumps(args.__dict__, indent=2).encode())
         if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
@@ -596,8 +680,9 @@ def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
     if rank == 0 and os.path.exists(tmp_dir):
         shutil.rmtree(tmp_dir)
     dist.barrier()
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-             checkpoint_id=tmp_dir)
+    trained = StateDictOptions(ignore_frozen_params=True)
+    dcp.save({"model": get_model_state_dict(model, options=trained),
+              "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp_dir)
     if rank == 0:
         with open(os.path.join(tmp_dir, "step.json"), "w") as f:
             json.dump({"step": step}, f)
@@ -608,18 +693,30 @@ def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
     dist.barrier()
 
 
+def save_adapters(state, path):
+    """The adapters of a full state dict, with what it takes to apply them (see apply_adapters), in a small file."""
+    from safetensors.torch import save
+    tensors = {name: t.float().contiguous() for name, t in state.items() if ".lora_" in name}
+    meta = {"lora_rank": str(lora_rank), "lora_alpha": str(lora_alpha), "lora_targets": lora_targets,
+            "lora_dropout": str(lora_dropout), "init": init}
+    write_atomic(path, save(tensors, metadata=meta))
+
+
 def load_resume_state(model, optimizer):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_state_dict)
     resume_dir = os.path.join(out_dir, "resume")
     if not os.path.exists(resume_dir) and os.path.exists(resume_dir + ".old"):
         resume_dir += ".old"  # a crash between the two renames of save_checkpoint
     if not os.path.exists(os.path.join(resume_dir, "step.json")):
         raise SystemExit(f"--resume: no saved state in {out_dir}")
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    # As saved: only what trains (dcp.load refuses a checkpoint that lacks any of it).
+    state = {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
+             "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=resume_dir)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
     with open(os.path.join(resume_dir, "step.json")) as f:
         return json.load(f)["step"]
 
@@ -748,6 +845,13 @@ def main():
     with torch.device("meta"):
         model = Transformer(args)
     model.activation_checkpointing = activation_checkpointing
+    if lora_rank:
+        # The frozen model is held in the compute dtype (bf16 on GPUs: 2 bytes a parameter, no gradient, no Adam
+        # state); the adapters train in fp32. On CPU all stays fp32, as FSDP gathers a block in one dtype there.
+        base_dtype = amp_dtype if dev.type == "cuda" else torch.float32
+        model.to(base_dtype)
+        add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(","))
+        full_state = {**{k: v.to(base_dtype) for k, v in full_state.items()}, **lora_init(model, seed)}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # On GPUs FSDP keeps fp32 master weights but computes in bf16 and reduces gradients in fp32.
@@ -764,10 +868,13 @@ def main():
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True))
     del full_state
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}; "
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    log(f"model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable ({100 * n_trainable / n_params:.2f}%"
+        + (f", LoRA rank {lora_rank} on {lora_targets}" if lora_rank else "") + f"), {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}; "
         f"{world_size} process(es) on {dev.type}, {dtype}")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
                                   weight_decay=weight_decay, fused=dev.type == "cuda" or None,
                                   foreach=dev.type != "cuda" or None)
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
@@ -783,6 +890,7 @@ def main():
     t_start = time.perf_counter()
     while step < total_steps:
         t0 = time.perf_counter()
+        torch.manual_seed(hash((seed, step, rank)))  # LoRA's dropout: a resumed run draws what a straight one would
         # Each step takes the next batch_size examples of this epoch's seeded shuffle; every process packs the
         # same examples and works on its share of the rows, so the step is the same on any number of processes.
         epoch, k = divmod(step, steps_per_epoch)
