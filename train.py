@@ -48,10 +48,10 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16"                # autocast dtype; "float32" turns mixed precision off
 compile = False
 activation_checkpointing = False
-# LoRA (Hu et al., 2021): freeze the model and train a low-rank update of its linear layers; what fits a 7-8B
-# model on one GPU (see README). alpaca-lora used rank 8, alpha 16, dropout 0.05 and --learning_rate=3e-4 (adapters
-# want a far higher rate than full fine-tuning's 2e-5: set it yourself), on wq and wv only; here every linear layer
-# of the blocks by default, which trains better for the same memory.
+# LoRA (Hu et al., 2021): freeze the model, train a low-rank update of its linear layers: a 7-8B model on one GPU
+# (README). alpaca-lora used rank 8, alpha 16, dropout 0.05 and --learning_rate=3e-4 (adapters want a far higher
+# rate than full fine-tuning's 2e-5: set it yourself) on wq and wv only; every linear layer of the blocks here, as
+# QLoRA (Dettmers et al., 2023) found that needed to match full fine-tuning.
 lora_rank = 0                     # 0: full fine-tuning (Alpaca); R > 0: rank-R adapters on a frozen model
 lora_alpha = 16.0                 # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05               # on the adapters' input only
@@ -157,8 +157,7 @@ class FeedForward(nn.Module):
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (Hu et al., 2021): y = W x + (alpha / R) B A x, with A
-    (R x in) and B (out x R) in fp32. B starts at zero, so at step 0 the layer is exactly the base one. The weight
-    keeps its name (wq.weight), so merging B A into it gives a checkpoint with the base model's names."""
+    (R x in) and B (out x R) in fp32. The weight keeps its name (wq.weight), so merged weights have the base names."""
 
     def __init__(self, base, rank, alpha, dropout):
         super().__init__()
@@ -168,13 +167,16 @@ class LoRALinear(nn.Module):
         self.scale, self.dropout = alpha / rank, dropout
 
     def forward(self, x):
-        update = F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_a), self.lora_b)
+        # In x's dtype, as autocast would do: a bf16 model also runs without it (the end-of-run answers).
+        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
+        update = F.linear(F.linear(F.dropout(x, self.dropout, self.training), a), b)
         return F.linear(x, self.weight) + self.scale * update
 
 
-def add_lora(model, rank, alpha, dropout, targets):
-    """Freeze every parameter, then put the target linear layers of each block (names as in Attention and
-    FeedForward) in LoRALinear: only the adapters train."""
+def add_lora(model, rank, alpha, dropout, targets, seed):
+    """Freeze the model and put the target linear layers of each block in LoRALinear. Returns the adapters' initial
+    values, drawn on the CPU from a seeded generator, so the same on any number of processes: A as nn.Linear draws a
+    weight (uniform, +-1/sqrt(in), as PEFT does), B zero, so that step 0 is the base model exactly."""
     known = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
     if not targets or any(t not in known for t in targets):
         raise SystemExit(f"--lora_targets={','.join(targets)}: expected some of {','.join(known)}")
@@ -184,19 +186,13 @@ def add_lora(model, rank, alpha, dropout, targets):
             for name in targets:
                 if name in part._modules:
                     setattr(part, name, LoRALinear(getattr(part, name), rank, alpha, dropout))
-
-
-def lora_init(model, seed):
-    """Initial adapters, drawn on the CPU from a seeded generator so they are the same on any number of processes:
-    A as nn.Linear draws a weight (uniform, +-1/sqrt(in); PEFT's choice too), B zero."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
+    generator, init = torch.Generator().manual_seed(seed), {}
     for name, p in model.named_parameters():
         if name.endswith(".lora_a"):
-            state[name] = (torch.rand(p.shape, generator=generator) * 2 - 1) / math.sqrt(p.shape[1])
+            init[name] = (torch.rand(p.shape, generator=generator) * 2 - 1) / math.sqrt(p.shape[1])
         elif name.endswith(".lora_b"):
-            state[name] = torch.zeros(p.shape)
-    return state
+            init[name] = torch.zeros(p.shape)
+    return init
 
 
 def merge_lora(state, scale):
@@ -850,8 +846,8 @@ def main():
         # state); the adapters train in fp32. On CPU all stays fp32, as FSDP gathers a block in one dtype there.
         base_dtype = amp_dtype if dev.type == "cuda" else torch.float32
         model.to(base_dtype)
-        add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(","))
-        full_state = {**{k: v.to(base_dtype) for k, v in full_state.items()}, **lora_init(model, seed)}
+        adapters = add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(","), seed)
+        full_state = {**{k: v.to(base_dtype) for k, v in full_state.items()}, **adapters}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # On GPUs FSDP keeps fp32 master weights but computes in bf16 and reduces gradients in fp32.
@@ -871,8 +867,8 @@ def main():
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable ({100 * n_trainable / n_params:.2f}%"
-        + (f", LoRA rank {lora_rank} on {lora_targets}" if lora_rank else "") + f"), {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}; "
-        f"{world_size} process(es) on {dev.type}, {dtype}")
+        + (f", LoRA rank {lora_rank} on {lora_targets}" if lora_rank else "") + f"), {args.n_layers} layers, "
+        f"dim {args.dim}, vocab {args.vocab_size}; {world_size} process(es) on {dev.type}, {dtype}")
 
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
                                   weight_decay=weight_decay, fused=dev.type == "cuda" or None,

@@ -27,8 +27,7 @@ def tiny_args(vocab_size=128):
 
 def lora_model(base, rank=4, alpha=8.0, dropout=0.0, seed=0):
     model = copy.deepcopy(base)
-    train.add_lora(model, rank, alpha, dropout, TARGETS)
-    model.load_state_dict(train.lora_init(model, seed), strict=False)
+    model.load_state_dict(train.add_lora(model, rank, alpha, dropout, TARGETS, seed), strict=False)
     return model
 
 
@@ -43,6 +42,7 @@ def test_adapters_start_at_the_base_model_and_only_they_train():
     base.init_weights(std=0.2)
     model = lora_model(base)
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if ".lora_" not in name}
+    initial = {name: p.detach().clone() for name, p in model.named_parameters() if ".lora_" in name}
     assert frozen.keys() == base.state_dict().keys()
     n_adapters = sum(".lora_" in name for name, _ in model.named_parameters())
     assert n_adapters == 2 * 7 * 2  # A and B for 7 linear layers in each of 2 blocks
@@ -59,7 +59,7 @@ def test_adapters_start_at_the_base_model_and_only_they_train():
         optimizer.zero_grad(set_to_none=True)
     for name, p in model.named_parameters():
         if ".lora_" in name:
-            assert p.abs().max() > 0 and not torch.equal(p, train.lora_init(model, 0)[name]), name
+            assert p.abs().max() > 0 and not torch.equal(p, initial[name]), name
         else:
             assert torch.equal(p, frozen[name]), name
     # Activation checkpointing recomputes the blocks in the backward pass: the same adapter gradients.
@@ -88,7 +88,7 @@ def test_adapters_start_at_the_base_model_and_only_they_train():
         dropped.eval()
         torch.testing.assert_close(dropped(tokens), adapted, atol=1e-6, rtol=0)
     with pytest.raises(SystemExit, match="--lora_targets=q_proj: expected some of wq,wk"):
-        train.add_lora(copy.deepcopy(base), 4, 8.0, 0.0, ["q_proj"])
+        train.add_lora(copy.deepcopy(base), 4, 8.0, 0.0, ["q_proj"], 0)
 
 
 # Real runs of train.py: a tiny base model given as --init, 4 steps of 8 seed tasks in fp32, LoRA rank 4 on every
