@@ -192,10 +192,10 @@ def bench_train(args):
 
         figures = {}
         for name in ("full", "lora"):
-            if name == "lora":  # as train.py: the frozen model in the compute dtype on GPUs, fp32 adapters and Adam
+            if name == "lora":  # as train.py: the frozen model in the compute dtype (bf16), fp32 adapters and Adam
                 del optimizer
                 gc.collect()
-                model.to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
+                model.to(torch.bfloat16)
                 model.load_state_dict(train.add_lora(model, args.lora_rank, train.lora_alpha, train.lora_dropout,
                                                      train.lora_targets.split(","), args.seed), strict=False)
                 model.to(dev)

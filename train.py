@@ -157,7 +157,7 @@ class FeedForward(nn.Module):
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (Hu et al., 2021): y = W x + (alpha / R) B A x, with A
-    (R x in) and B (out x R) in fp32. The weight keeps its name (wq.weight), so merged weights have the base names."""
+    (R x in) and B (out x R) in fp32. The weight keeps its name (wq.weight): merged, the names are the base's."""
 
     def __init__(self, base, rank, alpha, dropout):
         super().__init__()
@@ -610,9 +610,10 @@ def lr_at(step, total_steps):
     return learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def flops_of(rows, examples, args):
+def flops_of(rows, examples, args, frozen=False):
     """Training FLOPs for packed rows: 6 per parameter per token for the blocks, the output layer only on
-    supervised tokens, and causal attention (6·L·dim·n² for an example of n tokens)."""
+    supervised tokens, and causal attention (6·L·dim·n² for an example of n tokens). A frozen model (LoRA) takes
+    4, as its weights need no gradient (the adapters' own FLOPs, about 1% at rank 16, are left out)."""
     hidden = ffn_hidden_dim(args)
     kv_dim = (args.n_kv_heads or args.n_heads) * (args.dim // args.n_heads)
     block_params = args.n_layers * (2 * args.dim * args.dim + 2 * args.dim * kv_dim + 3 * args.dim * hidden)
@@ -621,7 +622,7 @@ def flops_of(rows, examples, args):
         for i in row:
             ids, n_prompt = examples[i]
             n = len(ids) - 1
-            total += 6 * block_params * n + 6 * args.dim * args.vocab_size * (n - n_prompt + 1)
+            total += (4 if frozen else 6) * (block_params * n + args.dim * args.vocab_size * (n - n_prompt + 1))
             total += 6 * args.n_layers * args.dim * n * n
     return total
 
@@ -842,12 +843,11 @@ def main():
         model = Transformer(args)
     model.activation_checkpointing = activation_checkpointing
     if lora_rank:
-        # The frozen model is held in the compute dtype (bf16 on GPUs: 2 bytes a parameter, no gradient, no Adam
-        # state); the adapters train in fp32. On CPU all stays fp32, as FSDP gathers a block in one dtype there.
-        base_dtype = amp_dtype if dev.type == "cuda" else torch.float32
-        model.to(base_dtype)
+        # The frozen model is held in the compute dtype (bf16: 2 bytes a parameter, no gradient, no Adam state);
+        # the adapters train in fp32.
+        model.to(amp_dtype)
         adapters = add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(","), seed)
-        full_state = {**{k: v.to(base_dtype) for k, v in full_state.items()}, **adapters}
+        full_state = {**{k: v.to(amp_dtype) for k, v in full_state.items()}, **adapters}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # On GPUs FSDP keeps fp32 master weights but computes in bf16 and reduces gradients in fp32.
@@ -866,9 +866,10 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
+    lora = f", LoRA rank {lora_rank} on {lora_targets}" if lora_rank else ""
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable ({100 * n_trainable / n_params:.2f}%"
-        + (f", LoRA rank {lora_rank} on {lora_targets}" if lora_rank else "") + f"), {args.n_layers} layers, "
-        f"dim {args.dim}, vocab {args.vocab_size}; {world_size} process(es) on {dev.type}, {dtype}")
+        f"{lora}), {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}; {world_size} process(es) on "
+        f"{dev.type}, {dtype}")
 
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
                                   weight_decay=weight_decay, fused=dev.type == "cuda" or None,
@@ -918,7 +919,8 @@ def main():
             dist.all_reduce(loss_sum)
             dt = time.perf_counter() - t0
             n_tokens = sum(len(ids) - 1 for ids, _ in batch)
-            mfu = flops_of(rows, batch, args) / dt / (peak_flops * world_size) if peak_flops else None
+            mfu = (flops_of(rows, batch, args, frozen=lora_rank > 0) / dt / (peak_flops * world_size)
+                   if peak_flops else None)
             memory = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
                       else resource_maxrss()) / 2 ** 30
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
