@@ -1,6 +1,6 @@
 """Tests for LoRA in train.py: the adapted model starts as the base model, only the adapters train, the merged
 checkpoint and the adapters file give the adapted model back, and real runs (one process, torchrun with two, a
-resume after a crash) train the same adapters."""
+resume from the state a run left at step 2) train the same adapters."""
 import copy
 import json
 import os
