@@ -286,6 +286,60 @@ def bench_sample_processes(args):
         print(f"  {name:40s} {args.items / median:6.2f} items/s ({median:.1f} s; {same})", flush=True)
     shutil.rmtree(folder)
 
+    if args.lora_rank:  # LoRA (train.py's defaults but the rank) next to full fine-tuning, on the same packed passes
+        import ctypes
+        import gc
+
+        import train
+
+        def reset_peak_memory():
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            else:  # hand freed memory back to the OS, then restart the peak resident set (Linux's clear_refs)
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+
+        def peak_memory():
+            if dev.type == "cuda":
+                return torch.cuda.max_memory_allocated(dev)
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+        figures = {}
+        for name in ("full", "lora"):
+            if name == "lora":  # as train.py: the frozen model in the compute dtype (bf16), fp32 adapters and Adam
+                del optimizer
+                gc.collect()
+                model.to(torch.bfloat16)
+                model.load_state_dict(train.add_lora(model, args.lora_rank, train.lora_alpha, train.lora_dropout,
+                                                     train.lora_targets.split(","), args.seed), strict=False)
+                model.to(dev)
+                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                              fused=dev.type == "cuda")
+            reset_peak_memory()
+            times = []
+            for rep in range(args.repeats + 1):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                packed()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if rep:
+                    times.append(time.perf_counter() - t0)
+            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+            figures[name] = real_tokens / statistics.median(times), peak_memory()
+            print(f"{name if name == 'full' else f'LoRA rank {args.lora_rank} ({train.lora_targets})'}: "
+                  f"{figures[name][0]:,.0f} real tokens/s, peak memory {figures[name][1] / 2**30:.2f} GiB "
+                  f"({'max_memory_allocated' if dev.type == 'cuda' else 'RSS'}), {n_trainable / 1e6:.2f}M trainable "
+                  f"parameters, optimizer state {state_bytes / 2**20:.1f} MiB")
+        print(f"lora_vs_full_tokens_per_s={figures['lora'][0] / figures['full'][0]:.2f} "
+              f"lora_vs_full_peak_memory={figures['lora'][1] / figures['full'][1]:.2f}")
+
 
 def bench_sample(args):
     """Decode tokens/s of sample.generate at batch 1 and 16, in bf16 and fp32, against the roofline for batch 1:
@@ -566,6 +620,7 @@ if __name__ == "__main__":
     train_parser.add_argument("--repeats", type=int, default=3, help="timed passes (after one warm-up pass)")
     train_parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     train_parser.add_argument("--compile", action="store_true")
+    train_parser.add_argument("--lora_rank", type=int, default=0, help="also LoRA of this rank vs full fine-tuning")
     train_parser.add_argument("--seed", type=int, default=0)
     train_parser.set_defaults(run=bench_train)
     sample_parser = commands.add_parser("sample", help="decode tokens/s vs the memory-bandwidth roofline")

@@ -50,6 +50,14 @@ dtype = "bfloat16"                # autocast dtype; "float32" turns mixed precis
 compile = False
 activation_checkpointing = False
 save_hf = False                   # also write out_dir/hf/: the model in Hugging Face's layout (transformers, vLLM)
+# LoRA (Hu et al., 2021): freeze the model, train a low-rank update of its linear layers: a 7-8B model on one GPU
+# (README). alpaca-lora used rank 8, alpha 16, dropout 0.05 and --learning_rate=3e-4 (adapters want a far higher
+# rate than full fine-tuning's 2e-5: set it yourself) on wq and wv only; every linear layer of the blocks here, as
+# QLoRA (Dettmers et al., 2023) found that needed to match full fine-tuning.
+lora_rank = 0                     # 0: full fine-tuning (Alpaca); R > 0: rank-R adapters on a frozen model
+lora_alpha = 16.0                 # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.05               # on the adapters' input only
+lora_targets = "wq,wk,wv,wo,w1,w2,w3"
 # With no --init there is no pretrained model to fine-tune, so the demo trains a tiny LLaMA from scratch on
 # the seed tasks, long enough to learn them by heart (not to generalise: 171 examples cannot teach that). From
 # scratch needs other settings than fine-tuning: many passes, small batches, a high learning rate, Adam's second
@@ -184,6 +192,73 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (Hu et al., 2021): y = W x + (alpha / R) B A x, with A
+    (R x in) and B (out x R) in fp32. The weight keeps its name (wq.weight): merged, the names are the base's."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.weight = base.weight
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, device=base.weight.device))
+        self.scale, self.dropout = alpha / rank, dropout
+
+    def forward(self, x):
+        # In x's dtype, as autocast would do: a bf16 model also runs without it (the end-of-run answers).
+        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
+        update = F.linear(F.linear(F.dropout(x, self.dropout, self.training), a), b)
+        return F.linear(x, self.weight) + self.scale * update
+
+
+def add_lora(model, rank, alpha, dropout, targets, seed):
+    """Freeze the model and put the target linear layers of each block in LoRALinear. Returns the adapters' initial
+    values, drawn on the CPU from a seeded generator, so the same on any number of processes: A as nn.Linear draws a
+    weight (uniform, +-1/sqrt(in), as PEFT does), B zero, so that step 0 is the base model exactly."""
+    known = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    if not targets or any(t not in known for t in targets):
+        raise SystemExit(f"--lora_targets={','.join(targets)}: expected some of {','.join(known)}")
+    model.requires_grad_(False)
+    for block in model.layers:
+        for part in (block.attention, block.feed_forward):
+            for name in targets:
+                if name in part._modules:
+                    setattr(part, name, LoRALinear(getattr(part, name), rank, alpha, dropout))
+    generator, init = torch.Generator().manual_seed(seed), {}
+    for name, p in model.named_parameters():
+        if name.endswith(".lora_a"):
+            init[name] = (torch.rand(p.shape, generator=generator) * 2 - 1) / math.sqrt(p.shape[1])
+        elif name.endswith(".lora_b"):
+            init[name] = torch.zeros(p.shape)
+    return init
+
+
+def merge_lora(state, scale):
+    """Fold each adapter of a state dict into its weight, W + scale * B A, in place, and drop the adapters. Every
+    tensor comes out in fp32, as a full run writes them: rounding W + B A to bf16 would lose much of the update."""
+    for name in [n for n in state if n.endswith(".lora_a")]:
+        prefix = name[:-len("lora_a")]
+        a, b = state.pop(prefix + "lora_a").float(), state.pop(prefix + "lora_b").float()
+        state[prefix + "weight"] = state[prefix + "weight"].float() + scale * (b @ a)
+    for name in state:
+        state[name] = state[name].float()
+    return state
+
+
+def apply_adapters(state, path):
+    """A base model's state dict with the adapters of a run's adapters.safetensors merged in: what that run's own
+    consolidated.00.pth holds, for whoever has the base model and only the small adapters file."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta, adapters = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    if "lora_rank" not in meta or "lora_alpha" not in meta:
+        raise SystemExit(f"{path}: no lora_rank/lora_alpha in its metadata: not an adapters file of train.py")
+    for name, t in adapters.items():
+        weight, dim = state.get(name.rsplit(".", 1)[0] + ".weight"), int(name.endswith(".lora_a"))
+        if weight is None or t.shape[dim] != weight.shape[dim]:
+            raise SystemExit(f"{path}: adapter '{name}' of shape {tuple(t.shape)} does not fit the base model")
+    return merge_lora({**state, **adapters}, float(meta["lora_alpha"]) / int(meta["lora_rank"]))
 
 
 class TransformerBlock(nn.Module):
@@ -684,9 +759,10 @@ def lr_at(step, total_steps):
     return learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def flops_of(rows, examples, args):
+def flops_of(rows, examples, args, frozen=False):
     """Training FLOPs for packed rows: 6 per parameter per token for the blocks, the output layer only on
-    supervised tokens, and causal attention (6·L·dim·n² for an example of n tokens)."""
+    supervised tokens, and causal attention (6·L·dim·n² for an example of n tokens). A frozen model (LoRA) takes
+    4, as its weights need no gradient (the adapters' own FLOPs, about 1% at rank 16, are left out)."""
     hidden = ffn_hidden_dim(args)
     q_dim, kv_dim = args.n_heads * args.head_dim, (args.n_kv_heads or args.n_heads) * args.head_dim
     block_params = args.n_layers * (2 * args.dim * q_dim + 2 * args.dim * kv_dim + 3 * args.dim * hidden)
@@ -695,7 +771,7 @@ def flops_of(rows, examples, args):
         for i in row:
             ids, n_prompt = examples[i]
             n = len(ids) - 1
-            total += 6 * block_params * n + 6 * args.dim * args.vocab_size * (n - n_prompt + 1)
+            total += (4 if frozen else 6) * (block_params * n + args.dim * args.vocab_size * (n - n_prompt + 1))
             total += 6 * args.n_layers * args.dim * n * n
     return total
 
@@ -728,13 +804,18 @@ def write_atomic(path, payload):
 
 def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
     """The model in Meta's layout (what sample.py and from_pretrained read), then the resume state: sharded
-    model and optimizer (torch.distributed.checkpoint, so a run may resume on another number of processes)."""
+    model and optimizer (torch.distributed.checkpoint, so a run may resume on another number of processes).
+    With LoRA, the adapters alone go to adapters.safetensors and merged into the weights everywhere else; the
+    resume state holds only what trains (the adapters and their optimizer): the frozen model is --init's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
+        if lora_rank:
+            save_adapters(full, os.path.join(out_dir, "adapters.safetensors"))
+            full = merge_lora(full, lora_alpha / lora_rank)
         write_atomic(os.path.join(out_dir, "consolidated.00.pth"), full)
         write_atomic(os.path.join(out_dir, "params.json"), json.dumps(args.__dict__, indent=2).encode())
         if save_hf: export_hf(full, args, tokenizer_path, os.path.join(out_dir, "hf"))
@@ -746,8 +827,9 @@ def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
     if rank == 0:
         repair_resume(out_dir)  # after it only resume/ may exist, so the renames below cannot fail
     dist.barrier()
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-             checkpoint_id=tmp_dir)
+    trained = StateDictOptions(ignore_frozen_params=True)
+    dcp.save({"model": get_model_state_dict(model, options=trained),
+              "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp_dir)
     if rank == 0:
         # step.json marks a complete state, so it is written last and atomically.
         write_atomic(os.path.join(tmp_dir, "step.json"), json.dumps({"step": step}).encode())
@@ -828,19 +910,31 @@ def repair_resume(out_dir):
         discard(path)
 
 
+def save_adapters(state, path):
+    """The adapters of a full state dict, with what it takes to apply them (see apply_adapters), in a small file."""
+    from safetensors.torch import save
+    tensors = {name: t.float().contiguous() for name, t in state.items() if ".lora_" in name}
+    meta = {"lora_rank": str(lora_rank), "lora_alpha": str(lora_alpha), "lora_targets": lora_targets,
+            "lora_dropout": str(lora_dropout), "init": init}
+    write_atomic(path, save(tensors, metadata=meta))
+
+
 def load_resume_state(model, optimizer):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_state_dict)
     if dist.get_rank() == 0:
         repair_resume(out_dir)
     dist.barrier()
     resume_dir = os.path.join(out_dir, "resume")
     if not os.path.exists(os.path.join(resume_dir, "step.json")):
         raise SystemExit(f"--resume: no saved state in {out_dir}")
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    # As saved: only what trains (dcp.load refuses a checkpoint that lacks any of it).
+    state = {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
+             "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=resume_dir)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
     with open(os.path.join(resume_dir, "step.json")) as f:
         return json.load(f)["step"]
 
@@ -979,6 +1073,12 @@ def main():
     with torch.device("meta"):
         model = Transformer(args)
     model.activation_checkpointing = activation_checkpointing
+    if lora_rank:
+        # The frozen model is held in the compute dtype (bf16: 2 bytes a parameter, no gradient, no Adam state);
+        # the adapters train in fp32.
+        model.to(amp_dtype)
+        adapters = add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(","), seed)
+        full_state = {**{k: v.to(amp_dtype) for k, v in full_state.items()}, **adapters}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # On GPUs FSDP keeps fp32 master weights but computes in bf16 and reduces gradients in fp32.
@@ -995,10 +1095,14 @@ def main():
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True))
     del full_state
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}; "
-        f"{world_size} process(es) on {dev.type}, {dtype}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    lora = f", LoRA rank {lora_rank} on {lora_targets}" if lora_rank else ""
+    log(f"model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable ({100 * n_trainable / n_params:.2f}%"
+        f"{lora}), {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}; {world_size} process(es) on "
+        f"{dev.type}, {dtype}")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
                                   weight_decay=weight_decay, fused=dev.type == "cuda" or None,
                                   foreach=dev.type != "cuda" or None)
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
@@ -1015,6 +1119,7 @@ def main():
     spent = {"setup": t_start - t_main, "steps": 0.0, "validation": 0.0, "saving": 0.0}  # seconds, for the summary
     while step < total_steps:
         t0 = time.perf_counter()
+        torch.manual_seed(hash((seed, step, rank)))  # LoRA's dropout: a resumed run draws what a straight one would
         # Each step takes the next batch_size examples of this epoch's seeded shuffle; every process packs the
         # same examples and works on its share of the rows, so the step is the same on any number of processes.
         epoch, k = divmod(step, steps_per_epoch)
@@ -1047,7 +1152,8 @@ def main():
             dist.all_reduce(loss_sum)
             dt = time.perf_counter() - t0
             n_tokens = sum(len(ids) - 1 for ids, _ in batch)
-            mfu = flops_of(rows, batch, args) / dt / (peak_flops * world_size) if peak_flops else None
+            mfu = (flops_of(rows, batch, args, frozen=lora_rank > 0) / dt / (peak_flops * world_size)
+                   if peak_flops else None)
             memory = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
                       else resource_maxrss()) / 2 ** 30
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
