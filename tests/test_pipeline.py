@@ -11,17 +11,20 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The server turns its content filter on when it sees OPENAI_API_KEY; offline, nothing may call OpenAI.
-ENV = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+# The server turns its content filter on when it sees OPENAI_API_KEY; offline, nothing may call OpenAI. One thread
+# per process: the server and its clients run at once, and tiny models gain nothing from more.
+ENV = {**{k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}, "OMP_NUM_THREADS": "1"}
 
 
 def run(cwd, script, *flags, stdin=None, key=False):
     """A stage's stdout + stderr; the stage must exit 0."""
     env = dict(ENV, OPENAI_API_KEY="none") if key else ENV
+    start = time.monotonic()
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, env=env, input=stdin,
                             capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"{script} {' '.join(flags)} exited {result.returncode}:\n{log[-3000:]}"
+    print(f"{time.monotonic() - start:5.1f} s  {script} {' '.join(flags)}")
     return log
 
 
@@ -34,7 +37,7 @@ def test_the_whole_recipe_on_one_machine(tmp_path):
     shutil.copy(os.path.join(ROOT, "seed_tasks.jsonl"), tmp_path)
     # 1. A tiny LLaMA from scratch on the seed tasks. The teacher's prompt (3 seed tasks and the requirements) is
     #    600-1100 tokens in its tokenizer, hence a 2048-token context, LLaMA's.
-    log = run(tmp_path, "train.py", "--max_seq_len=2048", "--max_steps=2", "--out_dir=out/tiny")
+    log = run(tmp_path, "train.py", "--max_seq_len=2048", "--max_steps=2", "--batch_size=4", "--out_dir=out/tiny")
     assert "saved out/tiny" in log
 
     # 2. ... served as an OpenAI-compatible API, on a free port, capped below what the generator asks for.
@@ -65,21 +68,22 @@ def test_the_whole_recipe_on_one_machine(tmp_path):
         export = json.loads((tmp_path / "alpaca_data.json").read_text())
         assert len(export) == 175 + kept and all(set(r) == {"instruction", "input", "output"} for r in export)
 
-        # 4. Supervised fine-tuning on the export, from the tiny model, with the recipe's settings.
+        # 4. Supervised fine-tuning on the export, from the tiny model (at the demo's learning rate: Alpaca's
+        #    2e-5 would leave a tiny model's outputs as they were, and the judge with nothing to judge).
         log = run(tmp_path, "train.py", "--init=out/tiny", "--data=alpaca_data.json", "--out_dir=out/tiny-sft",
-                  "--max_steps=1", "--batch_size=16")
-        assert "from alpaca_data.json" in log and "saved out/tiny-sft" in log
+                  "--max_steps=2", "--batch_size=4", "--learning_rate=2e-3")
+        assert "alpaca_data.json" in log and "saved out/tiny-sft" in log
 
         # 5. Both models answer an eval set in self-instruct's format (single-instance tasks), watermarked.
         with open(tmp_path / "seed_tasks.jsonl") as f, open(tmp_path / "eval_tasks.jsonl", "w") as out:
             out.writelines(f.readlines()[:4])
+        outputs = {}
         for name in ("tiny", "tiny-sft"):
             log = run(tmp_path, "sample.py", f"--checkpoint=out/{name}", "--in=eval_tasks.jsonl",
                       f"--out={name}.jsonl", "--max_new_tokens=24", "--watermark")
-            assert f"wrote {name}.jsonl" in log
-            outputs = read_jsonl(tmp_path / f"{name}.jsonl")
-            assert [r["id"] for r in outputs] == [f"seed_task_{i}" for i in range(4)]
-            assert all(r["generator"] == name and r["watermark"]["scheme"] == "lefthash" for r in outputs)
+            outputs[name] = read_jsonl(tmp_path / f"{name}.jsonl")
+            assert [r["id"] for r in outputs[name]] == [f"seed_task_{i}" for i in range(4)]
+            assert all(r["generator"] == name and r["watermark"]["scheme"] == "lefthash" for r in outputs[name])
 
         # 6. The detector reads the outputs with the settings they record.
         log = run(tmp_path, "watermark.py", "detect", "--tokenizer=out/tiny-sft/tokenizer.model",
@@ -91,14 +95,16 @@ def test_the_whole_recipe_on_one_machine(tmp_path):
         # 7. The served model judges the pairs (its answers are noise, so unparseable ones are allowed), a human
         #    judges them too (keys piped in), and the report reads both.
         pair = ["--a=tiny.jsonl", "--b=tiny-sft.jsonl", "--judgments=judgments.jsonl"]
+        asked = server_log.read_text().count("POST /v1/chat/completions")
         log = run(tmp_path, "eval_pairwise.py", "judge", *pair, "--model=tiny", f"--base_url={api}",
                   "--max_new_tokens=32", "--allow_failures")
-        assert "judge:tiny: 4 items" in log, log
-        log = run(tmp_path, "eval_pairwise.py", "human", *pair, "--annotator=me", stdin="1\n2\nt\n1\n")
-        assert "me: 4 of 4 items judged; done" in log, log
+        different = sum(a["output"].strip() != b["output"].strip() for a, b in zip(*outputs.values()))
+        assert "4 items" in log and server_log.read_text().count("POST /v1/chat/completions") == asked + 2 * different
+        run(tmp_path, "eval_pairwise.py", "human", *pair, "--annotator=me", stdin="1\n2\nt\n1\n")
+        assert [r["annotator"] for r in read_jsonl(tmp_path / "judgments.jsonl")].count("me") == 4
         log = run(tmp_path, "eval_pairwise.py", "report", "--judgments=judgments.jsonl", "--a=tiny.jsonl",
                   "--b=tiny-sft.jsonl", "--json=report.json")
-        assert "tiny" in log and "tiny-sft" in log and (tmp_path / "report.json").exists()
+        assert "tiny-sft" in log and json.loads((tmp_path / "report.json").read_text())
     finally:
         server.send_signal(signal.SIGINT)
         try:
