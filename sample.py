@@ -600,8 +600,8 @@ def run_jobs(demo):
 
         try:
             # EOS is left to on_token, which ends each row on its own terms.
-            generate(model, [job.prompt_ids for job in batch], max(job.max_tokens for job in batch), batch[0].temperature,
-                     demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
+            generate(model, [job.prompt_ids for job in batch], max(job.max_tokens for job in batch),
+                     batch[0].temperature, demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
                      logits_processor=demo.logits_processor, on_token=on_token)
         except Stop:
             pass
