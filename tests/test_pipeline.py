@@ -94,16 +94,20 @@ def test_the_whole_recipe_on_one_machine(tmp_path):
 
         # 7. The served model judges the pairs (its answers are noise, so unparseable ones are allowed), a human
         #    judges them too (keys piped in), and the report reads both.
-        pair = ["--a=tiny.jsonl", "--b=tiny-sft.jsonl", "--judgments=judgments.jsonl"]
+        #    A tiny model answers some tasks with EOS at once: --allow_missing leaves those empty outputs out.
+        pair = ["--a=tiny.jsonl", "--b=tiny-sft.jsonl", "--judgments=judgments.jsonl", "--allow_missing"]
+        answered = [(a["output"].strip(), b["output"].strip()) for a, b in zip(*outputs.values())]
+        answered = [(a, b) for a, b in answered if a and b]
+        assert answered, outputs
         asked = server_log.read_text().count("POST /v1/chat/completions")
         log = run(tmp_path, "eval_pairwise.py", "judge", *pair, "--model=tiny", f"--base_url={api}",
                   "--max_new_tokens=32", "--allow_failures")
-        different = sum(a["output"].strip() != b["output"].strip() for a, b in zip(*outputs.values()))
-        assert "4 items" in log and server_log.read_text().count("POST /v1/chat/completions") == asked + 2 * different
+        calls = server_log.read_text().count("POST /v1/chat/completions") - asked
+        assert calls == 2 * sum(a != b for a, b in answered), log  # both orders of each pair that differs
         run(tmp_path, "eval_pairwise.py", "human", *pair, "--annotator=me", stdin="1\n2\nt\n1\n")
-        assert [r["annotator"] for r in read_jsonl(tmp_path / "judgments.jsonl")].count("me") == 4
-        log = run(tmp_path, "eval_pairwise.py", "report", "--judgments=judgments.jsonl", "--a=tiny.jsonl",
-                  "--b=tiny-sft.jsonl", "--json=report.json")
+        assert [r["annotator"] for r in read_jsonl(tmp_path / "judgments.jsonl")].count("me") == len(answered)
+        log = run(tmp_path, "eval_pairwise.py", "report", *pair[:2], "--allow_missing", "--judgments=judgments.jsonl",
+                  "--json=report.json")
         assert "tiny-sft" in log and json.loads((tmp_path / "report.json").read_text())
     finally:
         server.send_signal(signal.SIGINT)
