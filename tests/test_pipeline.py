@@ -63,10 +63,10 @@ def test_the_whole_recipe_on_one_machine(tmp_path):
             log = run(tmp_path, "generate_instructions.py", f"--api={api_kind}", *teacher, *extra, key=True)
             assert log.count("the server gives at most 256 tokens per reply (it refused 3072)") == 1, log
             assert "requests: 2 ok, 0 failed" in log and "stopped after --max_requests=2" in log, log
-        kept = len(read_jsonl(tmp_path / "regen.jsonl"))
-        assert f"exported {175 + kept} examples to alpaca_data.json (175 seed tasks, {kept} generated)" in log
+        seeds, kept = len(read_jsonl(tmp_path / "seed_tasks.jsonl")), len(read_jsonl(tmp_path / "regen.jsonl"))
+        assert f"exported {seeds + kept} examples to alpaca_data.json ({seeds} seed tasks, {kept} generated)" in log
         export = json.loads((tmp_path / "alpaca_data.json").read_text())
-        assert len(export) == 175 + kept and all(set(r) == {"instruction", "input", "output"} for r in export)
+        assert len(export) == seeds + kept and all(set(r) == {"instruction", "input", "output"} for r in export)
 
         # 4. Supervised fine-tuning on the export, from the tiny model (at the demo's learning rate: Alpaca's
         #    2e-5 would leave a tiny model's outputs as they were, and the judge with nothing to judge).
