@@ -16,6 +16,7 @@ import random
 import re
 import string
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -55,6 +56,10 @@ BLOCKED_RE = re.compile(r"\b(" + "|".join(BLOCKED_WORDS) + r")\b", re.IGNORECASE
 TOP_SIMILAR = 10
 MAX_FAILED_IN_A_ROW = 3  # requests that fail for good, back to back, before the run gives up
 MAX_WAIT_S = 600  # longest sleep between attempts, whatever the server asks for
+# A server that cannot give --max_new_tokens gets asked for what it can give, down to this: fewer tokens cannot
+# hold one whole task and the start of the next, so every reply would be cut and dropped.
+MIN_NEW_TOKENS = 256
+LOWERING = threading.Lock()
 
 
 def load_seed_tasks(path):
@@ -317,15 +322,53 @@ class FatalAPIError(Exception):
     pass
 
 
+def tokens_allowed(error, asked):
+    """The most completion tokens a server says it can give, when it refused `asked` as too many (OpenAI's,
+    vLLM's and sample.py --serve's wordings; half of `asked` when it gives no number); None for other errors."""
+    body = error.body if isinstance(error.body, dict) else {}
+    text, param = str(body.get("message") or error.message), body.get("param")
+    if error.status_code != 400 or not (param in ("max_tokens", "max_completion_tokens") or re.search(
+            r"max_(completion_)?tokens|in the completion", text)):
+        return None  # not about max_tokens (e.g. the prompt alone is too long): fewer tokens would not help
+    if most := re.search(r"at most (\d+) completion tokens|expected a value <= (\d+)", text, re.IGNORECASE):
+        return int(most.group(1) or most.group(2))
+    context = re.search(r"maximum context length is (\d+) tokens", text)
+    prompt = re.search(r"(\d+) in (?:the|your) (?:messages|prompt)|request has (\d+) input tokens", text)
+    if context and prompt:
+        return int(context.group(1)) - int(prompt.group(1) or prompt.group(2))
+    return asked // 2
+
+
 def call_api(client, args, prompt):
-    """One request; returns (text, finish_reason, prompt_tokens, completion_tokens)."""
+    """One request; returns (text, finish_reason, prompt_tokens, completion_tokens). A server that cannot give
+    max_tokens tokens says so with a 400 (a local one has a cap and a short context); then, as the original
+    recipe did on "reduce your prompt", we ask for what it can give, from then on."""
     stop = [f"\n{NUM_TASKS_PER_PROMPT}", f"{NUM_TASKS_PER_PROMPT}."]
-    sampling = dict(model=args.model, max_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, stop=stop, n=1)
-    if args.api == "completions":
-        response = client.completions.create(prompt=prompt, **sampling)
-    else:
-        response = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **sampling)
+    while True:
+        asked = args.max_new_tokens
+        sampling = dict(model=args.model, max_tokens=asked, temperature=args.temperature, top_p=args.top_p,
+                        stop=stop, n=1)
+        try:
+            if args.api == "completions":
+                response = client.completions.create(prompt=prompt, **sampling)
+            else:
+                response = client.chat.completions.create(messages=[{"role": "user", "content": prompt}],
+                                                          **sampling)
+            break
+        except openai.BadRequestError as e:
+            allowed = tokens_allowed(e, asked)
+            if allowed is None:
+                raise
+            allowed = allowed if allowed < asked else asked // 2
+            if allowed < MIN_NEW_TOKENS:
+                raise FatalAPIError(f"the server gives at most {allowed} tokens per reply (it refused {asked}), "
+                                    f"fewer than the {MIN_NEW_TOKENS} a reply needs to hold a whole task; serve a "
+                                    "model with a longer context, or a shorter prompt (--num_prompt_instructions)")
+            with LOWERING:  # requests in flight may all hit the limit at once: lower (and say so) once
+                if allowed < args.max_new_tokens:
+                    args.max_new_tokens = allowed
+                    tqdm.write(f"the server gives at most {args.max_new_tokens} tokens per reply (it refused "
+                               f"{asked}): asking for {args.max_new_tokens} from now on", file=sys.stderr)
     try:
         choice = response.choices[0]
         text = choice.text if args.api == "completions" else choice.message.content
@@ -363,7 +406,8 @@ def request_with_retries(client, args, prompt):
             return call_api(client, args, prompt)
         except openai.APIStatusError as e:
             if e.status_code not in (408, 409, 429) and e.status_code < 500:  # a wrong key, model or request
-                raise FatalAPIError(e.message)
+                raise FatalAPIError(f"the server refused the request ({e.message}); check OPENAI_API_KEY, "
+                                    "--base_url, --model and --api")
             error = e
         except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as e:
             error = e
@@ -419,7 +463,8 @@ def generate(args):
     progress = tqdm(total=args.num_instructions, initial=len(kept), unit="inst", dynamic_ncols=True)
 
     def can_start(num_pending):
-        if stats["kept"] >= args.num_instructions or failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+        if stats["kept"] >= args.num_instructions or failed_in_a_row >= MAX_FAILED_IN_A_ROW or \
+                0 < args.max_requests <= stats["requests"]:
             return False
         if args.max_usd is None:
             return True
@@ -437,6 +482,7 @@ def generate(args):
                 while len(pending) < args.concurrency and can_start(len(pending)):
                     prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
                     pending.add(pool.submit(request_with_retries, client, args, prompt))
+                    stats["requests"] += 1
                 if not pending:
                     break
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -478,8 +524,7 @@ def generate(args):
               flush=True)
         os._exit(130)
     except FatalAPIError as e:
-        raise SystemExit(f"{client.base_url}: the server refused the request ({e}); check OPENAI_API_KEY, "
-                         f"--base_url, --model and --api")
+        raise SystemExit(f"{client.base_url}: {e}")
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         progress.close()
@@ -494,9 +539,13 @@ def generate(args):
                          f"(last: {failures[-1]})")
     if stats["kept"] < args.num_instructions and args.max_usd is not None:
         print(f"stopped at the budget: spent ${spent:.4f} of --max_usd ${args.max_usd}")
+    if stats["kept"] < args.num_instructions and stats["requests"] == args.max_requests:
+        print(f"stopped after --max_requests={args.max_requests}")
     if args.export:
-        write_json_atomic(args.export, [{k: r[k] for k in ("instruction", "input", "output")} for r in kept])
-        print(f"exported {len(kept)} examples to {args.export}")
+        records = (seeds if args.export_seeds else []) + kept
+        write_json_atomic(args.export, [{k: r[k] for k in ("instruction", "input", "output")} for r in records])
+        print(f"exported {len(records)} examples to {args.export}"
+              + (f" ({len(seeds)} seed tasks, {len(kept)} generated)" if args.export_seeds else ""))
     return dict(stats, failed=len(failures), rejected=dict(rejected), usd=spent)
 
 
@@ -505,6 +554,8 @@ def parse_args(argv=None):
     p.add_argument("--seed_tasks", default="seed_tasks.jsonl", help="self-instruct seed tasks (JSONL)")
     p.add_argument("--out", default="regen.jsonl", help="kept instructions, appended; rerun to resume")
     p.add_argument("--export", default=None, help="also write the {instruction,input,output} JSON array here")
+    p.add_argument("--export_seeds", action="store_true",
+                   help="put the seed tasks in the export too (Alpaca's data has only generated ones)")
     p.add_argument("--num_instructions", type=int, default=100, help="target number of kept instructions")
     p.add_argument("--num_prompt_instructions", type=int, default=3, help="seed examples shown per prompt")
     p.add_argument("--api", choices=["completions", "chat"], default="completions")
@@ -518,6 +569,7 @@ def parse_args(argv=None):
     p.add_argument("--backoff_base", type=float, default=1.0, help="first retry wait in seconds, doubling")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--max_usd", type=float, default=None, help="stop starting requests at this spend")
+    p.add_argument("--max_requests", type=int, default=0, help="stop after this many requests (0: no limit)")
     p.add_argument("--price_in", type=float, default=0.0, help="USD per 1M prompt tokens")
     p.add_argument("--price_out", type=float, default=0.0, help="USD per 1M completion tokens")
     p.add_argument("--rouge_threshold", type=float, default=0.7, help="drop if ROUGE-L to any kept is above")

@@ -466,6 +466,7 @@ PAGE_SCRIPT_HASH = base64.b64encode(hashlib.sha256(
     re.search(r"<script>(.*)</script>", PAGE, re.S).group(1).encode()).digest()).decode()
 PAGE_POLICY = (f"default-src 'none'; script-src 'sha256-{PAGE_SCRIPT_HASH}'; style-src 'unsafe-inline'; "
                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+MAX_DISCARD_BYTES = 64 << 20  # an oversized body is read and dropped up to this, so its client gets the 413
 ENDPOINTS = {"/": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST",
              "/flag": "POST"}
 
@@ -488,7 +489,8 @@ def number(body, name, default, low, high, integer=False):
         return default
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
         kind = "an integer" if integer else "a number"
-        raise ApiError(400, f"'{name}' must be {kind} from {low} to {high}, got {json.dumps(value)[:40]}", name)
+        bounds = f"from {low} to {high}" if high < math.inf else f"of at least {low}"
+        raise ApiError(400, f"'{name}' must be {kind} {bounds}, got {json.dumps(value)[:40]}", name)
     return value
 
 
@@ -544,13 +546,28 @@ def read_request(body, chat, demo):
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
-    max_tokens = min(demo.args.max_new_tokens, demo.args.max_tokens_cap)
-    for name in ("max_tokens", "max_completion_tokens"):
-        max_tokens = number(body, name, max_tokens, 1, demo.args.max_tokens_cap, integer=True)
-    prompt_ids = demo.tokenizer.encode(prompt, bos=True)
+    prompt_ids, where = demo.tokenizer.encode(prompt, bos=True), "messages" if chat else "prompt"
     if len(prompt_ids) > demo.max_prompt_tokens:
         raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server takes at most "
-                       f"{demo.max_prompt_tokens}", "messages" if chat else "prompt", "context_length_exceeded")
+                       f"{demo.max_prompt_tokens}", where, "context_length_exceeded")
+    # A request for more tokens than the server can give is refused with the most it can give, as OpenAI and vLLM
+    # do, rather than cut short: a reply cut at a limit the client never heard of looks like the model's own end.
+    # Without max_tokens, the default shrinks to what fits.
+    cap, context = demo.args.max_tokens_cap, demo.model.args.max_seq_len
+    room = context - len(prompt_ids)
+    max_tokens = min(demo.args.max_new_tokens, cap, room)
+    for name in ("max_tokens", "max_completion_tokens"):
+        asked = number(body, name, None, 1, math.inf, integer=True)
+        if asked is not None and asked > min(cap, room):
+            if room < cap:
+                raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you "
+                               f"requested {len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the {where}, "
+                               f"{asked} in the completion): after this {where} it gives at most {room} completion "
+                               f"tokens. Please reduce the length of the {where} or completion.", name,
+                               "context_length_exceeded")
+            raise ApiError(400, f"{name} is too large: {asked}. This server gives at most {cap} completion tokens "
+                           f"per request, whereas you provided {asked}.", name, "integer_above_max_value")
+        max_tokens = max_tokens if asked is None else asked
     options, seed = body.get("stream_options"), number(body, "seed", None, 0, 2**63 - 1, integer=True)
     return SimpleNamespace(
         chat=chat, instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop,
@@ -596,7 +613,6 @@ def run_jobs(demo):
     while (batch := next_batch(demo)) is not None:
         for job in batch:
             job.ids, job.shown, job.finish_reason = [], "", None
-            job.budget = min(job.max_tokens, model.args.max_seq_len - len(job.prompt_ids))
             # Text that may be the start of a stop string is held back until we know it is not.
             job.holdback = max(map(len, job.stop), default=1) - 1
 
@@ -608,7 +624,7 @@ def run_jobs(demo):
                 else:
                     job.ids.append(token)
                     text = tokenizer.decode(job.ids)
-                    if any(s in text for s in job.stop) or len(job.ids) == job.budget:
+                    if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
                         finish(job, "length")
                     # Show what is settled: not half a character, as in stream_printer, nor a possible stop.
                     elif (end := len(text.rstrip("\ufffd")) - job.holdback) > len(job.shown) and \
@@ -620,8 +636,8 @@ def run_jobs(demo):
 
         try:
             # EOS is left to on_token, which ends each row on its own terms.
-            generate(model, [job.prompt_ids for job in batch], max(job.budget for job in batch), batch[0].temperature,
-                     demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
+            generate(model, [job.prompt_ids for job in batch], max(job.max_tokens for job in batch),
+                     batch[0].temperature, demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
                      logits_processor=demo.logits_processor, on_token=on_token)
         except Stop:
             pass
@@ -693,16 +709,24 @@ class DemoHandler(BaseHTTPRequestHandler):
 
     def read_json(self):
         length, limit = self.headers.get("Content-Length", ""), self.server.demo.args.max_body_bytes
-        if not length.isdigit() or int(length) > limit:
-            self.close_connection = True  # the body, if any, stays unread: this connection cannot go on
-            if not length.isdigit():
-                raise ApiError(411, "send the body with a Content-Length header")
+        if not length.isdigit():
+            self.close_connection = True  # where the body ends is unknown: this connection cannot go on
+            raise ApiError(411, "send the body with a Content-Length header")
+        if int(length) > limit:
+            # A client sends its whole body before it reads the answer: closing on an unread body resets the
+            # connection under it, and it sees a broken pipe instead of the 413. So read the body and drop it, up
+            # to a bound; past that, the connection closes after the 413.
+            left = min(int(length), MAX_DISCARD_BYTES)
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+            self.close_connection = int(length) > MAX_DISCARD_BYTES or left > 0
             raise ApiError(413, f"the body is {length} bytes; this server takes at most {limit}")
+        data = self.rfile.read(int(length))  # read before any refusal, so the connection can go on
         # Other pages in the user's browser can send text/plain here without asking; JSON needs CORS, never granted.
         if self.headers.get_content_type() != "application/json":
             raise ApiError(415, "send JSON, with Content-Type: application/json")
         try:
-            return json.loads(self.rfile.read(int(length)))
+            return json.loads(data)
         except ValueError as e:
             raise ApiError(400, f"the body is not valid JSON ({e})")
 

@@ -99,8 +99,9 @@ class FakeOpenAI:
                                                    for _ in range(fake.tasks_per_response)]), usage=fake.usage)
                     if item[0] == "ok":
                         return self.reply(200, fake.body(self.path, *item[1:]))
-                    if item[0] == "error":
-                        return self.reply(item[1], {"error": {"message": "scripted", "type": "x"}}, item[2])
+                    if item[0] == "error":  # ("error", status, headers[, error body])
+                        error = item[3] if len(item) > 3 else {"message": "scripted", "type": "x"}
+                        return self.reply(item[1], {"error": error}, item[2])
                     if item[0] == "raw":
                         return self.reply(200, item[1])
                 finally:
@@ -402,6 +403,47 @@ def test_missing_key_and_unreachable_server_from_the_command_line(tmp_path):
     assert "OPENAI_API_KEY is not set" in result.stderr
 
 
+def too_many(message, param="max_tokens", code=None):
+    return ("error", 400, {}, {"message": message, "type": "invalid_request_error", "param": param, "code": code})
+
+
+def test_max_tokens_is_lowered_to_what_the_server_says_it_can_give(tmp_path, make_server, capsys):
+    server = make_server([
+        # OpenAI's answer to more than a model's completion limit
+        too_many("max_tokens is too large: 3072. This model supports at most 2500 completion tokens, whereas you "
+                 "provided 3072."),
+        # vLLM's when the prompt and max_tokens do not fit the context (param null, code 400)
+        too_many("'max_tokens' or 'max_completion_tokens' is too large: 2500. This model's maximum context length "
+                 "is 2048 tokens and your request has 700 input tokens (2500 > 2048 - 700).", None, 400),
+        # OpenAI's context_length_exceeded, which names the messages as the param
+        too_many("This model's maximum context length is 2048 tokens. However, you requested 2248 tokens (900 in "
+                 "the messages, 1348 in the completion). Please reduce the length of the messages or completion.",
+                 "messages", "context_length_exceeded"),
+        too_many("Invalid 'max_tokens': integer above maximum value. Expected a value <= 1000, but got 1148 "
+                 "instead.", code="integer_above_max_value"),
+        too_many("max_tokens: no"),  # says no number: halve
+    ], tasks_per_response=2)
+    stats = run(tmp_path, server.url, "--num_instructions", "2")
+    assert [body["max_tokens"] for _, body in server.requests] == [3072, 2500, 1348, 1148, 1000, 500]
+    assert stats["kept"] == 2 and stats["failed"] == 0
+    log = capsys.readouterr().err
+    assert "the server gives at most 1348 tokens per reply (it refused 2500): asking for 1348 from now on" in log
+    assert log.count("from now on") == 5
+
+
+def test_a_server_that_can_give_too_few_tokens_stops_the_run(tmp_path, make_server):
+    server = make_server([too_many("max_tokens is too large: 3072. This model supports at most 100 completion "
+                                   "tokens, whereas you provided 3072.")])
+    with pytest.raises(SystemExit, match="gives at most 100 tokens per reply .*fewer than the 256"):
+        run(tmp_path, server.url, "--num_instructions", "2")
+    server = make_server([too_many("This model's maximum context length is 2048 tokens. However, your messages "
+                                   "resulted in 3000 tokens. Please reduce the length of the messages.",
+                                   "messages", "context_length_exceeded")])
+    with pytest.raises(SystemExit, match="refused the request .*your messages resulted in 3000 tokens"):
+        run(tmp_path, server.url, "--num_instructions", "2")  # the prompt alone is too long: not retried
+    assert len(server.requests) == 1
+
+
 def test_budget_stop(tmp_path, make_server, capsys):
     # Each request costs 1000 * $1 / 1M + 1000 * $2 / 1M = $0.003.
     server = make_server(usage=(1000, 1000), tasks_per_response=1)
@@ -498,6 +540,17 @@ def test_export_alpaca_json(tmp_path, make_server):
     records = read_jsonl(tmp_path / "out.jsonl")
     assert data == [{k: r[k] for k in ("instruction", "input", "output")} for r in records] and len(data) == 4
     assert sorted(os.listdir(tmp_path)) == ["alpaca_data.json", "out.jsonl", "seeds.jsonl"]
+
+
+def test_a_teacher_that_writes_no_task_stops_at_max_requests_and_exports_the_seeds(tmp_path, make_server, capsys):
+    server = make_server([ok("noise, not a task")] * 3)
+    export = tmp_path / "alpaca_data.json"
+    stats = run(tmp_path, server.url, "--num_instructions", "5", "--max_requests", "3", "--export", str(export),
+                "--export_seeds", "--concurrency", "2")
+    assert len(server.requests) == 3 and stats["kept"] == 0 and stats["rejected"] == {"unparseable": 3}
+    assert json.loads(export.read_text()) == [dict(zip(("instruction", "input", "output"), s)) for s in SEEDS]
+    out = capsys.readouterr().out
+    assert "stopped after --max_requests=3" in out and "exported 6 examples" in out and "0 generated" in out
 
 
 def test_dry_run_prints_prompt_and_cost_without_requests(tmp_path, make_server, capsys):

@@ -249,6 +249,66 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(start):
     assert status == 200 and reply["usage"]["completion_tokens"] <= 3
 
 
+def test_requests_for_more_than_the_server_can_give_are_refused_with_the_most_it_can(start):
+    url, demo = start("--max_tokens_cap", "100")
+    # past the cap: OpenAI's wording for a model's completion limit, with the field it was sent in
+    status, reply = post(url, "/v1/completions", {"prompt": "Numbers like", "max_tokens": 101})
+    assert status == 400 and reply["error"] == {
+        "message": "max_tokens is too large: 101. This server gives at most 100 completion tokens per request, "
+                   "whereas you provided 101.", "type": "invalid_request_error", "param": "max_tokens",
+        "code": "integer_above_max_value"}
+    messages = [{"role": "user", "content": "Give three tips for staying healthy."}]
+    status, reply = post(url, "/v1/chat/completions", {"messages": messages, "max_completion_tokens": 101})
+    assert (status, reply["error"]["param"]) == (400, "max_completion_tokens")
+    # past the context: a long prompt leaves less room than the cap
+    prompt = "Eat well, sleep enough and move every day. " * 8
+    n = len(demo.tokenizer.encode(prompt, bos=True))
+    room = demo.model.args.max_seq_len - n  # 256 - n
+    assert 0 < room < 100
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).completions.create(model="tiny", prompt=prompt, max_tokens=room + 1)
+    assert (e.value.code, e.value.param) == ("context_length_exceeded", "max_tokens")
+    assert e.value.body["message"] == (
+        f"This model's maximum context length is 256 tokens. However, you requested {n + room + 1} tokens ({n} in "
+        f"the prompt, {room + 1} in the completion): after this prompt it gives at most {room} completion tokens. "
+        "Please reduce the length of the prompt or completion.")
+    # the limits stated are exact: asking for just that much is answered, to the end of the context
+    reply = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=room, temperature=0)
+    assert reply.usage.completion_tokens == len(expected(demo, prompt, room)[1])
+    assert post(url, "/v1/chat/completions", {"messages": messages, "max_completion_tokens": 100,
+                                              "stop": ["e"]})[0] == 200
+    # without max_tokens the default shrinks to what fits
+    assert post(url, "/v1/completions", {"prompt": prompt, "temperature": 0})[1]["usage"]["completion_tokens"] == \
+        reply.usage.completion_tokens
+
+
+def test_an_oversized_body_gets_its_413_and_the_server_goes_on(start):
+    url, demo = start("--max_body_bytes", "4000")
+    host, port = url.split("//")[1].split(":")
+    big = json.dumps({"prompt": "x" * (20 << 20), "max_tokens": 2}).encode()  # more than the socket buffers
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", big, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 413 and f"the body is {len(big)} bytes; this server takes at most 4000" in \
+        json.loads(response.read())["error"]["message"]
+    # the body was read to its end, so the same connection serves the next request
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}),
+                 {"Content-Type": "application/json"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    with pytest.raises(openai.APIStatusError) as e:
+        client(url).completions.create(model="tiny", prompt="x" * (20 << 20), max_tokens=2)
+    assert e.value.status_code == 413 and "at most 4000" in e.value.message
+    # a body of the wrong type is read too, so the connection can go on after the 415
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/flag", b'{"output": "x"}', {"Content-Type": "text/plain"})
+    response = conn.getresponse()
+    assert response.status == 415 and response.read()
+    conn.request("GET", "/v1/models")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
 def test_concurrent_clients_are_batched_while_a_silent_one_holds_a_connection(start, monkeypatch):
     url, demo = start()
     port = int(url.rsplit(":", 1)[1])
