@@ -200,21 +200,25 @@ def bench_train(args):
             raise SystemExit(f"train.py failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
         whole_process.summary = result.stdout.strip().splitlines()[-1]
 
+    def timed_step(run, optimizer):  # one optimizer step of run()'s gradients, in seconds
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     useful_flops = flops_of(pack(examples, 512), examples, model_args)
     peak = measure_peak_flops(dev, torch.bfloat16)
     times = {name: [] for name in [*runs, "whole_process"]}
     for rep in range(args.repeats + 1):  # in turns, so a busy moment slows all alike; pass 0 warms up kernels
         for name, (run, opt) in runs.items():
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            run()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            seconds = timed_step(run, opt)
             if rep:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
         if rep:
             t0 = time.perf_counter()
             whole_process()
@@ -230,6 +234,53 @@ def bench_train(args):
     print(f"speedup_packed_vs_padded={seconds['padded'] / seconds['packed']:.2f}")
     for name in [name for name in runs if name != "packed"]:  # the baseline's steps alone vs our whole process
         print(f"speedup_whole_process_vs_{name}={seconds[name] / seconds['whole_process']:.2f}")
+
+    if args.lora_rank:  # LoRA (train.py's defaults but the rank) next to full fine-tuning, on the same packed passes
+        import ctypes
+        import gc
+
+        import train
+
+        def reset_peak_memory():
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            else:  # hand freed memory back to the OS, then restart the peak resident set (Linux's clear_refs)
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+
+        def peak_memory():
+            if dev.type == "cuda":
+                return torch.cuda.max_memory_allocated(dev)
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+        figures = {}
+        for name in ("full", "lora"):
+            if name == "lora":  # as train.py: the frozen model in the compute dtype (bf16), fp32 adapters and Adam
+                del optimizer
+                gc.collect()
+                model.to(torch.bfloat16)
+                model.load_state_dict(train.add_lora(model, args.lora_rank, train.lora_alpha, train.lora_dropout,
+                                                     train.lora_targets.split(","), args.seed), strict=False)
+                model.to(dev)
+                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                              fused=dev.type == "cuda")
+            reset_peak_memory()
+            times = []
+            for rep in range(args.repeats + 1):
+                seconds = timed_step(packed, optimizer)
+                if rep:
+                    times.append(seconds)
+            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+            figures[name] = real_tokens / statistics.median(times), peak_memory()
+            print(f"{name if name == 'full' else f'LoRA rank {args.lora_rank} ({train.lora_targets})'}: "
+                  f"{figures[name][0]:,.0f} real tokens/s, peak memory {figures[name][1] / 2**30:.2f} GiB "
+                  f"({'max_memory_allocated' if dev.type == 'cuda' else 'RSS'}), {n_trainable / 1e6:.2f}M trainable "
+                  f"parameters, optimizer state {state_bytes / 2**20:.1f} MiB")
+        print(f"lora_vs_full_tokens_per_s={figures['lora'][0] / figures['full'][0]:.2f} "
+              f"lora_vs_full_peak_memory={figures['lora'][1] / figures['full'][1]:.2f}")
 
 
 def bench_sample_processes(args):
@@ -285,60 +336,6 @@ def bench_sample_processes(args):
         same = "same outputs" if outputs[name] == outputs["1 process"] else "OUTPUTS DIFFER from 1 process"
         print(f"  {name:40s} {args.items / median:6.2f} items/s ({median:.1f} s; {same})", flush=True)
     shutil.rmtree(folder)
-
-    if args.lora_rank:  # LoRA (train.py's defaults but the rank) next to full fine-tuning, on the same packed passes
-        import ctypes
-        import gc
-
-        import train
-
-        def reset_peak_memory():
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            else:  # hand freed memory back to the OS, then restart the peak resident set (Linux's clear_refs)
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-
-        def peak_memory():
-            if dev.type == "cuda":
-                return torch.cuda.max_memory_allocated(dev)
-            with open("/proc/self/status") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-        figures = {}
-        for name in ("full", "lora"):
-            if name == "lora":  # as train.py: the frozen model in the compute dtype (bf16), fp32 adapters and Adam
-                del optimizer
-                gc.collect()
-                model.to(torch.bfloat16)
-                model.load_state_dict(train.add_lora(model, args.lora_rank, train.lora_alpha, train.lora_dropout,
-                                                     train.lora_targets.split(","), args.seed), strict=False)
-                model.to(dev)
-                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                              fused=dev.type == "cuda")
-            reset_peak_memory()
-            times = []
-            for rep in range(args.repeats + 1):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                packed()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                if rep:
-                    times.append(time.perf_counter() - t0)
-            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
-            figures[name] = real_tokens / statistics.median(times), peak_memory()
-            print(f"{name if name == 'full' else f'LoRA rank {args.lora_rank} ({train.lora_targets})'}: "
-                  f"{figures[name][0]:,.0f} real tokens/s, peak memory {figures[name][1] / 2**30:.2f} GiB "
-                  f"({'max_memory_allocated' if dev.type == 'cuda' else 'RSS'}), {n_trainable / 1e6:.2f}M trainable "
-                  f"parameters, optimizer state {state_bytes / 2**20:.1f} MiB")
-        print(f"lora_vs_full_tokens_per_s={figures['lora'][0] / figures['full'][0]:.2f} "
-              f"lora_vs_full_peak_memory={figures['lora'][1] / figures['full'][1]:.2f}")
 
 
 def bench_sample(args):
