@@ -215,6 +215,19 @@ def join_processes(args):
     return dist.get_rank(), world_size, dist.barrier
 
 
+def whole_lines(path, cut):
+    """The whole lines of an append-only file. A kill mid-write can leave a torn last line: ignored, and cut off
+    the file when it is this process's to append to."""
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if cut and end < len(data):
+        print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return data[:end]
+
+
 def read_outputs(work, own, settings):
     """{id: (record, line)} of every whole line already written to the working JSONL and to the shards of any
     run's processes, and those shards. A kill mid-write can leave a torn last line: ignored, and cut off this
@@ -224,14 +237,8 @@ def read_outputs(work, own, settings):
     shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".rank"))
     lines = {}
     for path in ([work] if os.path.exists(work) else []) + shards:
-        with open(path, "rb") as f:
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        if path == own and end < len(data):
-            print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
-            with open(path, "r+b") as f:
-                f.truncate(end)
-        for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(keepends=True), 1):
+        text = whole_lines(path, cut=path == own).decode("utf-8")
+        for lineno, line in enumerate(text.splitlines(keepends=True), 1):
             if not line.strip():
                 continue
             try:
@@ -861,7 +868,7 @@ def make_server(model, tokenizer, args):
         moderation = openai.OpenAI(base_url=args.moderation_base_url or None, max_retries=2, timeout=30,
                                    api_key=os.environ.get("OPENAI_API_KEY") or "none")
     if os.path.exists(args.flags):
-        cut_torn_line(args.flags)
+        whole_lines(args.flags, cut=True)
     demo = SimpleNamespace(
         model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation,
         watermark_params=watermark.params if watermark else None, model_name=os.path.basename(

@@ -167,7 +167,8 @@ def test_stop_strings_end_the_output(start):
         assert got == text[:text.index(stop)] and finish == "stop"
 
 
-def test_flagging_appends_to_the_flags_file(start):
+def test_flagging_appends_to_the_flags_file(start, tmp_path):
+    (tmp_path / "flags.jsonl").write_text('{"output": "torn')  # left by a demo killed mid-write: cut at start
     url, demo = start()
     status, body = post(url, "/flag", {"instruction": "Name a colour.", "input": "", "output": "Blue <b>",
                                        "reason": "wrong"})
