@@ -43,6 +43,11 @@ def rule_selfhash_green(window, vocab_size, gamma, key):
     return window[-1] in torch.randperm(vocab_size, generator=generator)[: int(vocab_size * gamma)].tolist()
 
 
+def green_list(prev, vocab_size, gamma=0.25, key=KEY):
+    """The module's lefthash green list after prev, in permutation order (the functions detection uses)."""
+    return wm.green_ids(wm.lefthash_seed(prev, key), vocab_size, gamma)
+
+
 def make_processor(*args, **kwargs):
     kwargs.setdefault("key", 987654321)  # not the default key: no warning noise
     return wm.WatermarkProcessor(*args, **kwargs)
@@ -64,7 +69,9 @@ def test_lefthash_green_list_is_the_written_rule():
     for vocab_size, gamma, key in ((V, 0.25, KEY), (V, 0.5, KEY), (50257, 0.25, 2**62 + 7), (1000, 0.1, 3)):
         for prev in (0, 1, 7, 999, 29871 % vocab_size):
             expected = rule_lefthash(prev, vocab_size, gamma, key)
-            assert torch.equal(wm.green_list([5, prev], vocab_size, gamma, "lefthash", key), expected)
+            assert torch.equal(green_list(prev, vocab_size, gamma, key), expected)
+            mask = wm.lefthash_mask(prev, vocab_size, gamma, key)
+            assert torch.equal(mask.nonzero().flatten(), expected.sort().values)
             proc = make_processor(vocab_size, gamma=gamma, delta=2.0, key=key)
             out = proc([[3, prev]], torch.zeros(1, vocab_size))
             assert torch.equal(out[0].nonzero().flatten(), expected.sort().values)
@@ -74,12 +81,11 @@ def test_lefthash_green_list_is_the_written_rule():
 def test_lefthash_matches_hugging_face_vectors():
     # First 8 green ids from transformers 4.46.0 WatermarkLogitsProcessor(vocab_size=32000, device="cpu",
     # greenlist_ratio=0.25, hashing_key=...)._get_greenlist_ids: an independent implementation of the same rule.
-    assert wm.green_list([1], V)[:8].tolist() == [958, 17083, 30553, 27350, 1329, 24091, 15003, 13468]
-    assert wm.green_list([1234], V)[:8].tolist() == [13720, 6735, 1887, 18600, 22145, 24621, 18685, 26781]
-    assert wm.green_list([31999], V)[:8].tolist() == [10511, 24288, 8406, 1661, 12440, 18393, 10037, 9371]
+    assert green_list(1, V)[:8].tolist() == [958, 17083, 30553, 27350, 1329, 24091, 15003, 13468]
+    assert green_list(1234, V)[:8].tolist() == [13720, 6735, 1887, 18600, 22145, 24621, 18685, 26781]
+    assert green_list(31999, V)[:8].tolist() == [10511, 24288, 8406, 1661, 12440, 18393, 10037, 9371]
     # key x token >= 2**64 exercises the modulo
-    assert wm.green_list([29871], V, key=2**62 + 7)[:8].tolist() == [21604, 6322, 8399, 13888, 5003, 25452,
-                                                                     28304, 30022]
+    assert green_list(29871, V, key=2**62 + 7)[:8].tolist() == [21604, 6322, 8399, 13888, 5003, 25452, 28304, 30022]
 
 
 def test_selfhash_seed_matches_reference_int64_arithmetic():
@@ -92,7 +98,7 @@ def test_selfhash_seed_matches_reference_int64_arithmetic():
         wrapped += raw < 0
     assert wrapped > 10  # the int64 overflow path really was exercised
     for window in windows[:20]:
-        assert wm.is_green(window, V, 0.25, "selfhash", KEY) == rule_selfhash_green(window, V, 0.25, KEY)
+        assert wm.selfhash_is_green(tuple(window), V, 0.25, KEY) == rule_selfhash_green(window, V, 0.25, KEY)
 
 
 def test_selfhash_processor_biases_self_consistent_top_candidates():
@@ -175,7 +181,7 @@ def test_green_lists_on_cuda_come_from_the_cpu_generator():
 def all_green_tokens(count, vocab_size, gamma, key):
     tokens = [1]
     while len(tokens) < count + 1:
-        tokens.append(int(wm.green_list(tokens, vocab_size, gamma, "lefthash", key)[0]))
+        tokens.append(int(green_list(tokens[-1], vocab_size, gamma, key)[0]))
     return tokens
 
 
@@ -311,7 +317,7 @@ def test_cli_text_ids_and_jsonl(tokenizer_path, capsys, tmp_path):
     assert "best window" in capsys.readouterr().out
 
 
-def test_cli_refuses_mismatches_and_bad_input(tokenizer_path, tmp_path):
+def test_cli_refuses_mismatches_and_bad_input(tokenizer_path, tmp_path, capsys):
     params = make_processor(4000).params
     path = tmp_path / "outputs.jsonl"
     path.write_text(json.dumps({"output": "the cats", "watermark": params}) + "\n")
@@ -325,6 +331,12 @@ def test_cli_refuses_mismatches_and_bad_input(tokenizer_path, tmp_path):
     path.write_text('{"output": "ok"}\n{"output": \n')
     with pytest.raises(SystemExit, match=r"outputs.jsonl:2: not valid JSON"):
         wm.main(["detect", f"--tokenizer={tokenizer_path}", f"--in={path}"])
+    # a last line with no newline is the torn write of a killed sample.py: said and not scored, the file left as is
+    path.write_text('{"output": "the cats"}\n{"output": "the do')
+    wm.main(["detect", f"--tokenizer={tokenizer_path}", f"--in={path}", "--json"])
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["line"] for line in out.splitlines()] == [1] and "outputs.jsonl:2: no newline" in err
+    assert path.read_text().endswith('"the do')
     path.write_text('{"text": "ok"}\n')
     with pytest.raises(SystemExit, match=r"outputs.jsonl:1: field 'output' missing"):
         wm.main(["detect", f"--tokenizer={tokenizer_path}", f"--in={path}"])
