@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tables(stdout):
-    """The markdown tables bench.py prints, each as one dict per row keyed by the header."""
+    """The markdown tables experiments/watermark_evidence.py prints, each as one dict per row keyed by the header."""
     found, block = [], []
     for line in stdout.splitlines() + [""]:
         if line.startswith("|"):
@@ -23,7 +23,7 @@ def tables(stdout):
     return found
 
 
-def test_bench_watermark_table_detects_what_it_embeds(tmp_path):
+def test_watermark_evidence_table_detects_what_it_embeds(tmp_path):
     """End to end on a small random model (high entropy, so the watermark takes hold): strong watermarked text is
     detected, the same model's plain text and the human text are not, and texts have the length asked for."""
     examples = read_examples(os.path.join(ROOT, "seed_tasks.jsonl"))
@@ -31,15 +31,16 @@ def test_bench_watermark_table_detects_what_it_embeds(tmp_path):
     train_tokenizer(texts, str(tmp_path / "tokenizer.model"), vocab_size=400)
     tokenizer = Tokenizer(str(tmp_path / "tokenizer.model"))
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tokenizer.vocab_size + 5,
-                                  multiple_of=16, max_seq_len=1024))
+    config = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tokenizer.vocab_size + 5, multiple_of=16,
+                       max_seq_len=1024)
+    model = Transformer(config)
     model.init_weights(std=0.2)
     with open(tmp_path / "params.json", "w") as f:
-        json.dump(dataclasses.asdict(model.args), f)
+        json.dump(dataclasses.asdict(config), f)
     torch.save(model.state_dict(), tmp_path / "consolidated.00.pth")
 
     result = subprocess.run(
-        [sys.executable, "bench.py", "watermark", "--part=table", f"--checkpoint={tmp_path}", "--prompts=4",
+        [sys.executable, "experiments/watermark_evidence.py", "--part=table", f"--checkpoint={tmp_path}", "--prompts=4",
          "--batch_size=4", "--max_new_tokens=24", "--gammas", "0.25", "--deltas", "0.5", "5", "--selfhash",
          "--fpr_keys=3"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
