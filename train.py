@@ -4,9 +4,11 @@ Supervised fine-tuning of LLaMA on instruction data: the Stanford Alpaca recipe 
     python train.py                                    # tiny LLaMA on seed_tasks.jsonl, on CPU, in minutes
     torchrun --nproc_per_node=8 train.py --init=/path/to/llama-7b --data=alpaca_data.json
 
-Reads top to bottom: the recipe's settings, the model, checkpoint loading, the tokenizer, the data (prompt
-format, loss mask, packing), then the training loop. Any setting below can be overridden as --name=value.
+Reads top to bottom: the recipe's settings, the model (and LoRA), the tokenizer, the data (prompt format, loss
+mask, packing), the training loop's pieces, then main; after it the plumbing: checkpoint files in and out, the
+resume state, the command line. Every setting below is a flag, --name=value (--help lists them).
 """
+import argparse
 import glob
 import json
 import math
@@ -25,7 +27,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The Alpaca-7B recipe (Taori et al., 2023): 3 epochs, 128 examples per step, lr 2e-5, cosine with 3% warmup.
+# Alpaca-7B's recipe (Taori et al., 2023), for fine-tuning an --init: 3 epochs, 128 examples per step, lr 2e-5,
+# cosine with 3% warmup. Without --init, tiny_recipe (below) replaces these values; a flag given overrides either.
 data = "seed_tasks.jsonl"         # alpaca_data.json (a JSON array) or JSONL of {instruction, input, output}
 init = ""                         # a Meta or Hugging Face LLaMA folder; empty: a tiny LLaMA from scratch (the demo)
 out_dir = "out/tiny"              # the fine-tuned model, in Meta's layout, plus the state to resume from
@@ -58,16 +61,16 @@ lora_rank = 0                     # 0: full fine-tuning (Alpaca); R > 0: rank-R 
 lora_alpha = 16.0                 # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05               # on the adapters' input only
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"
-# With no --init there is no pretrained model to fine-tune, so the demo trains a tiny LLaMA from scratch on
-# the seed tasks. From scratch needs other settings than fine-tuning: many passes, small batches, a high learning
-# rate, Adam's second moment over fewer steps; these replace the settings above, only then. fp32: bf16 autocast
-# gains little at this size. 22 passes fit in ~100 s on 2 CPU cores (loss 7.6 -> ~4.2, answers still noise);
-# learning the examples by heart takes longer: --epochs=36 (~200 s) reaches ~1.2, not yet enough for greedy answers.
+# The demo's recipe: with no --init there is no pretrained model to fine-tune, so the demo trains a tiny LLaMA from
+# scratch on the seed tasks. From scratch needs other settings than fine-tuning: many passes, small batches, a high
+# learning rate, Adam's second moment over fewer steps. fp32: bf16 autocast gains little at this size. 22 passes fit
+# in ~100 s on 2 CPU cores (loss 7.6 -> ~4.2, answers still noise); learning the examples by heart takes longer:
+# --epochs=36 (~200 s) reaches ~1.2, not yet enough for greedy answers.
 tiny_model = dict(dim=128, n_layers=4, n_heads=4, vocab_size=2000, multiple_of=32, max_seq_len=512)
 tiny_recipe = dict(epochs=22, batch_size=8, micro_batch_size=4, learning_rate=6e-3, warmup_ratio=0.05, beta2=0.99,
                    dtype="float32")
 
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
 
 @dataclass
@@ -115,53 +118,49 @@ class RMSNorm(nn.Module):
         return y
 
 
-def rope_inv_freq(args, device=None):
+def rope_inv_freq(config, device=None):
     """The rotary frequencies of each head's feature pairs, in fp32; for Llama 3.1+ scaled as Meta's apply_scaling:
     long wavelengths slowed by the factor, short ones kept, the band between blended smoothly."""
-    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim)
-    if not args.use_scaled_rope:
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim)
+    if not config.use_scaled_rope:
         return inv_freq
-    wavelen = 2 * math.pi / inv_freq
-    low, high = args.low_freq_factor, args.high_freq_factor
-    smooth = (args.original_max_seq_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * inv_freq / args.rope_scaling_factor + smooth * inv_freq
-    scaled = torch.where(wavelen > args.original_max_seq_len / low, inv_freq / args.rope_scaling_factor, blended)
-    return torch.where(wavelen < args.original_max_seq_len / high, inv_freq, scaled)
+    wavelen, low, high = 2 * math.pi / inv_freq, config.low_freq_factor, config.high_freq_factor
+    smooth = (config.original_max_seq_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / config.rope_scaling_factor + smooth * inv_freq
+    scaled = torch.where(wavelen > config.original_max_seq_len / low, inv_freq / config.rope_scaling_factor, blended)
+    return torch.where(wavelen < config.original_max_seq_len / high, inv_freq, scaled)
 
 
-def rope_cos_sin(positions, inv_freq):
-    """cos and sin of the rotary angles for each position: (B, T, head_dim/2), in fp32."""
-    angles = positions.float()[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+def rope_rotation(config, positions):
+    """cos + i sin of the rotary angle of each position (B, T) and feature pair: (B, T, 1, head_dim/2), complex64.
+    Made once per forward from the integer positions, so exact in fp32 whatever the blocks compute in: FSDP2's
+    MixedPrecisionPolicy casts floating-point inputs only, and a complex tensor is not floating point."""
+    angles = positions.float()[..., None] * rope_inv_freq(config, positions.device)
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None]
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x, rotation):
     # Meta's convention rotates interleaved pairs (x0, x1), (x2, x3), ... of each head: as complex numbers
     # x0 + i x1, that is one multiplication by cos + i sin, in fp32. One kernel each way instead of about ten
     # (the same values as x1 cos - x2 sin, x1 sin + x2 cos), a large share of an eager step on CPU.
-    rotation = torch.complex(cos, sin)[:, :, None, :]
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
-    def __init__(self, args):
+    def __init__(self, config):
         super().__init__()
-        self.n_heads = args.n_heads
-        self.n_kv_heads = args.n_kv_heads or args.n_heads
-        self.args, self.head_dim = args, args.head_dim
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads or config.n_heads, \
+            config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x, positions, mask, cache, cache_pos):
+    def forward(self, x, rotation, mask, cache, cache_pos):
         B, T, _ = x.shape
-        # The angles are computed here, from integer positions, so they are fp32 whatever dtype the block's
-        # inputs and weights come in (FSDP's mixed precision casts floating-point inputs, not integer ones).
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.args, x.device))
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rotation).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rotation).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:  # sampling: keys and values of earlier tokens come from the cache
             cache_k, cache_v = cache
@@ -175,24 +174,112 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def ffn_hidden_dim(args):
+def ffn_hidden_dim(config):
     # LLaMA's rule: 2/3 of 4*dim (SwiGLU has three matrices), scaled, rounded up to a multiple of multiple_of.
-    hidden = int(2 * 4 * args.dim / 3)
-    if args.ffn_dim_multiplier is not None:
-        hidden = int(args.ffn_dim_multiplier * hidden)
-    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
+    hidden = int(2 * 4 * config.dim / 3)
+    if config.ffn_dim_multiplier is not None:
+        hidden = int(config.ffn_dim_multiplier * hidden)
+    return config.multiple_of * ((hidden + config.multiple_of - 1) // config.multiple_of)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args):
+    def __init__(self, config):
         super().__init__()
-        hidden = ffn_hidden_dim(args)
-        self.w1 = nn.Linear(args.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        hidden = ffn_hidden_dim(config)
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, rotation, mask=None, cache=None, cache_pos=0):
+        x = x + self.attention(self.attention_norm(x), rotation, mask, cache, cache_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.args = config  # model.args: the name sample.py and the checkpoint readers use
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        if config.sliding_window is not None and config.sliding_window < config.max_seq_len:
+            raise SystemExit(f"context {config.max_seq_len} is longer than the checkpoint's sliding_window "
+                             f"{config.sliding_window}: this LLaMA attends to the whole context")
+        # Tied: no output layer of its own, so the one matrix is sharded, saved and trained once.
+        self.output = None if config.tie_word_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.activation_checkpointing = False
+
+    def forward(self, tokens, positions=None, mask=None, targets=None, cache=None, cache_pos=0, last_only=False):
+        """Logits (B, T, vocab) for tokens (B, T); or, given targets, the summed cross-entropy over the
+        positions whose target is not -100.
+
+        positions: (B, T) position of each token (packed examples restart at 0); default 0..T-1 after cache_pos.
+        mask: (B, 1, T, S) boolean, True where a query may attend to a key; default causal.
+        cache: per layer (k, v) tensors of shape (B, n_kv_heads, S_max, head_dim); this call writes slots
+               cache_pos..cache_pos+T and attends over slots 0..cache_pos+T.
+        last_only: logits for the last position only (B, 1, vocab), all that sampling needs after a prefill.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(cache_pos, cache_pos + T, device=tokens.device).expand(B, T)
+        if mask is None and cache is not None and T > 1:  # causal over the cached tokens and these
+            mask = torch.ones(T, cache_pos + T, dtype=torch.bool, device=tokens.device).tril(cache_pos)
+        rotation, h = rope_rotation(self.args, positions), self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            if self.activation_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, rotation, mask, use_reentrant=False)
+            else:
+                h = layer(h, rotation, mask, None if cache is None else cache[i], cache_pos)
+        h = self.norm(h)
+        if targets is None:
+            return self.logits(h[:, -1:] if last_only else h)
+        # Only response tokens carry a loss, so only they go through the (large) output layer. Their count is
+        # padded to a multiple of 256 with ignored entries: few distinct shapes, as each new one costs a kernel
+        # setup on CPU and a recompile under torch.compile.
+        targets = targets.flatten()
+        keep = (targets != -100).nonzero().squeeze(1)
+        pad = -len(keep) % 256
+        logits = self.logits(h.flatten(0, 1)[F.pad(keep, (0, pad))])
+        return F.cross_entropy(logits, F.pad(targets[keep], (0, pad), value=-100), reduction="sum")
+
+    def logits(self, h):
+        return (self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)).float()
+
+    def init_weights(self, std=0.02):
+        for name, p in self.named_parameters():
+            nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.normal_(p, mean=0.0, std=std)
+
+    @staticmethod
+    def from_pretrained(path, dtype=None):
+        """A LLaMA from a Meta folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json +
+        *.safetensors or pytorch_model*.bin), with weights memory-mapped rather than copied where possible."""
+        if os.path.exists(os.path.join(path, "params.json")):
+            config, state = read_meta_checkpoint(path)
+        elif os.path.exists(os.path.join(path, "config.json")):
+            config, state = read_hf_checkpoint(path)
+        else:
+            raise SystemExit(f"{path}: neither a Meta (params.json) nor a Hugging Face (config.json) LLaMA folder")
+        with torch.device("meta"):
+            model = Transformer(config)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        try:  # strict: a missing, unexpected or misshapen tensor is named
+            model.load_state_dict(state, assign=True)
+        except RuntimeError as e:
+            raise SystemExit(f"{path}: {e}")
+        return model
 
 
 class LoRALinear(nn.Module):
@@ -221,11 +308,9 @@ def add_lora(model, rank, alpha, dropout, targets, seed):
     if not targets or any(t not in known for t in targets):
         raise SystemExit(f"--lora_targets={','.join(targets)}: expected some of {','.join(known)}")
     model.requires_grad_(False)
-    for block in model.layers:
-        for part in (block.attention, block.feed_forward):
-            for name in targets:
-                if name in part._modules:
-                    setattr(part, name, LoRALinear(getattr(part, name), rank, alpha, dropout))
+    for part in [m for block in model.layers for m in (block.attention, block.feed_forward)]:
+        for name in set(targets) & set(part._modules):
+            setattr(part, name, LoRALinear(getattr(part, name), rank, alpha, dropout))
     generator, init = torch.Generator().manual_seed(seed), {}
     for name, p in model.named_parameters():
         if name.endswith(".lora_a"):
@@ -236,15 +321,13 @@ def add_lora(model, rank, alpha, dropout, targets, seed):
 
 
 def merge_lora(state, scale):
-    """Fold each adapter of a state dict into its weight, W + scale * B A, in place, and drop the adapters. Every
+    """Fold each adapter of a state dict into its weight, W + scale * B A, and drop the adapters. Every
     tensor comes out in fp32, as a full run writes them: rounding W + B A to bf16 would lose much of the update."""
     for name in [n for n in state if n.endswith(".lora_a")]:
         prefix = name[:-len("lora_a")]
         a, b = state.pop(prefix + "lora_a").float(), state.pop(prefix + "lora_b").float()
         state[prefix + "weight"] = state[prefix + "weight"].float() + scale * (b @ a)
-    for name in state:
-        state[name] = state[name].float()
-    return state
+    return {name: t.float() for name, t in state.items()}
 
 
 def apply_adapters(state, path):
@@ -260,242 +343,6 @@ def apply_adapters(state, path):
         if weight is None or t.shape[dim] != weight.shape[dim]:
             raise SystemExit(f"{path}: adapter '{name}' of shape {tuple(t.shape)} does not fit the base model")
     return merge_lora({**state, **adapters}, float(meta["lora_alpha"]) / int(meta["lora_rank"]))
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
-
-    def forward(self, x, positions, mask=None, cache=None, cache_pos=0):
-        x = x + self.attention(self.attention_norm(x), positions, mask, cache, cache_pos)
-        return x + self.feed_forward(self.ffn_norm(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        if args.sliding_window is not None and args.sliding_window < args.max_seq_len:
-            raise SystemExit(f"context {args.max_seq_len} is longer than the checkpoint's sliding_window "
-                             f"{args.sliding_window}: this LLaMA attends to the whole context")
-        # Tied: no output layer of its own, so the one matrix is sharded, saved and trained once.
-        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.activation_checkpointing = False
-
-    def forward(self, tokens, positions=None, mask=None, targets=None, cache=None, cache_pos=0, last_only=False):
-        """Logits (B, T, vocab) for tokens (B, T); or, given targets, the summed cross-entropy over the
-        positions whose target is not -100.
-
-        positions: (B, T) position of each token (packed examples restart at 0); default 0..T-1 after cache_pos.
-        mask: (B, 1, T, S) boolean, True where a query may attend to a key; default causal.
-        cache: per layer (k, v) tensors of shape (B, n_kv_heads, S_max, head_dim); this call writes slots
-               cache_pos..cache_pos+T and attends over slots 0..cache_pos+T.
-        last_only: logits for the last position only (B, 1, vocab), all that sampling needs after a prefill.
-        """
-        B, T = tokens.shape
-        if positions is None:
-            positions = torch.arange(cache_pos, cache_pos + T, device=tokens.device).expand(B, T)
-        if mask is None and cache is not None and T > 1:  # causal over the cached tokens and these
-            mask = torch.ones(T, cache_pos + T, dtype=torch.bool, device=tokens.device).tril(cache_pos)
-        h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            if self.activation_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, positions, mask, use_reentrant=False)
-            else:
-                h = layer(h, positions, mask, None if cache is None else cache[i], cache_pos)
-        h = self.norm(h)
-        if targets is None:
-            return self.logits(h[:, -1:] if last_only else h)
-        # Only response tokens carry a loss, so only they go through the (large) output layer. Their count is
-        # padded to a multiple of 256 with ignored entries: few distinct shapes, as each new one costs a kernel
-        # setup on CPU and a recompile under torch.compile.
-        targets = targets.flatten()
-        keep = (targets != -100).nonzero().squeeze(1)
-        pad = -len(keep) % 256
-        logits = self.logits(h.flatten(0, 1)[F.pad(keep, (0, pad))])
-        return F.cross_entropy(logits, F.pad(targets[keep], (0, pad), value=-100), reduction="sum")
-
-    def logits(self, h):
-        return (self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)).float()
-
-    def init_weights(self, std=0.02):
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
-
-    @staticmethod
-    def from_pretrained(path, dtype=None):
-        """A LLaMA from a Meta folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json +
-        *.safetensors or pytorch_model*.bin), with weights memory-mapped rather than copied where possible."""
-        if os.path.exists(os.path.join(path, "params.json")):
-            args, state = read_meta_checkpoint(path)
-        elif os.path.exists(os.path.join(path, "config.json")):
-            args, state = read_hf_checkpoint(path)
-        else:
-            raise SystemExit(f"{path}: neither a Meta (params.json) nor a Hugging Face (config.json) LLaMA folder")
-        with torch.device("meta"):
-            model = Transformer(args)
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        try:  # strict: a missing, unexpected or misshapen tensor is named
-            model.load_state_dict(state, assign=True)
-        except RuntimeError as e:
-            raise SystemExit(f"{path}: {e}")
-        return model
-
-
-def read_meta_checkpoint(path):
-    with open(os.path.join(path, "params.json")) as f:
-        params = json.load(f)
-    known = {f.name for f in fields(ModelArgs)}
-    args = ModelArgs(**{k: v for k, v in params.items() if k in known})
-    shard_files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
-    if not shard_files:
-        raise SystemExit(f"{path}: no consolidated.*.pth files")
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in shard_files]
-    for shard in shards:
-        shard.pop("rope.freqs", None)  # Meta stores the rotary table; we compute it
-    # Meta's Llama 3.2 files carry output.weight (a copy of the embedding); ours omit it when tied.
-    args.tie_word_embeddings = "output.weight" not in shards[0]
-    if args.vocab_size <= 0:  # LLaMA-1 writes -1 and leaves the size to the tokenizer
-        args.vocab_size = sum(s["output.weight"].shape[0] for s in shards)
-    if len(shards) == 1:
-        return args, shards[0]
-    # Larger models come split for model parallelism; each tensor is cut along the one dim where the
-    # pieces add up to the full size (column-parallel along 0, row-parallel along 1), or is replicated.
-    with torch.device("meta"):
-        expected = Transformer(args).state_dict()
-    state = {}
-    for name, pieces in ((k, [s[k] for s in shards]) for k in shards[0]):
-        full = expected[name].shape if name in expected else pieces[0].shape
-        if pieces[0].shape == full:
-            state[name] = pieces[0]
-            continue
-        for d in range(pieces[0].dim()):
-            if sum(p.shape[d] for p in pieces) == full[d]:
-                state[name] = torch.cat(pieces, dim=d)
-                break
-        else:
-            raise SystemExit(f"{path}: tensor '{name}' shards of shape {tuple(pieces[0].shape)} "
-                             f"do not assemble into {tuple(full)}")
-    return args, state
-
-
-def hf_to_meta_qk(w, n_heads):
-    # Hugging Face reorders each head's q/k rows so its rotate-half RoPE matches Meta's interleaved pairs;
-    # put them back: HF keeps first halves then second halves, Meta interleaves them.
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-def meta_to_hf_qk(w, n_heads):
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-# Hugging Face names of one block's tensors, and the rest; the output layer is absent when tied.
-HF_LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                  "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-                  "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-                  "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-                  "post_attention_layernorm": "ffn_norm"}
-HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-            "lm_head.weight": "output.weight"}
-
-
-def hf_names(args):
-    """{Hugging Face tensor name: ours} for every tensor of the model."""
-    names = dict(HF_NAMES)
-    for i in range(args.n_layers):
-        names.update({f"model.layers.{i}.{h}.weight": f"layers.{i}.{m}.weight" for h, m in HF_LAYER_NAMES.items()})
-    return names
-
-
-def hf_args(cfg, where):
-    """ModelArgs from a config.json as transformers 4.x (top-level rope_theta, rope_scaling) or 5.x
-    (rope_parameters) writes it. Whatever this LLaMA does not compute is refused, naming the key."""
-    def refuse(key, why):
-        raise SystemExit(f"{where}: {key}={json.dumps(cfg.get(key))}: {why}")
-    if cfg.get("model_type") not in ("llama", "mistral"):
-        refuse("model_type", "only the LLaMA family (llama, mistral) is implemented")
-    if cfg.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "this LLaMA's feed-forward is SwiGLU (silu)")
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            refuse(key, "this LLaMA's linear layers have no bias")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        refuse("rope_parameters" if "rope_parameters" in cfg else "rope_scaling",
-               f"rope_type '{rope_type}' is not implemented (only default and llama3)")
-    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                     n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6), head_dim=cfg.get("head_dim"),
-                     rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-                     max_seq_len=cfg.get("max_position_embeddings", 2048),
-                     tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                     sliding_window=cfg.get("sliding_window"))
-    if args.sliding_window is not None:  # full attention equals sliding-window attention up to the window
-        args.max_seq_len = min(args.max_seq_len, args.sliding_window)
-    if rope_type == "llama3":
-        args.use_scaled_rope = True
-        args.rope_scaling_factor, args.low_freq_factor = rope["factor"], rope["low_freq_factor"]
-        args.high_freq_factor = rope["high_freq_factor"]
-        args.original_max_seq_len = rope["original_max_position_embeddings"]
-    # HF stores the FFN width itself; choose multiple_of so LLaMA's rule lands exactly on it.
-    hidden = cfg["intermediate_size"]
-    args.multiple_of = hidden
-    if int(8 * args.dim / 3) > hidden:
-        args.ffn_dim_multiplier = hidden / int(8 * args.dim / 3)
-    return args
-
-
-def read_hf_checkpoint(path):
-    with open(os.path.join(path, "config.json")) as f:
-        args = hf_args(json.load(f), os.path.join(path, "config.json"))
-    from safetensors.torch import load_file  # memory-maps the file
-    # The index names the shards (Mistral's repos also hold a consolidated.safetensors in Mistral's own names).
-    load_bin = lambda f: torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-    for stem, ext, load in (("model", "safetensors", load_file), ("pytorch_model", "bin", load_bin)):
-        index = os.path.join(path, f"{stem}.{ext}.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
-        else:
-            files = sorted(glob.glob(os.path.join(path, f"{stem}*.{ext}")))
-        if files:
-            break
-    else:
-        raise SystemExit(f"{path}: no model*.safetensors or pytorch_model*.bin files")
-    names, state = hf_names(args), {}
-    for file in files:
-        for name, tensor in load(file).items():
-            if name.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and name == "lm_head.weight"):
-                continue
-            if name not in names:
-                raise SystemExit(f"{file}: unexpected tensor '{name}' in the checkpoint")
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                tensor = hf_to_meta_qk(tensor, args.n_heads if "q_proj" in name else args.n_kv_heads or args.n_heads)
-            state[names[name]] = tensor
-    return args, state
-
-
-# Llama 3's tokenizer as Meta's reference builds it: its split pattern, and 256 special tokens after the BPE ranks.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
-                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-LLAMA3_SPECIAL += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
 
 
 def find_tokenizer(folder):
@@ -543,50 +390,6 @@ class Tokenizer:
         return self.tt.decode(list(ids)) if hasattr(self, "tt") else self.sp.decode(list(ids))
 
 
-def read_tiktoken_ranks(path):
-    # Meta's format: a base64 token and its rank per line. (tiktoken's load_tiktoken_bpe caches files by path,
-    # so it would return a stale copy after a path's file is replaced, as out_dir's is.)
-    import base64
-    ranks = {}
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-            except ValueError:
-                raise SystemExit(f"{path}:{lineno}: expected a base64 token and its rank")
-    return ranks
-
-
-def read_tokenizer_json(path):
-    """The BPE ranks and split pattern of a byte-level tokenizer.json (Llama 3's), for tiktoken. Its token ids
-    serve as ranks, which equals Hugging Face's merge order only when the merges come in id order: checked."""
-    with open(path, encoding="utf-8") as f:
-        tj = json.load(f)
-    model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
-    splits = pre.get("pretokenizers", [])
-    if model.get("type") != "BPE" or tj.get("normalizer") or [p.get("type") for p in splits] != ["Split", "ByteLevel"]:
-        raise SystemExit(f"{path}: only Llama 3's kind of tokenizer.json is read (byte-level BPE, a Split regex, "
-                         f"no normalizer); for sentencepiece models give tokenizer.model")
-    # Byte-level BPE spells each byte as a printable character (GPT-2's table); map the spellings back to bytes.
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = sorted(set(range(256)) - set(printable))
-    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
-    special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-    if not {"<|begin_of_text|>", "<|end_of_text|>"} <= set(special):
-        raise SystemExit(f"{path}: added_tokens lack Llama 3's <|begin_of_text|> and <|end_of_text|>")
-    vocab, last = {t: i for t, i in model["vocab"].items() if t not in special}, -1
-    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items()}
-    for merge in model.get("merges", []):
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
-        if vocab[left + right] < last:
-            raise SystemExit(f"{path}: merge {left!r} + {right!r} is out of id order; tiktoken cannot read this file")
-        last = vocab[left + right]
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise SystemExit(f"{path}: model.vocab ids are not 0..{len(ranks) - 1}")
-    return ranks, splits[0]["pattern"]["Regex"], special
-
-
 def train_tokenizer(texts, path, vocab_size):
     """A small LLaMA-style BPE tokenizer (unk 0, bos 1, eos 2, byte fallback) for the from-scratch demo."""
     import io
@@ -602,16 +405,12 @@ def train_tokenizer(texts, path, vocab_size):
 
 
 # Alpaca's prompt, byte for byte: released Alpaca models (and sample.py) expect exactly this text.
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
+PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Response:")
 
 
 def format_prompt(instruction, input=""):
@@ -625,21 +424,20 @@ def read_records(path):
         raise SystemExit(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
         if path.endswith(".json"):
-            try:
-                items = json.load(f)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
-            if not isinstance(items, list):
-                raise SystemExit(f"{path}: expected a JSON array")
-            return [(f"{path}: item {i}", i, item) for i, item in enumerate(items)]
-        records = []
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append((f"{path}:{lineno}", lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
-    return records
+            lines = [(None, f.read())]
+        else:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for lineno, text in lines:
+        try:
+            records.append(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{lineno or e.lineno}: not valid JSON ({e.msg})")
+    if path.endswith(".json"):
+        if not isinstance(records[0], list):
+            raise SystemExit(f"{path}: expected a JSON array")
+        return [(f"{path}: item {i}", i, item) for i, item in enumerate(records[0])]
+    return [(f"{path}:{n}", n, record) for (n, _), record in zip(lines, records)]
 
 
 def read_examples(path):
@@ -707,14 +505,13 @@ def pack(examples, max_seq_len):
     rows, space = [], []
     for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
         n = len(examples[i][0]) - 1
-        for r in range(len(rows)):
-            if space[r] >= n:
-                rows[r].append(i)
-                space[r] -= n
-                break
-        else:
+        r = next((r for r in range(len(rows)) if space[r] >= n), None)
+        if r is None:
             rows.append([i])
             space.append(max_seq_len - n)
+        else:
+            rows[r].append(i)
+            space[r] -= n
     return rows
 
 
@@ -751,145 +548,495 @@ def split_rows(rows, rank, world_size, micro_batch_size):
     return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
 
 
-def lr_at(step, total_steps):
+def lr_at(step, total_steps, learning_rate, warmup_ratio):
     # Linear warmup then cosine decay to zero, as Hugging Face's cosine schedule used by Alpaca (step 0 has lr 0).
     warmup = math.ceil(warmup_ratio * total_steps)
     if step < warmup:
         return learning_rate * step / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return learning_rate * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 
-def flops_of(rows, examples, args, frozen=False):
+def evaluate(model, examples, dev, autocast, max_seq_len, micro_batch_size):
+    """Mean loss per response token over the validation examples, across all processes."""
+    model.eval()
+    loss_sum = torch.zeros(2, device=dev)
+    with torch.no_grad():
+        for micro in split_rows(pack(examples, max_seq_len), dist.get_rank(), dist.get_world_size(), micro_batch_size):
+            tokens, targets, positions, mask = make_batch(micro, examples, dev)
+            with autocast:
+                loss_sum[0] += model(tokens, positions, mask, targets).float()
+            loss_sum[1] += (targets != -100).sum()
+    dist.all_reduce(loss_sum)
+    model.train()
+    return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+
+
+def greedy_answer(model, tokenizer, instruction, input, dev, dtype, max_new_tokens=300):
+    """Greedy answer to one instruction, for the end-of-run demo (sample.py is the real sampler): the prompt once,
+    then one token at a time on the KV cache (in dtype, the blocks' compute dtype). Every process runs it (FSDP)."""
+    model.eval()
+    ids, config = tokenizer.encode(format_prompt(instruction, input), bos=True), model.args
+    shape = (1, config.n_kv_heads or config.n_heads, len(ids) + max_new_tokens, config.head_dim)
+    cache = [tuple(torch.zeros(shape, device=dev, dtype=dtype) for _ in "kv") for _ in range(config.n_layers)]
+    new, tokens = [], torch.tensor([ids], device=dev)
+    with torch.no_grad():
+        while len(new) < max_new_tokens and len(ids) + len(new) < config.max_seq_len:
+            logits = model(tokens, cache=cache, cache_pos=len(ids) + len(new) - tokens.shape[1], last_only=True)
+            next_id = logits[0, -1, :tokenizer.vocab_size].argmax().item()  # a model's vocab may be padded beyond
+            if next_id in tokenizer.stop_ids:
+                break
+            new.append(next_id)
+            tokens = torch.tensor([[next_id]], device=dev)
+    model.train()
+    return tokenizer.decode(new)
+
+
+def flops_of(rows, examples, config, frozen=False):
     """Training FLOPs for packed rows: 6 per parameter per token for the blocks, the output layer only on
     supervised tokens, and causal attention (6·L·dim·n² for an example of n tokens). A frozen model (LoRA) takes
     4, as its weights need no gradient (the adapters' own FLOPs, about 1% at rank 16, are left out)."""
-    hidden = ffn_hidden_dim(args)
-    q_dim, kv_dim = args.n_heads * args.head_dim, (args.n_kv_heads or args.n_heads) * args.head_dim
-    block_params = args.n_layers * (2 * args.dim * q_dim + 2 * args.dim * kv_dim + 3 * args.dim * hidden)
+    hidden = ffn_hidden_dim(config)
+    q_dim, kv_dim = config.n_heads * config.head_dim, (config.n_kv_heads or config.n_heads) * config.head_dim
+    block_params = config.n_layers * (2 * config.dim * q_dim + 2 * config.dim * kv_dim + 3 * config.dim * hidden)
     total = 0
-    for row in rows:
-        for i in row:
-            ids, n_prompt = examples[i]
-            n = len(ids) - 1
-            total += (4 if frozen else 6) * (block_params * n + args.dim * args.vocab_size * (n - n_prompt + 1))
-            total += 6 * args.n_layers * args.dim * n * n
+    for ids, n_prompt in (examples[i] for row in rows for i in row):
+        n = len(ids) - 1
+        total += (4 if frozen else 6) * (block_params * n + config.dim * config.vocab_size * (n - n_prompt + 1))
+        total += 6 * config.n_layers * config.dim * n * n
     return total
 
 
 def measure_peak_flops(dev, dt):
     # No spec sheet for a CPU: time a large matmul in the training dtype and call that the peak.
     if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
         table = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16
+        name = torch.cuda.get_device_name(dev)
         return next((v for k, v in table.items() if k in name), None) if dt == torch.bfloat16 else None
-    a, b = torch.randn(1024, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
-    for _ in range(3):
-        a @ b
+    a = torch.randn(1024, 1024, dtype=dt)
+    for _ in range(3):  # warm up
+        a @ a
     t0 = time.perf_counter()
     for _ in range(10):
-        a @ b
+        a @ a
     return 10 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
+
+
+def start_processes(device):
+    """One process (python train.py) or many (torchrun, FSDP): a process group either way, so the code is the same."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def prepare_data(args, log):
+    """The examples, a seeded validation split held out, the tokenizer (for the demo, trained on the training split)
+    and every example tokenized: (tokenizer, train examples, validation examples, their token ids)."""
+    examples = read_examples(args.data)
+    order = np.random.default_rng(args.seed).permutation(len(examples))
+    n_val = min(len(examples) - 1, max(1, round(args.val_fraction * len(examples)))) if args.val_fraction > 0 else 0
+    val_raw, train_raw = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
+    path = find_tokenizer(args.init) if args.init else os.path.join(args.out_dir, "tokenizer.model")
+    if not args.init:
+        if dist.get_rank() == 0 and not (args.resume and os.path.exists(path)):
+            os.makedirs(args.out_dir, exist_ok=True)
+            train_tokenizer([format_prompt(e["instruction"], e["input"]) + e["output"] for e in train_raw], path,
+                            tiny_model["vocab_size"])
+        dist.barrier()
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no tokenizer (nor original/tokenizer.model, tokenizer.json) there")
+    tokenizer, stats = Tokenizer(path), {"prompts_cut": 0, "responses_cut": 0, "tokens_dropped": 0}
+    train_set, val_set = ([tokenize_example(tokenizer, e, args.max_seq_len, stats) for e in raw]
+                          for raw in (train_raw, val_raw))
+    log(f"data: {len(train_set)} train / {len(val_set)} validation examples from {args.data}; truncated to "
+        f"{args.max_seq_len} tokens: {stats['prompts_cut']} prompts and {stats['responses_cut']} responses "
+        f"({stats['tokens_dropped']} tokens dropped)")
+    return tokenizer, train_raw, val_raw, train_set, val_set
+
+
+def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
+    """The pretrained --init (or the demo's tiny LLaMA, initialised at random), with LoRA's adapters if asked: every
+    process builds it on the meta device, shards it (FSDP2: each transformer block, then the rest), then takes its
+    shard of the weights. On GPUs FSDP keeps fp32 master weights but computes in bf16, reduces gradients in fp32."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if args.init:
+        pretrained = Transformer.from_pretrained(args.init)  # memory-mapped: the processes share one copy in RAM
+        config, full_state = pretrained.args, pretrained.state_dict()
+        if config.vocab_size != tokenizer.vocab_size:
+            log(f"note: model vocab {config.vocab_size} != tokenizer vocab {tokenizer.vocab_size}")
+    else:
+        scratch = Transformer(ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size}))
+        scratch.init_weights()
+        config, full_state = scratch.args, scratch.state_dict()
+    config.max_seq_len = max(config.max_seq_len, args.max_seq_len)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.activation_checkpointing = args.activation_checkpointing
+    if args.lora_rank:
+        # The frozen model is held in the compute dtype (bf16: 2 bytes a parameter, no gradient, no Adam state);
+        # the adapters train in fp32.
+        model.to(amp_dtype)
+        adapters = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","),
+                            args.seed)
+        full_state = {**{k: v.to(amp_dtype) for k, v in full_state.items()}, **adapters}
+    mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)} \
+        if dev.type == "cuda" else {}
+    for layer in model.layers:
+        if args.compile:
+            layer.compile()
+        if world_size > 1:  # a single process gains nothing from sharding, and a small model pays for its hooks
+            fully_shard(layer, **mp)
+    if world_size > 1:
+        fully_shard(model, **mp)
+    model.to_empty(device=dev)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True))
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = f", LoRA rank {args.lora_rank} on {args.lora_targets}" if args.lora_rank else ""
+    log(f"model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable "
+        f"({100 * n_trainable / n_params:.2f}%{lora}), {config.n_layers} layers, dim {config.dim}, vocab "
+        f"{config.vocab_size}; {world_size} process(es) on {dev.type}, {args.dtype}")
+    return model, bool(mp)
+
+
+def main(argv=None):
+    t_main = time.perf_counter()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world_size, dev = start_processes(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"settings ({'Alpaca' if args.init else 'no --init, the demo: tiny_recipe'}): "
+        + " ".join(f"--{k}={v}" for k, v in vars(args).items()))
+    torch.manual_seed(args.seed)
+    amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    tokenizer, train_raw, val_raw, train_set, val_set = prepare_data(args, log)
+    model, mixed = build_model(args, tokenizer, dev, amp_dtype, world_size, log)
+    config = model.args
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  betas=(args.beta1, args.beta2), eps=1e-8, weight_decay=args.weight_decay,
+                                  fused=dev.type == "cuda" or None, foreach=dev.type != "cuda" or None)
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+    step = first_step = load_resume_state(model, optimizer, args.out_dir) if args.resume else 0
+    if args.resume:
+        log(f"resumed from {args.out_dir} at step {step}")
+    peak_flops = measure_peak_flops(dev, amp_dtype)
+    log(f"training: {total_steps} steps of {args.batch_size} examples, lr {args.learning_rate}, "
+        f"{args.micro_batch_size} packed rows of {args.max_seq_len} per forward")
+    lora_meta = {"lora_rank": str(args.lora_rank), "lora_alpha": str(args.lora_alpha), "init": args.init,
+                 "lora_targets": args.lora_targets, "lora_dropout": str(args.lora_dropout)} if args.lora_rank else None
+
+    t_start = time.perf_counter()
+    spent = {"setup": t_start - t_main, "steps": 0.0, "validation": 0.0, "saving": 0.0}  # seconds, for the summary
+    while step < total_steps:
+        t0 = time.perf_counter()
+        torch.manual_seed(hash((args.seed, step, rank)))  # LoRA's dropout: a resumed run draws as a straight one
+        # Each step takes the next batch_size examples of this epoch's seeded shuffle; every process packs the
+        # same examples and works on its share of the rows, so the step is the same on any number of processes.
+        epoch, k = divmod(step, steps_per_epoch)
+        shuffled = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
+        batch = [train_set[i] for i in shuffled[k * args.batch_size:(k + 1) * args.batch_size]]
+        rows = pack(batch, args.max_seq_len)
+        n_targets = sum(len(ids) - n_prompt for ids, n_prompt in batch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, total_steps, args.learning_rate, args.warmup_ratio)
+        micro_batches = split_rows(rows, rank, world_size, args.micro_batch_size)
+        loss_sum = torch.zeros((), device=dev)
+        for i, micro in enumerate(micro_batches):
+            if world_size > 1:  # gradients are reduced across processes only on the last micro-batch
+                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            tokens, targets, positions, mask = make_batch(micro, batch, dev)
+            with autocast:
+                loss = model(tokens, positions, mask, targets)
+            # Divide by the step's total number of response tokens: the loss is a mean over tokens, not a mean
+            # of per-batch means. FSDP averages gradients over processes, hence the world_size factor.
+            (loss * world_size / n_targets).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        spent["steps"] += time.perf_counter() - t0
+
+        if step % args.log_interval == 0 or step == total_steps:
+            dist.all_reduce(loss_sum)
+            dt = time.perf_counter() - t0
+            mfu = flops_of(rows, batch, config, args.lora_rank > 0) / dt / (peak_flops or math.inf) / world_size
+            memory = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else max_rss()) / 2 ** 30
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            eta = (time.perf_counter() - t_start) / (step - first_step) * (total_steps - step)
+            log(f"step {step}/{total_steps} | loss {loss_sum.item() / n_targets:.4f} | lr "
+                f"{lr_at(step - 1, total_steps, args.learning_rate, args.warmup_ratio):.2e} | grad norm "
+                f"{grad_norm.item():.2f} | {sum(len(ids) - 1 for ids, _ in batch) / dt:,.0f} tok/s"
+                + (f" | mfu {100 * mfu:.1f}%" if peak_flops else "")
+                + f" | mem {memory:.2f} GiB | eta {eta / 60:.1f} min", flush=True)
+        if val_set and (step % args.eval_interval == 0 or step == total_steps):
+            t1 = time.perf_counter()
+            loss = evaluate(model, val_set, dev, autocast, args.max_seq_len, args.micro_batch_size)
+            log(f"step {step}: validation loss {loss:.4f}")
+            spent["validation"] += time.perf_counter() - t1
+        if step % args.save_interval == 0 or step == total_steps:
+            t1 = time.perf_counter()
+            save_checkpoint(model, optimizer, step, config, tokenizer.path, args.out_dir, lora_meta, args.save_hf)
+            log(f"saved {args.out_dir}")
+            spent["saving"] += time.perf_counter() - t1
+
+    # One instruction the model trained on and one it never saw: a small model learns the first long before it
+    # can generalise to the second. ROUGE-L (the F-measure of the longest common word subsequence) says how close.
+    from rouge_score import rouge_scorer
+    scorer, t1 = rouge_scorer.RougeScorer(["rougeL"]), time.perf_counter()
+    for kind, example in (("training", train_raw[0]), ("held-out", val_raw[0] if val_raw else None)):
+        if example:
+            # At most twice the reference's length (32 to 300 tokens): an untrained model that never says EOS
+            # would otherwise decode 300 tokens twice, a long wait at the end of a short run.
+            cap = min(300, max(32, 2 * len(tokenizer.encode(example["output"]))))
+            reply = greedy_answer(model, tokenizer, example["instruction"], example["input"], dev,
+                                  amp_dtype if mixed else torch.float32, max_new_tokens=cap)
+            rouge = scorer.score(example["output"], reply)["rougeL"].fmeasure
+            log(f"\n{kind} instruction: {example['instruction']}"
+                + (f"\ninput: {example['input']}" if example["input"] else "")
+                + f"\nmodel's answer: {reply}\nreference answer: {example['output']}\nROUGE-L: {rouge:.2f}")
+    spent["answers"] = time.perf_counter() - t1
+    log("\ntime: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items())
+        + f"; {time.perf_counter() - t_main:.1f} s in all (after Python's imports)")
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: checkpoint files in (Meta's and Hugging Face's layouts, their tokenizers), checkpoint files out (Meta's
+# layout, the resume state, Hugging Face's layout), the command line.
+
+def read_meta_checkpoint(path):
+    with open(os.path.join(path, "params.json")) as f:
+        params = json.load(f)
+    config = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
+    shard_files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if not shard_files:
+        raise SystemExit(f"{path}: no consolidated.*.pth files")
+    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in shard_files]
+    for shard in shards:
+        shard.pop("rope.freqs", None)  # Meta stores the rotary table; we compute it
+    # Meta's Llama 3.2 files carry output.weight (a copy of the embedding); ours omit it when tied.
+    config.tie_word_embeddings = "output.weight" not in shards[0]
+    if config.vocab_size <= 0:  # LLaMA-1 writes -1 and leaves the size to the tokenizer
+        config.vocab_size = sum(s["output.weight"].shape[0] for s in shards)
+    if len(shards) == 1:
+        return config, shards[0]
+    # Larger models come split for model parallelism; each tensor is cut along the one dim where the
+    # pieces add up to the full size (column-parallel along 0, row-parallel along 1), or is replicated.
+    with torch.device("meta"):
+        expected = Transformer(config).state_dict()
+    state = {}
+    for name, pieces in ((k, [s[k] for s in shards]) for k in shards[0]):
+        full = expected[name].shape if name in expected else pieces[0].shape
+        dims = [d for d in range(pieces[0].dim()) if sum(p.shape[d] for p in pieces) == full[d]]
+        if pieces[0].shape != full and not dims:
+            raise SystemExit(f"{path}: tensor '{name}' shards of shape {tuple(pieces[0].shape)} "
+                             f"do not assemble into {tuple(full)}")
+        state[name] = pieces[0] if pieces[0].shape == full else torch.cat(pieces, dim=dims[0])
+    return config, state
+
+
+def hf_to_meta_qk(w, n_heads):
+    # Hugging Face reorders each head's q/k rows so its rotate-half RoPE matches Meta's interleaved pairs;
+    # put them back: HF keeps first halves then second halves, Meta interleaves them.
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def meta_to_hf_qk(w, n_heads):
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def hf_names(config):
+    """{Hugging Face tensor name: ours} for every tensor of the model (the output layer is absent when tied)."""
+    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+    block = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    for i in range(config.n_layers):
+        names.update({f"model.layers.{i}.{h}.weight": f"layers.{i}.{m}.weight" for h, m in block.items()})
+    return names
+
+
+def hf_config(cfg, where):
+    """ModelArgs from a config.json as transformers 4.x (top-level rope_theta, rope_scaling) or 5.x
+    (rope_parameters) writes it. Whatever this LLaMA does not compute is refused, naming the key."""
+    def refuse(key, why):
+        raise SystemExit(f"{where}: {key}={json.dumps(cfg.get(key))}: {why}")
+    if cfg.get("model_type") not in ("llama", "mistral"):
+        refuse("model_type", "only the LLaMA family (llama, mistral) is implemented")
+    if cfg.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "this LLaMA's feed-forward is SwiGLU (silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            refuse(key, "this LLaMA's linear layers have no bias")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        refuse("rope_parameters" if "rope_parameters" in cfg else "rope_scaling",
+               f"rope_type '{rope_type}' is not implemented (only default and llama3)")
+    config = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                       n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+                       norm_eps=cfg.get("rms_norm_eps", 1e-6), head_dim=cfg.get("head_dim"),
+                       rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+                       max_seq_len=cfg.get("max_position_embeddings", 2048),
+                       tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                       sliding_window=cfg.get("sliding_window"))
+    if config.sliding_window is not None:  # full attention equals sliding-window attention up to the window
+        config.max_seq_len = min(config.max_seq_len, config.sliding_window)
+    if rope_type == "llama3":
+        config.use_scaled_rope, config.rope_scaling_factor = True, rope["factor"]
+        config.low_freq_factor, config.high_freq_factor = rope["low_freq_factor"], rope["high_freq_factor"]
+        config.original_max_seq_len = rope["original_max_position_embeddings"]
+    # HF stores the FFN width itself; choose multiple_of so LLaMA's rule lands exactly on it.
+    config.multiple_of = hidden = cfg["intermediate_size"]
+    if int(8 * config.dim / 3) > hidden:
+        config.ffn_dim_multiplier = hidden / int(8 * config.dim / 3)
+    return config
+
+
+def read_hf_checkpoint(path):
+    with open(os.path.join(path, "config.json")) as f:
+        config = hf_config(json.load(f), os.path.join(path, "config.json"))
+    from safetensors.torch import load_file  # memory-maps the file
+    # The index names the shards (Mistral's repos also hold a consolidated.safetensors in Mistral's own names).
+    load_bin = lambda f: torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    for stem, ext, load in (("model", "safetensors", load_file), ("pytorch_model", "bin", load_bin)):
+        index = os.path.join(path, f"{stem}.{ext}.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+        else:
+            files = sorted(glob.glob(os.path.join(path, f"{stem}*.{ext}")))
+        if files:
+            break
+    else:
+        raise SystemExit(f"{path}: no model*.safetensors or pytorch_model*.bin files")
+    names, state, kv_heads = hf_names(config), {}, config.n_kv_heads or config.n_heads
+    for file in files:
+        for name, tensor in load(file).items():
+            if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            if name not in names:
+                raise SystemExit(f"{file}: unexpected tensor '{name}' in the checkpoint")
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                tensor = hf_to_meta_qk(tensor, config.n_heads if "q_proj" in name else kv_heads)
+            state[names[name]] = tensor
+    return config, state
+
+
+# Llama 3's tokenizer as Meta's reference builds it: its split pattern, and 256 special tokens after the BPE ranks.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA3_SPECIAL += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
+
+
+def read_tiktoken_ranks(path):
+    # Meta's format: a base64 token and its rank per line. (tiktoken's load_tiktoken_bpe caches files by path,
+    # so it would return a stale copy after a path's file is replaced, as out_dir's is.)
+    import base64
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError:
+                raise SystemExit(f"{path}:{lineno}: expected a base64 token and its rank")
+    return ranks
+
+
+def read_tokenizer_json(path):
+    """The BPE ranks and split pattern of a byte-level tokenizer.json (Llama 3's), for tiktoken. Its token ids
+    serve as ranks, which equals Hugging Face's merge order only when the merges come in id order: checked."""
+    with open(path, encoding="utf-8") as f:
+        tj = json.load(f)
+    model, splits = tj.get("model") or {}, (tj.get("pre_tokenizer") or {}).get("pretokenizers", [])
+    if model.get("type") != "BPE" or tj.get("normalizer") or [p.get("type") for p in splits] != ["Split", "ByteLevel"]:
+        raise SystemExit(f"{path}: only Llama 3's kind of tokenizer.json is read (byte-level BPE, a Split regex, "
+                         f"no normalizer); for sentencepiece models give tokenizer.model")
+    # Byte-level BPE spells each byte as a printable character (GPT-2's table); map the spellings back to bytes.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = sorted(set(range(256)) - set(printable))
+    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    if not {"<|begin_of_text|>", "<|end_of_text|>"} <= set(special):
+        raise SystemExit(f"{path}: added_tokens lack Llama 3's <|begin_of_text|> and <|end_of_text|>")
+    vocab, last = {t: i for t, i in model["vocab"].items() if t not in special}, -1
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items()}
+    for merge in model.get("merges", []):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        if vocab[left + right] < last:
+            raise SystemExit(f"{path}: merge {left!r} + {right!r} is out of id order; tiktoken cannot read this file")
+        last = vocab[left + right]
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise SystemExit(f"{path}: model.vocab ids are not 0..{len(ranks) - 1}")
+    return ranks, splits[0]["pattern"]["Regex"], special
 
 
 def write_atomic(path, payload):
     """Write bytes (or torch.save an object) to path via a temp file and rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp"
-    if isinstance(payload, bytes):
-        with open(tmp, "wb") as f:
-            f.write(payload)
-    else:
-        torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(payload) if isinstance(payload, bytes) else torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
 
 
-def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
+def save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, lora_meta=None, save_hf=False):
     """The model in Meta's layout (what sample.py and from_pretrained read), then the resume state: sharded
     model and optimizer (torch.distributed.checkpoint, so a run may resume on another number of processes).
-    With LoRA, the adapters alone go to adapters.safetensors and merged into the weights everywhere else; the
-    resume state holds only what trains (the adapters and their optimizer): the frozen model is --init's."""
+    With LoRA (lora_meta: the adapters file's metadata), the adapters alone go to adapters.safetensors and merged
+    into the weights everywhere else; the resume state holds only what trains (the adapters and their optimizer):
+    the frozen model is --init's."""
     import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+    if dist.get_rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
-        if lora_rank:
-            save_adapters(full, os.path.join(out_dir, "adapters.safetensors"))
-            full = merge_lora(full, lora_alpha / lora_rank)
+        if lora_meta:
+            adapters = {name: t.float().contiguous() for name, t in full.items() if ".lora_" in name}
+            write_atomic(os.path.join(out_dir, "adapters.safetensors"), save(adapters, metadata=lora_meta))
+            full = merge_lora(full, float(lora_meta["lora_alpha"]) / int(lora_meta["lora_rank"]))
         write_atomic(os.path.join(out_dir, "consolidated.00.pth"), full)
-        write_atomic(os.path.join(out_dir, "params.json"), json.dumps(args.__dict__, indent=2).encode())
-        if save_hf: export_hf(full, args, tokenizer_path, os.path.join(out_dir, "hf"))
+        write_atomic(os.path.join(out_dir, "params.json"), json.dumps(config.__dict__, indent=2).encode())
+        if save_hf:
+            export_hf(full, config, tokenizer_path, os.path.join(out_dir, "hf"))
         if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
             with open(tokenizer_path, "rb") as f:
                 write_atomic(os.path.join(out_dir, "tokenizer.model"), f.read())
-    del full
-    resume_dir, tmp_dir, old_dir = (os.path.join(out_dir, name) for name in ("resume", "resume.tmp", "resume.old"))
-    if rank == 0:
         repair_resume(out_dir)  # after it only resume/ may exist, so the renames below cannot fail
+    del full
     dist.barrier()
-    trained = StateDictOptions(ignore_frozen_params=True)
-    dcp.save({"model": get_model_state_dict(model, options=trained),
-              "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp_dir)
-    if rank == 0:
-        # step.json marks a complete state, so it is written last and atomically.
-        write_atomic(os.path.join(tmp_dir, "step.json"), json.dumps({"step": step}).encode())
-        if os.path.exists(resume_dir):
-            os.replace(resume_dir, old_dir)
-        os.replace(tmp_dir, resume_dir)
-        shutil.rmtree(old_dir, ignore_errors=True)
+    dcp.save({"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
+              "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(out_dir, "resume.tmp"))
+    if dist.get_rank() == 0:
+        # step.json marks a complete state, so it is written last and atomically; repair_resume then swaps it in.
+        write_atomic(os.path.join(out_dir, "resume.tmp", "step.json"), json.dumps({"step": step}).encode())
+        repair_resume(out_dir)
     dist.barrier()
-
-
-def export_hf(state, args, tokenizer_path, folder):
-    """The model as a Hugging Face LlamaForCausalLM folder: config.json (read by transformers 4.x and 5.x),
-    model.safetensors with q/k rows in HF's rotate-half order, the tokenizer, generation_config.json with the stop
-    ids. Written to folder.tmp, then renamed into place."""
-    from safetensors.torch import save_file
-    tmp, old = folder + ".tmp", folder + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    tensors = {}
-    for hf_name, name in hf_names(args).items():
-        if name in state:
-            w = state[name]
-            if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-                w = meta_to_hf_qk(w, args.n_heads if "q_proj" in hf_name else args.n_kv_heads or args.n_heads)
-            tensors[hf_name] = w.contiguous()
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    tokenizer = Tokenizer(tokenizer_path)
-    rope = dict(rope_type="llama3", factor=args.rope_scaling_factor, low_freq_factor=args.low_freq_factor,
-                high_freq_factor=args.high_freq_factor, original_max_position_embeddings=args.original_max_seq_len) \
-        if args.use_scaled_rope else None
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=args.dim,
-                  intermediate_size=ffn_hidden_dim(args), num_hidden_layers=args.n_layers,
-                  num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads or args.n_heads,
-                  head_dim=args.head_dim, vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps,
-                  max_position_embeddings=args.max_seq_len, hidden_act="silu", attention_bias=False, mlp_bias=False,
-                  tie_word_embeddings=args.tie_word_embeddings, rope_theta=args.rope_theta, rope_scaling=rope,
-                  rope_parameters={**(rope or {"rope_type": "default"}), "rope_theta": args.rope_theta},
-                  torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-                  bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    generation = dict(bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
-    with open(tokenizer_path, "rb") as f:
-        raw = f.read()
-    # Where each kind of tokenizer file sits in a Hugging Face folder (Llama 3's Meta file goes to original/).
-    name = ("tokenizer.json" if raw.startswith(b"{") else os.path.join("original", "tokenizer.model")
-            if hasattr(tokenizer, "tt") else "tokenizer.model")
-    os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
-    for file, payload in (("config.json", config), ("generation_config.json", generation), (name, raw)):
-        with open(os.path.join(tmp, file), "wb") as f:
-            f.write(payload if isinstance(payload, bytes) else json.dumps(payload, indent=2).encode())
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def repair_resume(out_dir):
-    """Undo what a crash inside save_checkpoint can leave (resume.tmp, resume.old, either half-deleted, or no
-    resume/): keep the newest complete state (one with step.json) as resume/ and delete the rest. Every step
-    leaves a state this function repairs again, so a crash here is harmless too. Rank 0 only."""
+    """Keep the newest complete resume state (one with step.json) as resume/ and delete the rest: what a finished
+    save leaves in resume.tmp/, or what a crash in it leaves (resume.tmp, resume.old, either half-deleted, or no
+    resume/). Every step leaves a state this function repairs again, so a crash here is harmless too. Rank 0 only."""
     resume_dir, tmp_dir, old_dir = (os.path.join(out_dir, name) for name in ("resume", "resume.tmp", "resume.old"))
     complete = {d: os.path.exists(os.path.join(d, "step.json")) for d in (resume_dir, tmp_dir, old_dir)}
 
@@ -899,7 +1046,7 @@ def repair_resume(out_dir):
             os.replace(path, f"{path}.stale.{time.time_ns()}")
             print(f"warning: could not delete {path}; moved to {path}.stale.*, delete it by hand", file=sys.stderr)
 
-    if complete[tmp_dir]:  # saved in full (newest), crashed before or between the renames
+    if complete[tmp_dir]:  # saved in full (newest): the old state aside, the new one in, then the old one gone
         discard(old_dir)
         if os.path.exists(resume_dir):
             os.replace(resume_dir, old_dir)
@@ -911,16 +1058,7 @@ def repair_resume(out_dir):
         discard(path)
 
 
-def save_adapters(state, path):
-    """The adapters of a full state dict, with what it takes to apply them (see apply_adapters), in a small file."""
-    from safetensors.torch import save
-    tensors = {name: t.float().contiguous() for name, t in state.items() if ".lora_" in name}
-    meta = {"lora_rank": str(lora_rank), "lora_alpha": str(lora_alpha), "lora_targets": lora_targets,
-            "lora_dropout": str(lora_dropout), "init": init}
-    write_atomic(path, save(tensors, metadata=meta))
-
-
-def load_resume_state(model, optimizer):
+def load_resume_state(model, optimizer, out_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict, set_state_dict)
@@ -940,261 +1078,69 @@ def load_resume_state(model, optimizer):
         return json.load(f)["step"]
 
 
-def evaluate(model, examples, rank, world_size, dev, autocast):
-    """Mean loss per response token over the validation examples, across all processes."""
-    model.eval()
-    loss_sum = torch.zeros(2, device=dev)
-    with torch.no_grad():
-        for micro in split_rows(pack(examples, max_seq_len), rank, world_size, micro_batch_size):
-            tokens, targets, positions, mask = make_batch(micro, examples, dev)
-            with autocast:
-                loss_sum[0] += model(tokens, positions, mask, targets).float()
-            loss_sum[1] += (targets != -100).sum()
-    dist.all_reduce(loss_sum)
-    model.train()
-    return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
-
-
-def answer(model, tokenizer, instruction, input, dev, dtype, max_new_tokens=300):
-    """Greedy answer to one instruction, for the end-of-run demo (sample.py is the real sampler): the prompt once,
-    then one token at a time on the KV cache (in dtype, the blocks' compute dtype). Every process runs it (FSDP)."""
-    model.eval()
-    ids = tokenizer.encode(format_prompt(instruction, input), bos=True)
-    a = model.args
-    shape = (1, a.n_kv_heads or a.n_heads, len(ids) + max_new_tokens, a.head_dim)
-    cache = [(torch.zeros(shape, device=dev, dtype=dtype), torch.zeros(shape, device=dev, dtype=dtype))
-             for _ in range(a.n_layers)]
-    new, tokens = [], torch.tensor([ids], device=dev)
-    with torch.no_grad():
-        while len(new) < max_new_tokens and len(ids) + len(new) < max_seq_len:
-            pos = len(ids) + len(new) - tokens.shape[1]
-            logits = model(tokens, cache=cache, cache_pos=pos, last_only=True)[0, -1]
-            next_id = logits[:tokenizer.vocab_size].argmax().item()  # a model's vocab may be padded beyond it
-            if next_id in tokenizer.stop_ids:
-                break
-            new.append(next_id)
-            tokens = torch.tensor([[next_id]], device=dev)
-    model.train()
-    return tokenizer.decode(new)
-
-
-def parse_config(argv):
-    """--name=value for any setting above; a bare --flag sets a boolean. Returns the names set explicitly."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        for k in config_keys:
-            print(f"  --{k}={globals()[k]}")
-        sys.exit(0)
-    given = set()
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise SystemExit(f"unexpected argument {arg!r}: settings are given as --name=value (see --help)")
-        key, has_value, value = arg[2:].partition("=")
-        if key not in config_keys:
-            raise SystemExit(f"unknown setting --{key} (see --help)")
-        kind = type(globals()[key])
-        if kind is bool:
-            if has_value and value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--{key}={value}: expected true or false")
-            globals()[key] = not has_value or value.lower() in ("true", "1")
-        else:
-            try:
-                globals()[key] = kind(value)
-            except ValueError:
-                raise SystemExit(f"--{key}={value}: expected {kind.__name__}")
-        given.add(key)
-    return given
-
-
-def main():
-    t_main = time.perf_counter()
-    given = parse_config(sys.argv[1:])
-    if not init:
-        for k, v in tiny_recipe.items():
-            if k not in given:
-                globals()[k] = v
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("no --init, the demo: a tiny LLaMA from scratch with " + ", ".join(
-                f"{k}={globals()[k]}" for k in tiny_recipe) + " (tiny_recipe, unless set on the command line)")
-
-    # One process (python train.py) or many (torchrun, FSDP): a process group either way, so the code is the same.
-    launched = "RANK" in os.environ
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    if launched:
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(seed)
-    amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-
-    # The data: read, hold out a seeded validation split, and (for the demo) train a tokenizer on it.
-    examples = read_examples(data)
-    order = np.random.default_rng(seed).permutation(len(examples))
-    n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples)))) if val_fraction > 0 else 0
-    val_raw, train_raw = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
-    if init:
-        tokenizer_path = find_tokenizer(init)
-    else:
-        tokenizer_path = os.path.join(out_dir, "tokenizer.model")
-        if rank == 0 and not (resume and os.path.exists(tokenizer_path)):
-            os.makedirs(out_dir, exist_ok=True)
-            train_tokenizer([format_prompt(e["instruction"], e["input"]) + e["output"] for e in train_raw],
-                            tokenizer_path, tiny_model["vocab_size"])
-        dist.barrier()
-    if not os.path.exists(tokenizer_path):
-        raise SystemExit(f"{tokenizer_path}: no tokenizer (nor original/tokenizer.model, tokenizer.json) there")
+def export_hf(state, config, tokenizer_path, folder):
+    """The model as a Hugging Face LlamaForCausalLM folder: config.json (read by transformers 4.x and 5.x),
+    model.safetensors with q/k rows in HF's rotate-half order, the tokenizer, generation_config.json with the stop
+    ids. Written to folder.tmp, then renamed into place."""
+    from safetensors.torch import save_file
+    tmp, old, kv_heads = folder + ".tmp", folder + ".old", config.n_kv_heads or config.n_heads
+    shutil.rmtree(tmp, ignore_errors=True)
+    tensors = {hf: state[name] for hf, name in hf_names(config).items() if name in state}
+    tensors = {hf: (meta_to_hf_qk(w, config.n_heads if "q_proj" in hf else kv_heads) if hf.endswith(
+        ("q_proj.weight", "k_proj.weight")) else w).contiguous() for hf, w in tensors.items()}
     tokenizer = Tokenizer(tokenizer_path)
-    stats = {"prompts_cut": 0, "responses_cut": 0, "tokens_dropped": 0}
-    train_set = [tokenize_example(tokenizer, e, max_seq_len, stats) for e in train_raw]
-    val_set = [tokenize_example(tokenizer, e, max_seq_len, stats) for e in val_raw]
-    log(f"data: {len(train_set)} train / {len(val_set)} validation examples from {data}; truncated to "
-        f"{max_seq_len} tokens: {stats['prompts_cut']} prompts and {stats['responses_cut']} responses "
-        f"({stats['tokens_dropped']} tokens dropped)")
-
-    # The model: every process builds it on the meta device, shards it (FSDP2: each transformer block, then the
-    # rest), then takes its shard of the weights.
-    if init:
-        pretrained = Transformer.from_pretrained(init)  # memory-mapped: the processes share one copy in RAM
-        args, full_state = pretrained.args, pretrained.state_dict()
-        if args.vocab_size != tokenizer.vocab_size:
-            log(f"note: model vocab {args.vocab_size} != tokenizer vocab {tokenizer.vocab_size}")
-    else:
-        args = ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size})
-        scratch = Transformer(args)
-        scratch.init_weights()
-        full_state = scratch.state_dict()
-    args.max_seq_len = max(args.max_seq_len, max_seq_len)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.activation_checkpointing = activation_checkpointing
-    if lora_rank:
-        # The frozen model is held in the compute dtype (bf16: 2 bytes a parameter, no gradient, no Adam state);
-        # the adapters train in fp32.
-        model.to(amp_dtype)
-        adapters = add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(","), seed)
-        full_state = {**{k: v.to(amp_dtype) for k, v in full_state.items()}, **adapters}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # On GPUs FSDP keeps fp32 master weights but computes in bf16 and reduces gradients in fp32.
-    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if dev.type == "cuda" else None
-    shard_options = {"mp_policy": mp} if mp else {}
-    for layer in model.layers:
-        if compile:
-            layer.compile()
-        if world_size > 1:  # a single process gains nothing from sharding, and a small model pays for its hooks
-            fully_shard(layer, **shard_options)
-    if world_size > 1:
-        fully_shard(model, **shard_options)
-    model.to_empty(device=dev)
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True))
-    del full_state
-    n_params = sum(p.numel() for p in model.parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    lora = f", LoRA rank {lora_rank} on {lora_targets}" if lora_rank else ""
-    log(f"model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable ({100 * n_trainable / n_params:.2f}%"
-        f"{lora}), {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}; {world_size} process(es) on "
-        f"{dev.type}, {dtype}")
-
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
-                                  weight_decay=weight_decay, fused=dev.type == "cuda" or None,
-                                  foreach=dev.type != "cuda" or None)
-    steps_per_epoch = math.ceil(len(train_set) / batch_size)
-    total_steps = max_steps if max_steps > 0 else epochs * steps_per_epoch
-    step = load_resume_state(model, optimizer) if resume else 0
-    first_step = step
-    if resume:
-        log(f"resumed from {out_dir} at step {step}")
-    peak_flops = measure_peak_flops(dev, amp_dtype)
-    log(f"training: {total_steps} steps of {batch_size} examples, lr {learning_rate}, "
-        f"{micro_batch_size} packed rows of {max_seq_len} per forward")
-
-    t_start = time.perf_counter()
-    spent = {"setup": t_start - t_main, "steps": 0.0, "validation": 0.0, "saving": 0.0}  # seconds, for the summary
-    while step < total_steps:
-        t0 = time.perf_counter()
-        torch.manual_seed(hash((seed, step, rank)))  # LoRA's dropout: a resumed run draws what a straight one would
-        # Each step takes the next batch_size examples of this epoch's seeded shuffle; every process packs the
-        # same examples and works on its share of the rows, so the step is the same on any number of processes.
-        epoch, k = divmod(step, steps_per_epoch)
-        shuffled = np.random.default_rng([seed, epoch]).permutation(len(train_set))
-        batch = [train_set[i] for i in shuffled[k * batch_size:(k + 1) * batch_size]]
-        rows = pack(batch, max_seq_len)
-        n_targets = sum(len(ids) - n_prompt for ids, n_prompt in batch)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, total_steps)
-        micro_batches = split_rows(rows, rank, world_size, micro_batch_size)
-        loss_sum = torch.zeros((), device=dev)
-        for i, micro in enumerate(micro_batches):
-            # Gradients are reduced across processes only on the last micro-batch.
-            if world_size > 1:
-                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            tokens, targets, positions, mask = make_batch(micro, batch, dev)
-            with autocast:
-                loss = model(tokens, positions, mask, targets)
-            # Divide by the step's total number of response tokens: the loss is a mean over tokens, not a mean
-            # of per-batch means. FSDP averages gradients over processes, hence the world_size factor.
-            (loss * world_size / n_targets).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        spent["steps"] += time.perf_counter() - t0
-
-        if step % log_interval == 0 or step == total_steps:
-            dist.all_reduce(loss_sum)
-            dt = time.perf_counter() - t0
-            n_tokens = sum(len(ids) - 1 for ids, _ in batch)
-            mfu = (flops_of(rows, batch, args, frozen=lora_rank > 0) / dt / (peak_flops * world_size)
-                   if peak_flops else None)
-            memory = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-                      else resource_maxrss()) / 2 ** 30
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            eta = (time.perf_counter() - t_start) / (step - first_step) * (total_steps - step)
-            log(f"step {step}/{total_steps} | loss {loss_sum.item() / n_targets:.4f} | lr {lr_at(step - 1, total_steps):.2e} "
-                f"| grad norm {grad_norm.item():.2f} | {n_tokens / dt:,.0f} tok/s"
-                + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
-                + f" | mem {memory:.2f} GiB | eta {eta / 60:.1f} min", flush=True)
-        if val_set and (step % eval_interval == 0 or step == total_steps):
-            t1 = time.perf_counter()
-            log(f"step {step}: validation loss {evaluate(model, val_set, rank, world_size, dev, autocast):.4f}")
-            spent["validation"] += time.perf_counter() - t1
-        if step % save_interval == 0 or step == total_steps:
-            t1 = time.perf_counter()
-            save_checkpoint(model, optimizer, step, args, tokenizer_path, rank)
-            log(f"saved {out_dir}")
-            spent["saving"] += time.perf_counter() - t1
-
-    # One instruction the model trained on and one it never saw: a small model learns the first long before it
-    # can generalise to the second. ROUGE-L (the F-measure of the longest common word subsequence) says how close.
-    from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    t1 = time.perf_counter()
-    for kind, example in (("training", train_raw[0]), ("held-out", val_raw[0] if val_raw else None)):
-        if example:
-            reply = answer(model, tokenizer, example["instruction"], example["input"], dev,
-                           amp_dtype if mp else torch.float32)
-            rouge = scorer.score(example["output"], reply)["rougeL"].fmeasure
-            log(f"\n{kind} instruction: {example['instruction']}"
-                + (f"\ninput: {example['input']}" if example["input"] else "")
-                + f"\nmodel's answer: {reply}\nreference answer: {example['output']}\nROUGE-L: {rouge:.2f}")
-    spent["answers"] = time.perf_counter() - t1
-    log("\ntime: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items())
-        + f"; {time.perf_counter() - t_main:.1f} s in all (after Python's imports)")
-    dist.destroy_process_group()
+    rope = dict(rope_type="llama3", factor=config.rope_scaling_factor, low_freq_factor=config.low_freq_factor,
+                high_freq_factor=config.high_freq_factor,
+                original_max_position_embeddings=config.original_max_seq_len) if config.use_scaled_rope else None
+    hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=config.dim,
+              intermediate_size=ffn_hidden_dim(config), num_hidden_layers=config.n_layers,
+              num_attention_heads=config.n_heads, num_key_value_heads=kv_heads, head_dim=config.head_dim,
+              vocab_size=config.vocab_size, rms_norm_eps=config.norm_eps, max_position_embeddings=config.max_seq_len,
+              hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=config.tie_word_embeddings,
+              rope_theta=config.rope_theta, rope_scaling=rope,
+              rope_parameters={**(rope or {"rope_type": "default"}), "rope_theta": config.rope_theta},
+              torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+              bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    generation = dict(bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
+    with open(tokenizer_path, "rb") as f:
+        raw = f.read()
+    # Where each kind of tokenizer file sits in a Hugging Face folder (Llama 3's Meta file goes to original/).
+    name = ("tokenizer.json" if raw.startswith(b"{") else os.path.join("original", "tokenizer.model")
+            if hasattr(tokenizer, "tt") else "tokenizer.model")
+    os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    for file, payload in (("config.json", hf), ("generation_config.json", generation), (name, raw)):
+        with open(os.path.join(tmp, file), "wb") as f:
+            f.write(payload if isinstance(payload, bytes) else json.dumps(payload, indent=2).encode())
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def resource_maxrss():
-    import resource
+def max_rss():
+    import resource  # Unix only, hence here
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def parse_bool(text):
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return text.lower() in ("true", "1")
+
+
+def parse_args(argv):
+    """The settings at the top as flags, --name=value, their values there as defaults (a boolean also bare:
+    --resume). Without --init the demo's tiny_recipe replaces Alpaca's values; a flag given overrides either."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    for name, default in settings.items():
+        demo = f"; without --init {tiny_recipe[name]!r} (tiny_recipe)" if name in tiny_recipe else ""
+        kind = dict(type=parse_bool, nargs="?", const=True, metavar="true|false") if isinstance(default, bool) \
+            else dict(type=type(default))
+        parser.add_argument(f"--{name}", help=f"default {default!r}{demo}", **kind)
+    given = vars(parser.parse_args(argv))
+    return argparse.Namespace(**{**settings, **({} if given.get("init", init) else tiny_recipe), **given})
 
 
 if __name__ == "__main__":

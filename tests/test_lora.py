@@ -105,14 +105,14 @@ sys.path.insert(0, {repo!r})
 import train
 save_checkpoint = train.save_checkpoint
 
-def save_and_record(model, optimizer, step, *rest):
-    save_checkpoint(model, optimizer, step, *rest)
+def save_and_record(model, optimizer, step, config, tokenizer_path, out_dir, *rest):
+    save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, *rest)
     model.eval()
     with torch.no_grad():
-        torch.save(model(torch.arange(3, 40)[None]), os.path.join(train.out_dir, f"logits.{{step}}.pt"))
+        torch.save(model(torch.arange(3, 40)[None]), os.path.join(out_dir, f"logits.{{step}}.pt"))
     model.train()
-    if step == 2 and not train.resume:
-        shutil.copytree(train.out_dir, train.out_dir + ".step2")
+    if step == 2 and "--resume" not in sys.argv:
+        shutil.copytree(out_dir, out_dir + ".step2")
 
 train.save_checkpoint = save_and_record
 sys.argv = ["train.py", *sys.argv[1:]]
