@@ -222,9 +222,8 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
 
     def forward(self, tokens, positions=None, mask=None, targets=None, cache=None, cache_pos=0, last_only=False):
-        """Logits (B, T, vocab) for tokens (B, T); or, given targets, the summed cross-entropy over the
-        positions whose target is not -100.
-
+        """Logits (B, T, vocab) for tokens (B, T); or, given targets, the summed cross-entropy over the positions
+        whose target is not -100.
         positions: (B, T) position of each token (packed examples restart at 0); default 0..T-1 after cache_pos.
         mask: (B, 1, T, S) boolean, True where a query may attend to a key; default causal.
         cache: per layer (k, v) tensors of shape (B, n_kv_heads, S_max, head_dim); this call writes slots
@@ -265,12 +264,10 @@ class Transformer(nn.Module):
     def from_pretrained(path, dtype=None):
         """A LLaMA from a Meta folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json +
         *.safetensors or pytorch_model*.bin), with weights memory-mapped rather than copied where possible."""
-        if os.path.exists(os.path.join(path, "params.json")):
-            config, state = read_meta_checkpoint(path)
-        elif os.path.exists(os.path.join(path, "config.json")):
-            config, state = read_hf_checkpoint(path)
-        else:
+        meta, hf = (os.path.exists(os.path.join(path, name)) for name in ("params.json", "config.json"))
+        if not (meta or hf):
             raise SystemExit(f"{path}: neither a Meta (params.json) nor a Hugging Face (config.json) LLaMA folder")
+        config, state = read_meta_checkpoint(path) if meta else read_hf_checkpoint(path)
         with torch.device("meta"):
             model = Transformer(config)
         if dtype is not None:

@@ -353,18 +353,23 @@ def test_settings_resolve_from_the_recipe_then_the_flags():
 # The training runs below use 40 seed tasks, the demo's tiny model, 4 steps of 8 examples in fp32 on the CPU.
 RUN_FLAGS = ["--dtype=float32", "--device=cpu", "--max_steps=4", "--batch_size=8", "--max_seq_len=256"]
 
-# Runs train.py's main() in a process, recording the in-memory model's logits on fixed tokens at each save, and
-# optionally dying (as kill -9 would) right after the save of a given step.
+# Runs train.py's main() in a process, recording the in-memory model's logits on fixed tokens (without LoRA's
+# dropout) at each save; optionally copying out_dir as it is after a given step's save (what a run killed then
+# would leave, to resume from later), or dying (as kill -9 would) right after it.
 DRIVER = """
-import os, sys, torch
+import os, shutil, sys, torch
 sys.path.insert(0, {repo!r})
 import train
 save_checkpoint = train.save_checkpoint
 
 def save_and_record(model, optimizer, step, config, tokenizer_path, out_dir, *rest):
     save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, *rest)
+    model.eval()
     with torch.no_grad():
         torch.save(model(torch.arange(3, 40)[None]), os.path.join(out_dir, f"logits.{{step}}.pt"))
+    model.train()
+    if step == int(os.environ.get("COPY_AFTER_STEP", -1)):
+        shutil.copytree(out_dir, out_dir + f".step{{step}}")
     if step == int(os.environ.get("DIE_AFTER_STEP", -1)):
         os._exit(9)
 
