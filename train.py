@@ -618,6 +618,23 @@ def measure_peak_flops(dev, dt):
     return 10 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
 
 
+def show_answers(model, tokenizer, examples, dev, dtype, log):
+    """Greedy answers to one instruction the model trained on and one it never saw (if any was held out): a small
+    model learns the first long before it can generalise to the second. ROUGE-L (the F-measure of the longest
+    common word subsequence) against the reference answer says how close."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    for kind, example in zip(("training", "held-out"), examples):
+        # At most twice the reference's length (32 to 300 tokens): an untrained model that never says EOS would
+        # otherwise decode 300 tokens twice, a long wait at the end of a short run.
+        cap = min(300, max(32, 2 * len(tokenizer.encode(example["output"]))))
+        reply = greedy_answer(model, tokenizer, example["instruction"], example["input"], dev, dtype, cap)
+        rouge = scorer.score(example["output"], reply)["rougeL"].fmeasure
+        log(f"\n{kind} instruction: {example['instruction']}"
+            + (f"\ninput: {example['input']}" if example["input"] else "")
+            + f"\nmodel's answer: {reply}\nreference answer: {example['output']}\nROUGE-L: {rouge:.2f}")
+
+
 def start_processes(device):
     """One process (python train.py) or many (torchrun, FSDP): a process group either way, so the code is the same."""
     dev = torch.device(device)
@@ -708,7 +725,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world_size, dev = start_processes(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
-    log(f"settings ({'Alpaca' if args.init else 'no --init, the demo: tiny_recipe'}): "
+    log(f"settings ({'--init: Alpaca' if args.init else 'no --init: the demo'}'s recipe, then the flags given): "
         + " ".join(f"--{k}={v}" for k, v in vars(args).items()))
     torch.manual_seed(args.seed)
     amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
@@ -785,21 +802,8 @@ def main(argv=None):
             log(f"saved {args.out_dir}")
             spent["saving"] += time.perf_counter() - t1
 
-    # One instruction the model trained on and one it never saw: a small model learns the first long before it
-    # can generalise to the second. ROUGE-L (the F-measure of the longest common word subsequence) says how close.
-    from rouge_score import rouge_scorer
-    scorer, t1 = rouge_scorer.RougeScorer(["rougeL"]), time.perf_counter()
-    for kind, example in (("training", train_raw[0]), ("held-out", val_raw[0] if val_raw else None)):
-        if example:
-            # At most twice the reference's length (32 to 300 tokens): an untrained model that never says EOS
-            # would otherwise decode 300 tokens twice, a long wait at the end of a short run.
-            cap = min(300, max(32, 2 * len(tokenizer.encode(example["output"]))))
-            reply = greedy_answer(model, tokenizer, example["instruction"], example["input"], dev,
-                                  amp_dtype if mixed else torch.float32, max_new_tokens=cap)
-            rouge = scorer.score(example["output"], reply)["rougeL"].fmeasure
-            log(f"\n{kind} instruction: {example['instruction']}"
-                + (f"\ninput: {example['input']}" if example["input"] else "")
-                + f"\nmodel's answer: {reply}\nreference answer: {example['output']}\nROUGE-L: {rouge:.2f}")
+    t1 = time.perf_counter()
+    show_answers(model, tokenizer, [train_raw[0], *val_raw[:1]], dev, amp_dtype if mixed else torch.float32, log)
     spent["answers"] = time.perf_counter() - t1
     log("\ntime: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items())
         + f"; {time.perf_counter() - t_main:.1f} s in all (after Python's imports)")
