@@ -1141,7 +1141,7 @@ def parse_args(argv):
             else dict(type=type(default))
         parser.add_argument(f"--{name}", help=f"default {default!r}{demo}", **kind)
     given = vars(parser.parse_args(argv))
-    return argparse.Namespace(**{**settings, **({} if given.get("init", init) else tiny_recipe), **given})
+    return argparse.Namespace(**{**settings, **({} if given.get("init", settings["init"]) else tiny_recipe), **given})
 
 
 if __name__ == "__main__":
