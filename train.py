@@ -870,7 +870,7 @@ def hf_names(config):
     return names
 
 
-def hf_config(cfg, where):
+def config_from_hf(cfg, where):
     """ModelArgs from a config.json as transformers 4.x (top-level rope_theta, rope_scaling) or 5.x
     (rope_parameters) writes it. Whatever this LLaMA does not compute is refused, naming the key."""
     def refuse(key, why):
@@ -909,7 +909,7 @@ def hf_config(cfg, where):
 
 def read_hf_checkpoint(path):
     with open(os.path.join(path, "config.json")) as f:
-        config = hf_config(json.load(f), os.path.join(path, "config.json"))
+        config = config_from_hf(json.load(f), os.path.join(path, "config.json"))
     from safetensors.torch import load_file  # memory-maps the file
     # The index names the shards (Mistral's repos also hold a consolidated.safetensors in Mistral's own names).
     load_bin = lambda f: torch.load(f, map_location="cpu", mmap=True, weights_only=True)
