@@ -4,9 +4,9 @@ Supervised fine-tuning of LLaMA on instruction data: the Stanford Alpaca recipe 
     python train.py                                    # tiny LLaMA on seed_tasks.jsonl, on CPU, in minutes
     torchrun --nproc_per_node=8 train.py --init=/path/to/llama-7b --data=alpaca_data.json
 
-Reads top to bottom: the recipe's settings, the model (and LoRA), the tokenizer, the data (prompt format, loss
-mask, packing), the training loop's pieces, then main; after it the plumbing: checkpoint files in and out, the
-resume state, the command line. Every setting below is a flag, --name=value (--help lists them).
+Top to bottom: the recipe's settings (each a flag, --name=value; --help lists them), the model and LoRA, the
+tokenizer, the data (prompt format, loss mask, packing), the training loop's pieces, main; then the plumbing:
+checkpoint files in and out, the resume state, the command line.
 """
 import argparse
 import glob
@@ -119,8 +119,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config, device=None):
-    """The rotary frequencies of each head's feature pairs, in fp32; for Llama 3.1+ scaled as Meta's apply_scaling:
-    long wavelengths slowed by the factor, short ones kept, the band between blended smoothly."""
+    # The rotary frequencies of each head's feature pairs, in fp32; for Llama 3.1+ scaled as Meta's apply_scaling:
+    # long wavelengths slowed by the factor, short ones kept, the band between blended smoothly.
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim)
     if not config.use_scaled_rope:
         return inv_freq
@@ -132,17 +132,15 @@ def rope_inv_freq(config, device=None):
 
 
 def rope_rotation(config, positions):
-    """cos + i sin of the rotary angle of each position (B, T) and feature pair: (B, T, 1, head_dim/2), complex64.
-    Made once per forward from the integer positions, so exact in fp32 whatever the blocks compute in: FSDP2's
-    MixedPrecisionPolicy casts floating-point inputs only, and a complex tensor is not floating point."""
+    # cos + i sin per position (B, T) and feature pair, complex64, made once per forward from integer positions: exact
+    # in fp32 whatever the blocks compute in (FSDP2's MixedPrecisionPolicy casts floating-point inputs, not complex).
     angles = positions.float()[..., None] * rope_inv_freq(config, positions.device)
     return torch.polar(torch.ones_like(angles), angles)[:, :, None]
 
 
 def apply_rope(x, rotation):
-    # Meta's convention rotates interleaved pairs (x0, x1), (x2, x3), ... of each head: as complex numbers
-    # x0 + i x1, that is one multiplication by cos + i sin, in fp32. One kernel each way instead of about ten
-    # (the same values as x1 cos - x2 sin, x1 sin + x2 cos), a large share of an eager step on CPU.
+    # Meta rotates interleaved pairs (x0, x1), ... of each head: as complex numbers x0 + i x1, one multiplication by
+    # cos + i sin in fp32: one kernel each way instead of about ten (a large share of an eager step on CPU).
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
@@ -150,8 +148,8 @@ def apply_rope(x, rotation):
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads or config.n_heads, \
-            config.head_dim
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads or config.n_heads
+        self.head_dim = config.head_dim
         self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -222,14 +220,9 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
 
     def forward(self, tokens, positions=None, mask=None, targets=None, cache=None, cache_pos=0, last_only=False):
-        """Logits (B, T, vocab) for tokens (B, T); or, given targets, the summed cross-entropy over the positions
-        whose target is not -100.
-        positions: (B, T) position of each token (packed examples restart at 0); default 0..T-1 after cache_pos.
-        mask: (B, 1, T, S) boolean, True where a query may attend to a key; default causal.
-        cache: per layer (k, v) tensors of shape (B, n_kv_heads, S_max, head_dim); this call writes slots
-               cache_pos..cache_pos+T and attends over slots 0..cache_pos+T.
-        last_only: logits for the last position only (B, 1, vocab), all that sampling needs after a prefill.
-        """
+        # Logits (B, T, vocab), or given targets the summed cross-entropy where a target is not -100. mask (B, 1, T, S):
+        # True where a query may attend to a key. cache: per layer (k, v) of (B, n_kv_heads, S_max, head_dim), written
+        # at cache_pos..cache_pos+T. last_only: only the last position's logits, all that sampling needs.
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=tokens.device).expand(B, T)
@@ -262,27 +255,24 @@ class Transformer(nn.Module):
 
     @staticmethod
     def from_pretrained(path, dtype=None):
-        """A LLaMA from a Meta folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json +
-        *.safetensors or pytorch_model*.bin), with weights memory-mapped rather than copied where possible."""
-        meta, hf = (os.path.exists(os.path.join(path, name)) for name in ("params.json", "config.json"))
-        if not (meta or hf):
+        # A Meta folder (params.json + consolidated.*.pth) or a Hugging Face one (config.json + *.safetensors or
+        # pytorch_model*.bin), its weights memory-mapped rather than copied where possible.
+        meta = os.path.exists(os.path.join(path, "params.json"))
+        if not meta and not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"{path}: neither a Meta (params.json) nor a Hugging Face (config.json) LLaMA folder")
         config, state = read_meta_checkpoint(path) if meta else read_hf_checkpoint(path)
         with torch.device("meta"):
             model = Transformer(config)
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
         try:  # strict: a missing, unexpected or misshapen tensor is named
-            model.load_state_dict(state, assign=True)
+            model.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in state.items()}, assign=True)
         except RuntimeError as e:
             raise SystemExit(f"{path}: {e}")
         return model
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update (Hu et al., 2021): y = W x + (alpha / R) B A x, with A
-    (R x in) and B (out x R) in fp32. The weight keeps its name (wq.weight): merged, the names are the base's."""
-
+    # A frozen linear layer plus a trainable low-rank update (Hu et al., 2021): y = W x + (alpha / R) B A x, with A
+    # (R x in) and B (out x R) in fp32. The weight keeps its name (wq.weight): merged, the names are the base's.
     def __init__(self, base, rank, alpha, dropout):
         super().__init__()
         self.weight = base.weight
@@ -298,9 +288,8 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank, alpha, dropout, targets, seed):
-    """Freeze the model and put the target linear layers of each block in LoRALinear. Returns the adapters' initial
-    values, drawn on the CPU from a seeded generator, so the same on any number of processes: A as nn.Linear draws a
-    weight (uniform, +-1/sqrt(in), as PEFT does), B zero, so that step 0 is the base model exactly."""
+    # The adapters' initial values are drawn on the CPU from a seeded generator (the same on any number of processes):
+    # A as nn.Linear draws a weight (uniform +-1/sqrt(in), as PEFT), B zero, so step 0 is the base model exactly.
     known = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
     if not targets or any(t not in known for t in targets):
         raise SystemExit(f"--lora_targets={','.join(targets)}: expected some of {','.join(known)}")
@@ -308,18 +297,14 @@ def add_lora(model, rank, alpha, dropout, targets, seed):
     for part in [m for block in model.layers for m in (block.attention, block.feed_forward)]:
         for name in set(targets) & set(part._modules):
             setattr(part, name, LoRALinear(getattr(part, name), rank, alpha, dropout))
-    generator, init = torch.Generator().manual_seed(seed), {}
-    for name, p in model.named_parameters():
-        if name.endswith(".lora_a"):
-            init[name] = (torch.rand(p.shape, generator=generator) * 2 - 1) / math.sqrt(p.shape[1])
-        elif name.endswith(".lora_b"):
-            init[name] = torch.zeros(p.shape)
-    return init
+    generator = torch.Generator().manual_seed(seed)
+    return {name: (torch.rand(p.shape, generator=generator) * 2 - 1) / math.sqrt(p.shape[1])
+            if name.endswith(".lora_a") else torch.zeros(p.shape) for name, p in model.named_parameters()
+            if ".lora_" in name}
 
 
 def merge_lora(state, scale):
-    """Fold each adapter of a state dict into its weight, W + scale * B A, and drop the adapters. Every
-    tensor comes out in fp32, as a full run writes them: rounding W + B A to bf16 would lose much of the update."""
+    # W + scale * B A, every tensor in fp32 as a full run writes them (W + B A rounded to bf16 loses much of B A).
     for name in [n for n in state if n.endswith(".lora_a")]:
         prefix = name[:-len("lora_a")]
         a, b = state.pop(prefix + "lora_a").float(), state.pop(prefix + "lora_b").float()
@@ -328,8 +313,7 @@ def merge_lora(state, scale):
 
 
 def apply_adapters(state, path):
-    """A base model's state dict with the adapters of a run's adapters.safetensors merged in: what that run's own
-    consolidated.00.pth holds, for whoever has the base model and only the small adapters file."""
+    # A run's consolidated.00.pth again, for whoever has the base model and only its small adapters.safetensors.
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         meta, adapters = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
@@ -343,19 +327,15 @@ def apply_adapters(state, path):
 
 
 def find_tokenizer(folder):
-    """A checkpoint folder's tokenizer: tokenizer.model (sentencepiece, or Llama 3's tiktoken ranks), where HF's
-    Llama 3 repos keep Meta's (original/), or a Hugging Face tokenizer.json; none: tokenizer.model, for the
-    caller to report missing."""
+    # Meta's file in HF's Llama 3 repos is original/tokenizer.model; none: tokenizer.model, for the caller to report.
     paths = [os.path.join(folder, n) for n in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")]
     return next((p for p in paths if os.path.exists(p)), paths[0])
 
 
 class Tokenizer:
-    """LLaMA's tokenizer, whichever the file is: sentencepiece (LLaMA 1/2, Mistral, the demo) or Llama 3's
-    byte-level BPE, read with tiktoken from Meta's rank file or from a tokenizer.json. LLaMA has no pad token
-    (pad_id is -1); padding never reaches the loss. stop_ids: the ids that end a generation (an instruct
-    Llama 3 ends its turn with <|eot_id|>, not with EOS)."""
-
+    # LLaMA's tokenizer, whichever the file: sentencepiece (LLaMA 1/2, Mistral, the demo) or Llama 3's byte-level
+    # BPE, read with tiktoken from Meta's rank file or a tokenizer.json. LLaMA has no pad token (pad_id -1): padding
+    # never reaches the loss. stop_ids end a generation (an instruct Llama 3 ends its turn with <|eot_id|>).
     def __init__(self, path):
         self.path, self.pad_id = path, -1
         with open(path, "rb") as f:
@@ -388,11 +368,11 @@ class Tokenizer:
 
 
 def train_tokenizer(texts, path, vocab_size):
-    """A small LLaMA-style BPE tokenizer (unk 0, bos 1, eos 2, byte fallback) for the from-scratch demo."""
+    # A small LLaMA-style BPE tokenizer (unk 0, bos 1, eos 2, byte fallback) for the from-scratch demo. As LLaMA's,
+    # it keeps text as is (sentencepiece's default turns newlines into spaces): decode(encode(t)) == t.
     import io
     import sentencepiece as spm
     model = io.BytesIO()
-    # As LLaMA's, it keeps text as is (sentencepiece's default turns newlines into spaces): decode(encode(t)) == t.
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
                                    normalization_rule_name="identity", remove_extra_whitespaces=False,
                                    model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
@@ -415,33 +395,29 @@ def format_prompt(instruction, input=""):
 
 
 def read_records(path):
-    """(where, number, record) for each JSON value of a JSON array or a JSONL file: `where` names the file and line
-    (or array item) for error messages, `number` is that line or item number."""
+    # (where, number, record) for each value of a JSON array or a JSONL file: where names the file and line (or
+    # array item) for error messages, number is that line or item number.
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            lines = [(None, f.read())]
-        else:
-            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+        lines = [(None, f.read())] if path.endswith(".json") else [(n, t) for n, t in enumerate(f, 1) if t.strip()]
     records = []
     for lineno, text in lines:
         try:
-            records.append(json.loads(text))
+            records.append((lineno, json.loads(text)))
         except json.JSONDecodeError as e:
             raise SystemExit(f"{path}:{lineno or e.lineno}: not valid JSON ({e.msg})")
-    if path.endswith(".json"):
-        if not isinstance(records[0], list):
-            raise SystemExit(f"{path}: expected a JSON array")
-        return [(f"{path}: item {i}", i, item) for i, item in enumerate(records[0])]
-    return [(f"{path}:{n}", n, record) for (n, _), record in zip(lines, records)]
+    if not path.endswith(".json"):
+        return [(f"{path}:{n}", n, record) for n, record in records]
+    if not isinstance(records[0][1], list):
+        raise SystemExit(f"{path}: expected a JSON array")
+    return [(f"{path}: item {i}", i, item) for i, item in enumerate(records[0][1])]
 
 
 def read_examples(path):
-    """{instruction, input, output} examples from a JSON array (alpaca_data.json) or a JSONL file; a JSONL line
-    in the self-instruct seed format ({instruction, instances: [{input, output}]}) gives one example per instance;
-    a databricks-dolly-15k record (instruction, context, response, category) gives context as input, response as
-    output."""
+    # {instruction, input, output} examples from a JSON array (alpaca_data.json) or JSONL; a self-instruct seed task
+    # ({instruction, instances: [{input, output}]}) gives one example per instance; a databricks-dolly-15k record
+    # (instruction, context, response, category) gives context as input, response as output.
     examples, dolly = [], False
     for where, _, record in read_records(path):
         if not isinstance(record, dict):
@@ -457,9 +433,9 @@ def read_examples(path):
         for instance in instances:
             example = {"instruction": record.get("instruction"), "input": instance.get("input", ""),
                        "output": instance.get("output")}
-            for field in ("instruction", "input", "output"):
-                if not isinstance(example[field], str):
-                    problem = "missing" if example[field] is None else "must be a string"
+            for field, value in example.items():
+                if not isinstance(value, str):
+                    problem = "missing" if value is None else "must be a string"
                     raise SystemExit(f"{where}: field '{names.get(field, field)}' {problem}")
             if not example["instruction"].strip():
                 raise SystemExit(f"{where}: field 'instruction' is empty")
@@ -472,11 +448,10 @@ def read_examples(path):
 
 
 def tokenize_example(tokenizer, example, max_seq_len, stats):
-    """Token ids of prompt + response + EOS, and how many leading ids are prompt (no loss on those)."""
+    # Ids of prompt + response + EOS, and how many lead ids are prompt (no loss). As in Alpaca, the joint tokenization
+    # (text the tokenizer really produces); the prompt is what it shares with the prompt alone, so a piece straddling
+    # the boundary (":-" of "Response:-") counts as response and no character of the response goes unsupervised.
     prompt = format_prompt(example["instruction"], example["input"])
-    # As in Alpaca, the input is the joint tokenization of prompt + response: text the tokenizer really produces.
-    # The prompt's tokens are those it shares with the prompt tokenized alone. A piece that straddles the
-    # boundary (":-" of "Response:-") counts as response, so no character of the response goes unsupervised.
     ids, alone = tokenizer.encode(prompt + example["output"], bos=True, eos=True), tokenizer.encode(prompt, bos=True)
     n_prompt = next((i for i, (a, b) in enumerate(zip(ids, alone)) if a != b), len(alone))
     prompt_ids, response_ids = ids[:n_prompt], ids[n_prompt:]
@@ -497,48 +472,40 @@ def tokenize_example(tokenizer, example, max_seq_len, stats):
 
 
 def pack(examples, max_seq_len):
-    """Group examples into rows of at most max_seq_len input tokens (first-fit decreasing: few rows, and
-    deterministic). Each example of n tokens uses n - 1 positions: inputs are tokens[:-1], targets tokens[1:]."""
+    # First-fit decreasing (few rows, deterministic); n tokens take n - 1 positions (inputs [:-1], targets [1:]).
     rows, space = [], []
     for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
         n = len(examples[i][0]) - 1
-        r = next((r for r in range(len(rows)) if space[r] >= n), None)
-        if r is None:
-            rows.append([i])
-            space.append(max_seq_len - n)
-        else:
-            rows[r].append(i)
-            space[r] -= n
+        r = next((r for r in range(len(rows)) if space[r] >= n), len(rows))
+        if r == len(rows):
+            rows.append([])
+            space.append(max_seq_len)
+        rows[r].append(i)
+        space[r] -= n
     return rows
 
 
 def make_batch(rows, examples, dev):
-    """Tensors for a micro-batch of packed rows: tokens, targets (-100 where there is no loss), positions that
-    restart for each example, and an attention mask that keeps every example to itself (causal, same example)."""
+    # Targets are -100 where there is no loss; positions restart and the mask keeps each example to itself (causal).
     length = max(sum(len(examples[i][0]) - 1 for i in row) for row in rows)
     length = 64 * math.ceil(max(length, 1) / 64)  # few distinct shapes (see Transformer.forward)
     tokens = torch.zeros(len(rows), length, dtype=torch.long)
-    targets = torch.full((len(rows), length), -100, dtype=torch.long)
     positions = torch.zeros(len(rows), length, dtype=torch.long)
+    targets = torch.full((len(rows), length), -100, dtype=torch.long)
     doc = torch.full((len(rows), length), -1, dtype=torch.long)  # padding is a document of its own
     for r, row in enumerate(rows):
         t = 0
-        for d, i in enumerate(row):
-            ids, n_prompt = examples[i]
+        for d, (ids, n_prompt) in enumerate(examples[i] for i in row):
             n = len(ids) - 1
-            tokens[r, t:t + n] = torch.tensor(ids[:-1])
+            tokens[r, t:t + n], positions[r, t:t + n], doc[r, t:t + n] = torch.tensor(ids[:-1]), torch.arange(n), d
             targets[r, t + n_prompt - 1:t + n] = torch.tensor(ids[n_prompt:])
-            positions[r, t:t + n] = torch.arange(n)
-            doc[r, t:t + n] = d
             t += n
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    mask = (doc[:, :, None] == doc[:, None, :]) & torch.ones(length, length, dtype=torch.bool).tril()
     return tokens.to(dev), targets.to(dev), positions.to(dev), mask[:, None].to(dev)
 
 
 def split_rows(rows, rank, world_size, micro_batch_size):
-    """This process's share of a step's rows, as micro-batches. Every process runs the same number of
-    micro-batches (FSDP's collectives need that), so the short ones get empty rows, which carry no loss."""
+    # Every process runs as many micro-batches (FSDP's collectives need it): a short share gets empty rows (no loss).
     mine = rows[rank::world_size]
     n_micro = max(1, math.ceil(math.ceil(len(rows) / world_size) / micro_batch_size))
     mine = mine + [[]] * (n_micro * micro_batch_size - len(mine))
@@ -554,7 +521,7 @@ def lr_at(step, total_steps, learning_rate, warmup_ratio):
 
 
 def evaluate(model, examples, dev, autocast, max_seq_len, micro_batch_size):
-    """Mean loss per response token over the validation examples, across all processes."""
+    # Mean loss per response token over the validation examples, across all processes.
     model.eval()
     loss_sum = torch.zeros(2, device=dev)
     with torch.no_grad():
@@ -569,8 +536,8 @@ def evaluate(model, examples, dev, autocast, max_seq_len, micro_batch_size):
 
 
 def greedy_answer(model, tokenizer, instruction, input, dev, dtype, max_new_tokens=300):
-    """Greedy answer to one instruction, for the end-of-run demo (sample.py is the real sampler): the prompt once,
-    then one token at a time on the KV cache (in dtype, the blocks' compute dtype). Every process runs it (FSDP)."""
+    # The end-of-run demo's answer (sample.py is the real sampler): the prompt once, then one token at a time on the
+    # KV cache (in dtype, the blocks' compute dtype). Every process runs it (FSDP).
     model.eval()
     ids, config = tokenizer.encode(format_prompt(instruction, input), bos=True), model.args
     shape = (1, config.n_kv_heads or config.n_heads, len(ids) + max_new_tokens, config.head_dim)
@@ -589,12 +556,10 @@ def greedy_answer(model, tokenizer, instruction, input, dev, dtype, max_new_toke
 
 
 def flops_of(rows, examples, config, frozen=False):
-    """Training FLOPs for packed rows: 6 per parameter per token for the blocks, the output layer only on
-    supervised tokens, and causal attention (6·L·dim·n² for an example of n tokens). A frozen model (LoRA) takes
-    4, as its weights need no gradient (the adapters' own FLOPs, about 1% at rank 16, are left out)."""
-    hidden = ffn_hidden_dim(config)
+    # 6 per parameter per token for the blocks, the output layer on supervised tokens only, attention 6·L·dim·n² for
+    # n tokens; 4 for a frozen model (LoRA: no weight gradients; the adapters' ~1% at rank 16 left out).
     q_dim, kv_dim = config.n_heads * config.head_dim, (config.n_kv_heads or config.n_heads) * config.head_dim
-    block_params = config.n_layers * (2 * config.dim * q_dim + 2 * config.dim * kv_dim + 3 * config.dim * hidden)
+    block_params = config.n_layers * config.dim * (2 * q_dim + 2 * kv_dim + 3 * ffn_hidden_dim(config))
     total = 0
     for ids, n_prompt in (examples[i] for row in rows for i in row):
         n = len(ids) - 1
@@ -604,11 +569,11 @@ def flops_of(rows, examples, config, frozen=False):
 
 
 def measure_peak_flops(dev, dt):
-    # No spec sheet for a CPU: time a large matmul in the training dtype and call that the peak.
+    # A GPU's dense bf16 peak from its spec sheet; a CPU has none: time a large matmul in dt and call that the peak.
     if dev.type == "cuda":
-        table = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16
         name = torch.cuda.get_device_name(dev)
-        return next((v for k, v in table.items() if k in name), None) if dt == torch.bfloat16 else None
+        peak = next((v for k, v in {"A100": 312e12, "H100": 989e12, "H200": 989e12}.items() if k in name), None)
+        return peak if dt == torch.bfloat16 else None
     a = torch.randn(1024, 1024, dtype=dt)
     for _ in range(3):  # warm up
         a @ a
@@ -619,9 +584,8 @@ def measure_peak_flops(dev, dt):
 
 
 def show_answers(model, tokenizer, examples, dev, dtype, log):
-    """Greedy answers to one instruction the model trained on and one it never saw (if any was held out): a small
-    model learns the first long before it can generalise to the second. ROUGE-L (the F-measure of the longest
-    common word subsequence) against the reference answer says how close."""
+    # Greedy answers to a training instruction and a held-out one: a small model learns the first long before it
+    # generalises to the second. ROUGE-L (F-measure of the longest common word subsequence) says how close.
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     for kind, example in zip(("training", "held-out"), examples):
@@ -635,23 +599,8 @@ def show_answers(model, tokenizer, examples, dev, dtype, log):
             + f"\nmodel's answer: {reply}\nreference answer: {example['output']}\nROUGE-L: {rouge:.2f}")
 
 
-def start_processes(device):
-    """One process (python train.py) or many (torchrun, FSDP): a process group either way, so the code is the same."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), dev
-
-
 def prepare_data(args, log):
-    """The examples, a seeded validation split held out, the tokenizer (for the demo, trained on the training split)
-    and every example tokenized: (tokenizer, train examples, validation examples, their token ids)."""
+    # A seeded validation split held out, the tokenizer (the demo's trained on the training split), all tokenized.
     examples = read_examples(args.data)
     order = np.random.default_rng(args.seed).permutation(len(examples))
     n_val = min(len(examples) - 1, max(1, round(args.val_fraction * len(examples)))) if args.val_fraction > 0 else 0
@@ -675,20 +624,18 @@ def prepare_data(args, log):
 
 
 def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
-    """The pretrained --init (or the demo's tiny LLaMA, initialised at random), with LoRA's adapters if asked: every
-    process builds it on the meta device, shards it (FSDP2: each transformer block, then the rest), then takes its
-    shard of the weights. On GPUs FSDP keeps fp32 master weights but computes in bf16, reduces gradients in fp32."""
+    # --init (or the demo's random tiny LLaMA), with LoRA if asked, built on the meta device, sharded (FSDP2: each
+    # block, then the rest), then given its weights; on GPUs fp32 master weights, bf16 compute, fp32 gradient sums.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if args.init:
-        pretrained = Transformer.from_pretrained(args.init)  # memory-mapped: the processes share one copy in RAM
-        config, full_state = pretrained.args, pretrained.state_dict()
-        if config.vocab_size != tokenizer.vocab_size:
-            log(f"note: model vocab {config.vocab_size} != tokenizer vocab {tokenizer.vocab_size}")
+        source = Transformer.from_pretrained(args.init)  # memory-mapped: the processes share one copy in RAM
+        if source.args.vocab_size != tokenizer.vocab_size:
+            log(f"note: model vocab {source.args.vocab_size} != tokenizer vocab {tokenizer.vocab_size}")
     else:
-        scratch = Transformer(ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size}))
-        scratch.init_weights()
-        config, full_state = scratch.args, scratch.state_dict()
+        source = Transformer(ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size}))
+        source.init_weights()
+    config, full_state = source.args, source.state_dict()
     config.max_seq_len = max(config.max_seq_len, args.max_seq_len)
     with torch.device("meta"):
         model = Transformer(config)
@@ -720,7 +667,22 @@ def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
     return model, bool(mp)
 
 
+def start_processes(device):
+    # One process (python train.py) or many (torchrun, FSDP): a process group either way, so the code is the same.
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
 def main(argv=None):
+    import resource  # Unix only, hence here
     t_main = time.perf_counter()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world_size, dev = start_processes(args.device)
@@ -783,14 +745,15 @@ def main(argv=None):
             dist.all_reduce(loss_sum)
             dt = time.perf_counter() - t0
             mfu = flops_of(rows, batch, config, args.lora_rank > 0) / dt / (peak_flops or math.inf) / world_size
-            memory = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else max_rss()) / 2 ** 30
+            memory = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             eta = (time.perf_counter() - t_start) / (step - first_step) * (total_steps - step)
             log(f"step {step}/{total_steps} | loss {loss_sum.item() / n_targets:.4f} | lr "
                 f"{lr_at(step - 1, total_steps, args.learning_rate, args.warmup_ratio):.2e} | grad norm "
                 f"{grad_norm.item():.2f} | {sum(len(ids) - 1 for ids, _ in batch) / dt:,.0f} tok/s"
                 + (f" | mfu {100 * mfu:.1f}%" if peak_flops else "")
-                + f" | mem {memory:.2f} GiB | eta {eta / 60:.1f} min", flush=True)
+                + f" | mem {memory / 2 ** 30:.2f} GiB | eta {eta / 60:.1f} min", flush=True)
         if val_set and (step % args.eval_interval == 0 or step == total_steps):
             t1 = time.perf_counter()
             loss = evaluate(model, val_set, dev, autocast, args.max_seq_len, args.micro_batch_size)
@@ -818,10 +781,10 @@ def read_meta_checkpoint(path):
     with open(os.path.join(path, "params.json")) as f:
         params = json.load(f)
     config = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
-    shard_files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
-    if not shard_files:
+    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+              for f in sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))]
+    if not shards:
         raise SystemExit(f"{path}: no consolidated.*.pth files")
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in shard_files]
     for shard in shards:
         shard.pop("rope.freqs", None)  # Meta stores the rotary table; we compute it
     # Meta's Llama 3.2 files carry output.weight (a copy of the embedding); ours omit it when tied.
@@ -845,61 +808,55 @@ def read_meta_checkpoint(path):
     return config, state
 
 
-def hf_to_meta_qk(w, n_heads):
-    # Hugging Face reorders each head's q/k rows so its rotate-half RoPE matches Meta's interleaved pairs;
-    # put them back: HF keeps first halves then second halves, Meta interleaves them.
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-def meta_to_hf_qk(w, n_heads):
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+# Hugging Face's names for ModelArgs' fields in config.json and for the tensors: read_hf_checkpoint maps them in,
+# export_hf out.
+HF_CONFIG = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
+                 n_kv_heads="num_key_value_heads", vocab_size="vocab_size", norm_eps="rms_norm_eps",
+                 head_dim="head_dim", max_seq_len="max_position_embeddings", tie_word_embeddings="tie_word_embeddings",
+                 sliding_window="sliding_window")
+HF_LLAMA3_ROPE = dict(rope_scaling_factor="factor", low_freq_factor="low_freq_factor",
+                      high_freq_factor="high_freq_factor", original_max_seq_len="original_max_position_embeddings")
+HF_BLOCK = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+            "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+            "post_attention_layernorm": "ffn_norm"}
 
 
 def hf_names(config):
-    """{Hugging Face tensor name: ours} for every tensor of the model (the output layer is absent when tied)."""
-    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-             "lm_head.weight": "output.weight"}
-    block = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-             "post_attention_layernorm": "ffn_norm"}
-    for i in range(config.n_layers):
-        names.update({f"model.layers.{i}.{h}.weight": f"layers.{i}.{m}.weight" for h, m in block.items()})
-    return names
+    # {Hugging Face tensor name: ours} for every tensor of the model (the output layer is absent when tied).
+    return {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+            "lm_head.weight": "output.weight"} | {f"model.layers.{i}.{h}.weight": f"layers.{i}.{m}.weight"
+                                                  for i in range(config.n_layers) for h, m in HF_BLOCK.items()}
+
+
+def hf_to_meta_qk(w, n_heads, inverse=False):
+    # HF orders each head's q/k rows halves-first for its rotate-half RoPE, Meta interleaves them; inverse: to HF's.
+    halves = (n_heads, w.shape[0] // n_heads // 2, 2) if inverse else (n_heads, 2, w.shape[0] // n_heads // 2)
+    return w.reshape(*halves, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
 def config_from_hf(cfg, where):
-    """ModelArgs from a config.json as transformers 4.x (top-level rope_theta, rope_scaling) or 5.x
-    (rope_parameters) writes it. Whatever this LLaMA does not compute is refused, naming the key."""
-    def refuse(key, why):
-        raise SystemExit(f"{where}: {key}={json.dumps(cfg.get(key))}: {why}")
-    if cfg.get("model_type") not in ("llama", "mistral"):
-        refuse("model_type", "only the LLaMA family (llama, mistral) is implemented")
-    if cfg.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "this LLaMA's feed-forward is SwiGLU (silu)")
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            refuse(key, "this LLaMA's linear layers have no bias")
+    # ModelArgs from a config.json as transformers 4.x (top-level rope_theta, rope_scaling) or 5.x (rope_parameters)
+    # writes it. Whatever this LLaMA does not compute is refused, naming the key.
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        refuse("rope_parameters" if "rope_parameters" in cfg else "rope_scaling",
-               f"rope_type '{rope_type}' is not implemented (only default and llama3)")
-    config = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                       n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-                       norm_eps=cfg.get("rms_norm_eps", 1e-6), head_dim=cfg.get("head_dim"),
-                       rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-                       max_seq_len=cfg.get("max_position_embeddings", 2048),
-                       tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                       sliding_window=cfg.get("sliding_window"))
+    for key, refused, why in (
+            ("model_type", cfg.get("model_type") not in ("llama", "mistral"),
+             "only the LLaMA family (llama, mistral) is implemented"),
+            ("hidden_act", cfg.get("hidden_act", "silu") != "silu", "this LLaMA's feed-forward is SwiGLU (silu)"),
+            ("attention_bias", cfg.get("attention_bias"), "this LLaMA's linear layers have no bias"),
+            ("mlp_bias", cfg.get("mlp_bias"), "this LLaMA's linear layers have no bias"),
+            ("rope_parameters" if "rope_parameters" in cfg else "rope_scaling", rope_type not in ("default", "llama3"),
+             f"rope_type '{rope_type}' is not implemented (only default and llama3)")):
+        if refused:
+            raise SystemExit(f"{where}: {key}={json.dumps(cfg.get(key))}: {why}")
+    config = ModelArgs(**{"norm_eps": 1e-6, **{name: cfg[key] for name, key in HF_CONFIG.items() if key in cfg}},
+                       rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if rope_type == "llama3":
+        config.use_scaled_rope = True
+        config.__dict__.update({name: rope[key] for name, key in HF_LLAMA3_ROPE.items()})
     if config.sliding_window is not None:  # full attention equals sliding-window attention up to the window
         config.max_seq_len = min(config.max_seq_len, config.sliding_window)
-    if rope_type == "llama3":
-        config.use_scaled_rope, config.rope_scaling_factor = True, rope["factor"]
-        config.low_freq_factor, config.high_freq_factor = rope["low_freq_factor"], rope["high_freq_factor"]
-        config.original_max_seq_len = rope["original_max_position_embeddings"]
     # HF stores the FFN width itself; choose multiple_of so LLaMA's rule lands exactly on it.
     config.multiple_of = hidden = cfg["intermediate_size"]
     if int(8 * config.dim / 3) > hidden:
@@ -912,8 +869,7 @@ def read_hf_checkpoint(path):
         config = config_from_hf(json.load(f), os.path.join(path, "config.json"))
     from safetensors.torch import load_file  # memory-maps the file
     # The index names the shards (Mistral's repos also hold a consolidated.safetensors in Mistral's own names).
-    load_bin = lambda f: torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-    for stem, ext, load in (("model", "safetensors", load_file), ("pytorch_model", "bin", load_bin)):
+    for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin")):
         index = os.path.join(path, f"{stem}.{ext}.index.json")
         if os.path.exists(index):
             with open(index) as f:
@@ -924,16 +880,17 @@ def read_hf_checkpoint(path):
             break
     else:
         raise SystemExit(f"{path}: no model*.safetensors or pytorch_model*.bin files")
+    # A name not in the table keeps its own, which the strict load in from_pretrained reports as unexpected.
     names, state, kv_heads = hf_names(config), {}, config.n_kv_heads or config.n_heads
     for file in files:
-        for name, tensor in load(file).items():
+        tensors = load_file(file) if ext == "safetensors" else \
+            torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        for name, tensor in tensors.items():
             if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
                 continue
-            if name not in names:
-                raise SystemExit(f"{file}: unexpected tensor '{name}' in the checkpoint")
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 tensor = hf_to_meta_qk(tensor, config.n_heads if "q_proj" in name else kv_heads)
-            state[names[name]] = tensor
+            state[names.get(name, name)] = tensor
     return config, state
 
 
@@ -962,8 +919,8 @@ def read_tiktoken_ranks(path):
 
 
 def read_tokenizer_json(path):
-    """The BPE ranks and split pattern of a byte-level tokenizer.json (Llama 3's), for tiktoken. Its token ids
-    serve as ranks, which equals Hugging Face's merge order only when the merges come in id order: checked."""
+    # The BPE ranks and split pattern of a byte-level tokenizer.json (Llama 3's), for tiktoken. Its token ids serve
+    # as ranks, which equals Hugging Face's merge order only when the merges come in id order: checked.
     with open(path, encoding="utf-8") as f:
         tj = json.load(f)
     model, splits = tj.get("model") or {}, (tj.get("pre_tokenizer") or {}).get("pretokenizers", [])
@@ -990,7 +947,7 @@ def read_tokenizer_json(path):
 
 
 def write_atomic(path, payload):
-    """Write bytes (or torch.save an object) to path via a temp file and rename: a crash never leaves half a file."""
+    # Bytes (or an object, torch.save'd) via a temp file and a rename: a crash never leaves half a file.
     with open(f"{path}.tmp", "wb") as f:
         f.write(payload) if isinstance(payload, bytes) else torch.save(payload, f)
         f.flush()
@@ -998,16 +955,17 @@ def write_atomic(path, payload):
     os.replace(f"{path}.tmp", path)
 
 
+# The resume state is out_dir/resume/: the model and optimizer, sharded (torch.distributed.checkpoint, so a run may
+# resume on another number of processes), and step.json, written last, which marks it complete. With LoRA it holds
+# only what trains (the adapters and their optimizer state): the frozen model is --init's. A save writes
+# resume.tmp/, then repair_resume swaps it in.
+
 def save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, lora_meta=None, save_hf=False):
-    """The model in Meta's layout (what sample.py and from_pretrained read), then the resume state: sharded
-    model and optimizer (torch.distributed.checkpoint, so a run may resume on another number of processes).
-    With LoRA (lora_meta: the adapters file's metadata), the adapters alone go to adapters.safetensors and merged
-    into the weights everywhere else; the resume state holds only what trains (the adapters and their optimizer):
-    the frozen model is --init's."""
+    # The model in Meta's layout (what sample.py and from_pretrained read), then the resume state. With LoRA
+    # (lora_meta: the adapters file's metadata) the adapters alone go to adapters.safetensors, merged everywhere else.
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
@@ -1025,19 +983,16 @@ def save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, lor
         repair_resume(out_dir)  # after it only resume/ may exist, so the renames below cannot fail
     del full
     dist.barrier()
-    dcp.save({"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
-              "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(out_dir, "resume.tmp"))
+    dcp.save(trainable_state(model, optimizer), checkpoint_id=os.path.join(out_dir, "resume.tmp"))
     if dist.get_rank() == 0:
-        # step.json marks a complete state, so it is written last and atomically; repair_resume then swaps it in.
         write_atomic(os.path.join(out_dir, "resume.tmp", "step.json"), json.dumps({"step": step}).encode())
         repair_resume(out_dir)
     dist.barrier()
 
 
 def repair_resume(out_dir):
-    """Keep the newest complete resume state (one with step.json) as resume/ and delete the rest: what a finished
-    save leaves in resume.tmp/, or what a crash in it leaves (resume.tmp, resume.old, either half-deleted, or no
-    resume/). Every step leaves a state this function repairs again, so a crash here is harmless too. Rank 0 only."""
+    # Rank 0: the newest complete state (with step.json) becomes resume/, the rest goes, whatever a save or a crash in
+    # it left; each step below leaves a state this repairs again, so a crash here is harmless too.
     resume_dir, tmp_dir, old_dir = (os.path.join(out_dir, name) for name in ("resume", "resume.tmp", "resume.old"))
     complete = {d: os.path.exists(os.path.join(d, "step.json")) for d in (resume_dir, tmp_dir, old_dir)}
 
@@ -1059,19 +1014,23 @@ def repair_resume(out_dir):
         discard(path)
 
 
+def trainable_state(model, optimizer):
+    # As saved and loaded: only what trains (dcp.load refuses a checkpoint that lacks any of it).
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
+            "optim": get_optimizer_state_dict(model, optimizer)}
+
+
 def load_resume_state(model, optimizer, out_dir):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     if dist.get_rank() == 0:
         repair_resume(out_dir)
     dist.barrier()
     resume_dir = os.path.join(out_dir, "resume")
     if not os.path.exists(os.path.join(resume_dir, "step.json")):
         raise SystemExit(f"--resume: no saved state in {out_dir}")
-    # As saved: only what trains (dcp.load refuses a checkpoint that lacks any of it).
-    state = {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
-             "optim": get_optimizer_state_dict(model, optimizer)}
+    state = trainable_state(model, optimizer)
     dcp.load(state, checkpoint_id=resume_dir)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
@@ -1080,34 +1039,30 @@ def load_resume_state(model, optimizer, out_dir):
 
 
 def export_hf(state, config, tokenizer_path, folder):
-    """The model as a Hugging Face LlamaForCausalLM folder: config.json (read by transformers 4.x and 5.x),
-    model.safetensors with q/k rows in HF's rotate-half order, the tokenizer, generation_config.json with the stop
-    ids. Written to folder.tmp, then renamed into place."""
+    # A LlamaForCausalLM folder (transformers 4.x and 5.x, vLLM) from the import's tables read backwards, with the
+    # stop ids in generation_config.json; written to folder.tmp, then renamed into place.
     from safetensors.torch import save_file
-    tmp, old, kv_heads = folder + ".tmp", folder + ".old", config.n_kv_heads or config.n_heads
-    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer, kv_heads = Tokenizer(tokenizer_path), config.n_kv_heads or config.n_heads
     tensors = {hf: state[name] for hf, name in hf_names(config).items() if name in state}
-    tensors = {hf: (meta_to_hf_qk(w, config.n_heads if "q_proj" in hf else kv_heads) if hf.endswith(
+    tensors = {hf: (hf_to_meta_qk(w, config.n_heads if "q_proj" in hf else kv_heads, inverse=True) if hf.endswith(
         ("q_proj.weight", "k_proj.weight")) else w).contiguous() for hf, w in tensors.items()}
-    tokenizer = Tokenizer(tokenizer_path)
-    rope = dict(rope_type="llama3", factor=config.rope_scaling_factor, low_freq_factor=config.low_freq_factor,
-                high_freq_factor=config.high_freq_factor,
-                original_max_position_embeddings=config.original_max_seq_len) if config.use_scaled_rope else None
-    hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=config.dim,
-              intermediate_size=ffn_hidden_dim(config), num_hidden_layers=config.n_layers,
-              num_attention_heads=config.n_heads, num_key_value_heads=kv_heads, head_dim=config.head_dim,
-              vocab_size=config.vocab_size, rms_norm_eps=config.norm_eps, max_position_embeddings=config.max_seq_len,
-              hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=config.tie_word_embeddings,
-              rope_theta=config.rope_theta, rope_scaling=rope,
-              rope_parameters={**(rope or {"rope_type": "default"}), "rope_theta": config.rope_theta},
-              torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-              bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    rope = dict(rope_type="llama3", **{key: getattr(config, name) for name, key in HF_LLAMA3_ROPE.items()}) \
+        if config.use_scaled_rope else None
+    hf = {key: getattr(config, name) for name, key in HF_CONFIG.items()} | dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=kv_heads,
+        intermediate_size=ffn_hidden_dim(config), hidden_act="silu", attention_bias=False, mlp_bias=False,
+        rope_theta=config.rope_theta, rope_scaling=rope,
+        rope_parameters={**(rope or {"rope_type": "default"}), "rope_theta": config.rope_theta},
+        torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     generation = dict(bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
     with open(tokenizer_path, "rb") as f:
         raw = f.read()
     # Where each kind of tokenizer file sits in a Hugging Face folder (Llama 3's Meta file goes to original/).
     name = ("tokenizer.json" if raw.startswith(b"{") else os.path.join("original", "tokenizer.model")
             if hasattr(tokenizer, "tt") else "tokenizer.model")
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     for file, payload in (("config.json", hf), ("generation_config.json", generation), (name, raw)):
@@ -1119,20 +1074,14 @@ def export_hf(state, config, tokenizer_path, folder):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def max_rss():
-    import resource  # Unix only, hence here
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def parse_bool(text):
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
-    return text.lower() in ("true", "1")
-
-
 def parse_args(argv):
-    """The settings at the top as flags, --name=value, their values there as defaults (a boolean also bare:
-    --resume). Without --init the demo's tiny_recipe replaces Alpaca's values; a flag given overrides either."""
+    # The settings at the top as flags, --name=value, their values there as defaults (a boolean also bare:
+    # --resume). Without --init the demo's tiny_recipe replaces Alpaca's values; a flag given overrides either.
+    def parse_bool(text):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+        return text.lower() in ("true", "1")
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for name, default in settings.items():

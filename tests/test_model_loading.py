@@ -330,7 +330,7 @@ def test_meta_shards_that_do_not_assemble(meta_folder):
 
 @pytest.mark.parametrize("change,message", [
     (lambda hf: hf.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}),
-     "unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"),
+     'Unexpected key(s) in state_dict: "model.layers.0.self_attn.q_proj.bias"'),  # the strict load names it
     (lambda hf: hf.pop("model.layers.1.mlp.up_proj.weight"), 'Missing key(s) in state_dict: "layers.1.feed_forward.w3.weight"'),
     (lambda hf: hf.update({"model.norm.weight": torch.ones(63)}), "size mismatch for norm.weight: copying a param with shape torch.Size([63])"),
 ])
