@@ -255,8 +255,7 @@ class Transformer(nn.Module):
 
     @staticmethod
     def from_pretrained(path, dtype=None):
-        # A Meta folder (params.json + consolidated.*.pth) or a Hugging Face one (config.json + *.safetensors or
-        # pytorch_model*.bin), its weights memory-mapped rather than copied where possible.
+        # A Meta folder (params.json) or a Hugging Face one (config.json), weights memory-mapped where possible.
         meta = os.path.exists(os.path.join(path, "params.json"))
         if not meta and not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"{path}: neither a Meta (params.json) nor a Hugging Face (config.json) LLaMA folder")
@@ -333,9 +332,8 @@ def find_tokenizer(folder):
 
 
 class Tokenizer:
-    # LLaMA's tokenizer, whichever the file: sentencepiece (LLaMA 1/2, Mistral, the demo) or Llama 3's byte-level
-    # BPE, read with tiktoken from Meta's rank file or a tokenizer.json. LLaMA has no pad token (pad_id -1): padding
-    # never reaches the loss. stop_ids end a generation (an instruct Llama 3 ends its turn with <|eot_id|>).
+    # sentencepiece (LLaMA 1/2, Mistral, the demo) or Llama 3's BPE (tiktoken, from Meta's rank file or tokenizer.json).
+    # No pad token (pad_id -1): padding never reaches the loss. stop_ids: an instruct Llama 3 ends with <|eot_id|>.
     def __init__(self, path):
         self.path, self.pad_id = path, -1
         with open(path, "rb") as f:
@@ -395,8 +393,7 @@ def format_prompt(instruction, input=""):
 
 
 def read_records(path):
-    # (where, number, record) for each value of a JSON array or a JSONL file: where names the file and line (or
-    # array item) for error messages, number is that line or item number.
+    # (where, number, record) for each value of a JSON array or JSONL file; where names file and line (or item).
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
@@ -415,9 +412,8 @@ def read_records(path):
 
 
 def read_examples(path):
-    # {instruction, input, output} examples from a JSON array (alpaca_data.json) or JSONL; a self-instruct seed task
-    # ({instruction, instances: [{input, output}]}) gives one example per instance; a databricks-dolly-15k record
-    # (instruction, context, response, category) gives context as input, response as output.
+    # {instruction, input, output} examples; a self-instruct seed task ({instruction, instances: [{input, output}]})
+    # gives one per instance; a databricks-dolly-15k record its context as input and its response as output.
     examples, dolly = [], False
     for where, _, record in read_records(path):
         if not isinstance(record, dict):
@@ -641,8 +637,7 @@ def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
         model = Transformer(config)
     model.activation_checkpointing = args.activation_checkpointing
     if args.lora_rank:
-        # The frozen model is held in the compute dtype (bf16: 2 bytes a parameter, no gradient, no Adam state);
-        # the adapters train in fp32.
+        # The frozen model is held in the compute dtype (bf16: 2 bytes a parameter, no Adam state); adapters in fp32.
         model.to(amp_dtype)
         adapters = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","),
                             args.seed)
