@@ -4,9 +4,11 @@ Supervised fine-tuning of LLaMA on instruction data: the Stanford Alpaca recipe 
     python train.py                                    # tiny LLaMA on seed_tasks.jsonl, on CPU, in minutes
     torchrun --nproc_per_node=8 train.py --init=/path/to/llama-7b --data=alpaca_data.json
 
-Reads top to bottom: the recipe's settings, the model, checkpoint loading, the tokenizer, the data (prompt
-format, loss mask, packing), then the training loop. Any setting below can be overridden as --name=value.
+Top to bottom: the recipe's settings (each a flag, --name=value; --help lists them), the model and LoRA, the
+tokenizer, the data (prompt format, loss mask, packing), the training loop's pieces, main; then the plumbing:
+checkpoint files in and out, the resume state, the command line.
 """
+import argparse
 import glob
 import json
 import math
@@ -25,7 +27,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The Alpaca-7B recipe (Taori et al., 2023): 3 epochs, 128 examples per step, lr 2e-5, cosine with 3% warmup.
+# Alpaca-7B's recipe (Taori et al., 2023), for fine-tuning an --init: 3 epochs, 128 examples per step, lr 2e-5,
+# cosine with 3% warmup. Without --init, tiny_recipe (below) replaces these values; a flag given overrides either.
 data = "seed_tasks.jsonl"         # alpaca_data.json (a JSON array) or JSONL of {instruction, input, output}
 init = ""                         # a Meta or Hugging Face LLaMA folder; empty: a tiny LLaMA from scratch (the demo)
 out_dir = "out/tiny"              # the fine-tuned model, in Meta's layout, plus the state to resume from
@@ -58,16 +61,16 @@ lora_rank = 0                     # 0: full fine-tuning (Alpaca); R > 0: rank-R 
 lora_alpha = 16.0                 # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05               # on the adapters' input only
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"
-# With no --init there is no pretrained model to fine-tune, so the demo trains a tiny LLaMA from scratch on
-# the seed tasks. From scratch needs other settings than fine-tuning: many passes, small batches, a high learning
-# rate, Adam's second moment over fewer steps; these replace the settings above, only then. fp32: bf16 autocast
-# gains little at this size. 22 passes fit in ~100 s on 2 CPU cores (loss 7.6 -> ~4.2, answers still noise);
-# learning the examples by heart takes longer: --epochs=36 (~200 s) reaches ~1.2, not yet enough for greedy answers.
+# The demo's recipe: with no --init there is no pretrained model to fine-tune, so the demo trains a tiny LLaMA from
+# scratch on the seed tasks. From scratch needs other settings than fine-tuning: many passes, small batches, a high
+# learning rate, Adam's second moment over fewer steps. fp32: bf16 autocast gains little at this size. 22 passes fit
+# in ~100 s on 2 CPU cores (loss 7.6 -> ~4.2, answers still noise); learning the examples by heart takes longer:
+# --epochs=36 (~200 s) reaches ~1.2, not yet enough for greedy answers.
 tiny_model = dict(dim=128, n_layers=4, n_heads=4, vocab_size=2000, multiple_of=32, max_seq_len=512)
 tiny_recipe = dict(epochs=22, batch_size=8, micro_batch_size=4, learning_rate=6e-3, warmup_ratio=0.05, beta2=0.99,
                    dtype="float32")
 
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
 
 @dataclass
@@ -115,53 +118,47 @@ class RMSNorm(nn.Module):
         return y
 
 
-def rope_inv_freq(args, device=None):
-    """The rotary frequencies of each head's feature pairs, in fp32; for Llama 3.1+ scaled as Meta's apply_scaling:
-    long wavelengths slowed by the factor, short ones kept, the band between blended smoothly."""
-    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim)
-    if not args.use_scaled_rope:
+def rope_inv_freq(config, device=None):
+    # The rotary frequencies of each head's feature pairs, in fp32; for Llama 3.1+ scaled as Meta's apply_scaling:
+    # long wavelengths slowed by the factor, short ones kept, the band between blended smoothly.
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim)
+    if not config.use_scaled_rope:
         return inv_freq
-    wavelen = 2 * math.pi / inv_freq
-    low, high = args.low_freq_factor, args.high_freq_factor
-    smooth = (args.original_max_seq_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * inv_freq / args.rope_scaling_factor + smooth * inv_freq
-    scaled = torch.where(wavelen > args.original_max_seq_len / low, inv_freq / args.rope_scaling_factor, blended)
-    return torch.where(wavelen < args.original_max_seq_len / high, inv_freq, scaled)
+    wavelen, low, high = 2 * math.pi / inv_freq, config.low_freq_factor, config.high_freq_factor
+    smooth = (config.original_max_seq_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / config.rope_scaling_factor + smooth * inv_freq
+    scaled = torch.where(wavelen > config.original_max_seq_len / low, inv_freq / config.rope_scaling_factor, blended)
+    return torch.where(wavelen < config.original_max_seq_len / high, inv_freq, scaled)
 
 
-def rope_cos_sin(positions, inv_freq):
-    """cos and sin of the rotary angles for each position: (B, T, head_dim/2), in fp32."""
-    angles = positions.float()[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+def rope_rotation(config, positions):
+    # cos + i sin per position (B, T) and feature pair, complex64, made once per forward from integer positions: exact
+    # in fp32 whatever the blocks compute in (FSDP2's MixedPrecisionPolicy casts floating-point inputs, not complex).
+    angles = positions.float()[..., None] * rope_inv_freq(config, positions.device)
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None]
 
 
-def apply_rope(x, cos, sin):
-    # Meta's convention rotates interleaved pairs (x0, x1), (x2, x3), ... of each head: as complex numbers
-    # x0 + i x1, that is one multiplication by cos + i sin, in fp32. One kernel each way instead of about ten
-    # (the same values as x1 cos - x2 sin, x1 sin + x2 cos), a large share of an eager step on CPU.
-    rotation = torch.complex(cos, sin)[:, :, None, :]
+def apply_rope(x, rotation):
+    # Meta rotates interleaved pairs (x0, x1), ... of each head: as complex numbers x0 + i x1, one multiplication by
+    # cos + i sin in fp32: one kernel each way instead of about ten (a large share of an eager step on CPU).
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
-    def __init__(self, args):
+    def __init__(self, config):
         super().__init__()
-        self.n_heads = args.n_heads
-        self.n_kv_heads = args.n_kv_heads or args.n_heads
-        self.args, self.head_dim = args, args.head_dim
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads or config.n_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x, positions, mask, cache, cache_pos):
+    def forward(self, x, rotation, mask, cache, cache_pos):
         B, T, _ = x.shape
-        # The angles are computed here, from integer positions, so they are fp32 whatever dtype the block's
-        # inputs and weights come in (FSDP's mixed precision casts floating-point inputs, not integer ones).
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.args, x.device))
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rotation).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rotation).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:  # sampling: keys and values of earlier tokens come from the cache
             cache_k, cache_v = cache
@@ -175,141 +172,68 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def ffn_hidden_dim(args):
+def ffn_hidden_dim(config):
     # LLaMA's rule: 2/3 of 4*dim (SwiGLU has three matrices), scaled, rounded up to a multiple of multiple_of.
-    hidden = int(2 * 4 * args.dim / 3)
-    if args.ffn_dim_multiplier is not None:
-        hidden = int(args.ffn_dim_multiplier * hidden)
-    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
+    hidden = int(2 * 4 * config.dim / 3)
+    if config.ffn_dim_multiplier is not None:
+        hidden = int(config.ffn_dim_multiplier * hidden)
+    return config.multiple_of * ((hidden + config.multiple_of - 1) // config.multiple_of)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args):
+    def __init__(self, config):
         super().__init__()
-        hidden = ffn_hidden_dim(args)
-        self.w1 = nn.Linear(args.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        hidden = ffn_hidden_dim(config)
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update (Hu et al., 2021): y = W x + (alpha / R) B A x, with A
-    (R x in) and B (out x R) in fp32. The weight keeps its name (wq.weight): merged, the names are the base's."""
-
-    def __init__(self, base, rank, alpha, dropout):
-        super().__init__()
-        self.weight = base.weight
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, device=base.weight.device))
-        self.scale, self.dropout = alpha / rank, dropout
-
-    def forward(self, x):
-        # In x's dtype, as autocast would do: a bf16 model also runs without it (the end-of-run answers).
-        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
-        update = F.linear(F.linear(F.dropout(x, self.dropout, self.training), a), b)
-        return F.linear(x, self.weight) + self.scale * update
-
-
-def add_lora(model, rank, alpha, dropout, targets, seed):
-    """Freeze the model and put the target linear layers of each block in LoRALinear. Returns the adapters' initial
-    values, drawn on the CPU from a seeded generator, so the same on any number of processes: A as nn.Linear draws a
-    weight (uniform, +-1/sqrt(in), as PEFT does), B zero, so that step 0 is the base model exactly."""
-    known = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-    if not targets or any(t not in known for t in targets):
-        raise SystemExit(f"--lora_targets={','.join(targets)}: expected some of {','.join(known)}")
-    model.requires_grad_(False)
-    for block in model.layers:
-        for part in (block.attention, block.feed_forward):
-            for name in targets:
-                if name in part._modules:
-                    setattr(part, name, LoRALinear(getattr(part, name), rank, alpha, dropout))
-    generator, init = torch.Generator().manual_seed(seed), {}
-    for name, p in model.named_parameters():
-        if name.endswith(".lora_a"):
-            init[name] = (torch.rand(p.shape, generator=generator) * 2 - 1) / math.sqrt(p.shape[1])
-        elif name.endswith(".lora_b"):
-            init[name] = torch.zeros(p.shape)
-    return init
-
-
-def merge_lora(state, scale):
-    """Fold each adapter of a state dict into its weight, W + scale * B A, in place, and drop the adapters. Every
-    tensor comes out in fp32, as a full run writes them: rounding W + B A to bf16 would lose much of the update."""
-    for name in [n for n in state if n.endswith(".lora_a")]:
-        prefix = name[:-len("lora_a")]
-        a, b = state.pop(prefix + "lora_a").float(), state.pop(prefix + "lora_b").float()
-        state[prefix + "weight"] = state[prefix + "weight"].float() + scale * (b @ a)
-    for name in state:
-        state[name] = state[name].float()
-    return state
-
-
-def apply_adapters(state, path):
-    """A base model's state dict with the adapters of a run's adapters.safetensors merged in: what that run's own
-    consolidated.00.pth holds, for whoever has the base model and only the small adapters file."""
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta, adapters = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
-    if "lora_rank" not in meta or "lora_alpha" not in meta:
-        raise SystemExit(f"{path}: no lora_rank/lora_alpha in its metadata: not an adapters file of train.py")
-    for name, t in adapters.items():
-        weight, dim = state.get(name.rsplit(".", 1)[0] + ".weight"), int(name.endswith(".lora_a"))
-        if weight is None or t.shape[dim] != weight.shape[dim]:
-            raise SystemExit(f"{path}: adapter '{name}' of shape {tuple(t.shape)} does not fit the base model")
-    return merge_lora({**state, **adapters}, float(meta["lora_alpha"]) / int(meta["lora_rank"]))
-
-
 class TransformerBlock(nn.Module):
-    def __init__(self, args):
+    def __init__(self, config):
         super().__init__()
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
 
-    def forward(self, x, positions, mask=None, cache=None, cache_pos=0):
-        x = x + self.attention(self.attention_norm(x), positions, mask, cache, cache_pos)
+    def forward(self, x, rotation, mask=None, cache=None, cache_pos=0):
+        x = x + self.attention(self.attention_norm(x), rotation, mask, cache, cache_pos)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, args):
+    def __init__(self, config):
         super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        if args.sliding_window is not None and args.sliding_window < args.max_seq_len:
-            raise SystemExit(f"context {args.max_seq_len} is longer than the checkpoint's sliding_window "
-                             f"{args.sliding_window}: this LLaMA attends to the whole context")
+        self.args = config  # model.args: the name sample.py and the checkpoint readers use
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        if config.sliding_window is not None and config.sliding_window < config.max_seq_len:
+            raise SystemExit(f"context {config.max_seq_len} is longer than the checkpoint's sliding_window "
+                             f"{config.sliding_window}: this LLaMA attends to the whole context")
         # Tied: no output layer of its own, so the one matrix is sharded, saved and trained once.
-        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = None if config.tie_word_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.activation_checkpointing = False
 
     def forward(self, tokens, positions=None, mask=None, targets=None, cache=None, cache_pos=0, last_only=False):
-        """Logits (B, T, vocab) for tokens (B, T); or, given targets, the summed cross-entropy over the
-        positions whose target is not -100.
-
-        positions: (B, T) position of each token (packed examples restart at 0); default 0..T-1 after cache_pos.
-        mask: (B, 1, T, S) boolean, True where a query may attend to a key; default causal.
-        cache: per layer (k, v) tensors of shape (B, n_kv_heads, S_max, head_dim); this call writes slots
-               cache_pos..cache_pos+T and attends over slots 0..cache_pos+T.
-        last_only: logits for the last position only (B, 1, vocab), all that sampling needs after a prefill.
-        """
+        # Logits (B, T, vocab), or given targets the summed cross-entropy where a target is not -100. mask (B, 1, T, S):
+        # True where a query may attend to a key. cache: per layer (k, v) of (B, n_kv_heads, S_max, head_dim), written
+        # at cache_pos..cache_pos+T. last_only: only the last position's logits, all that sampling needs.
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=tokens.device).expand(B, T)
         if mask is None and cache is not None and T > 1:  # causal over the cached tokens and these
             mask = torch.ones(T, cache_pos + T, dtype=torch.bool, device=tokens.device).tril(cache_pos)
-        h = self.tok_embeddings(tokens)
+        rotation, h = rope_rotation(self.args, positions), self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, positions, mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, rotation, mask, use_reentrant=False)
             else:
-                h = layer(h, positions, mask, None if cache is None else cache[i], cache_pos)
+                h = layer(h, rotation, mask, None if cache is None else cache[i], cache_pos)
         h = self.norm(h)
         if targets is None:
             return self.logits(h[:, -1:] if last_only else h)
@@ -327,191 +251,89 @@ class Transformer(nn.Module):
 
     def init_weights(self, std=0.02):
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
+            nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.normal_(p, mean=0.0, std=std)
 
     @staticmethod
     def from_pretrained(path, dtype=None):
-        """A LLaMA from a Meta folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json +
-        *.safetensors or pytorch_model*.bin), with weights memory-mapped rather than copied where possible."""
-        if os.path.exists(os.path.join(path, "params.json")):
-            args, state = read_meta_checkpoint(path)
-        elif os.path.exists(os.path.join(path, "config.json")):
-            args, state = read_hf_checkpoint(path)
-        else:
+        # A Meta folder (params.json) or a Hugging Face one (config.json), weights memory-mapped where possible.
+        meta = os.path.exists(os.path.join(path, "params.json"))
+        if not meta and not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"{path}: neither a Meta (params.json) nor a Hugging Face (config.json) LLaMA folder")
+        config, state = read_meta_checkpoint(path) if meta else read_hf_checkpoint(path)
         with torch.device("meta"):
-            model = Transformer(args)
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
+            model = Transformer(config)
         try:  # strict: a missing, unexpected or misshapen tensor is named
-            model.load_state_dict(state, assign=True)
+            model.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in state.items()}, assign=True)
         except RuntimeError as e:
             raise SystemExit(f"{path}: {e}")
         return model
 
 
-def read_meta_checkpoint(path):
-    with open(os.path.join(path, "params.json")) as f:
-        params = json.load(f)
-    known = {f.name for f in fields(ModelArgs)}
-    args = ModelArgs(**{k: v for k, v in params.items() if k in known})
-    shard_files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
-    if not shard_files:
-        raise SystemExit(f"{path}: no consolidated.*.pth files")
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in shard_files]
-    for shard in shards:
-        shard.pop("rope.freqs", None)  # Meta stores the rotary table; we compute it
-    # Meta's Llama 3.2 files carry output.weight (a copy of the embedding); ours omit it when tied.
-    args.tie_word_embeddings = "output.weight" not in shards[0]
-    if args.vocab_size <= 0:  # LLaMA-1 writes -1 and leaves the size to the tokenizer
-        args.vocab_size = sum(s["output.weight"].shape[0] for s in shards)
-    if len(shards) == 1:
-        return args, shards[0]
-    # Larger models come split for model parallelism; each tensor is cut along the one dim where the
-    # pieces add up to the full size (column-parallel along 0, row-parallel along 1), or is replicated.
-    with torch.device("meta"):
-        expected = Transformer(args).state_dict()
-    state = {}
-    for name, pieces in ((k, [s[k] for s in shards]) for k in shards[0]):
-        full = expected[name].shape if name in expected else pieces[0].shape
-        if pieces[0].shape == full:
-            state[name] = pieces[0]
-            continue
-        for d in range(pieces[0].dim()):
-            if sum(p.shape[d] for p in pieces) == full[d]:
-                state[name] = torch.cat(pieces, dim=d)
-                break
-        else:
-            raise SystemExit(f"{path}: tensor '{name}' shards of shape {tuple(pieces[0].shape)} "
-                             f"do not assemble into {tuple(full)}")
-    return args, state
+class LoRALinear(nn.Module):
+    # A frozen linear layer plus a trainable low-rank update (Hu et al., 2021): y = W x + (alpha / R) B A x, with A
+    # (R x in) and B (out x R) in fp32. The weight keeps its name (wq.weight): merged, the names are the base's.
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.weight = base.weight
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, device=base.weight.device))
+        self.scale, self.dropout = alpha / rank, dropout
+
+    def forward(self, x):
+        # In x's dtype, as autocast would do: a bf16 model also runs without it (the end-of-run answers).
+        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
+        update = F.linear(F.linear(F.dropout(x, self.dropout, self.training), a), b)
+        return F.linear(x, self.weight) + self.scale * update
 
 
-def hf_to_meta_qk(w, n_heads):
-    # Hugging Face reorders each head's q/k rows so its rotate-half RoPE matches Meta's interleaved pairs;
-    # put them back: HF keeps first halves then second halves, Meta interleaves them.
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+def add_lora(model, rank, alpha, dropout, targets, seed):
+    # The adapters' initial values are drawn on the CPU from a seeded generator (the same on any number of processes):
+    # A as nn.Linear draws a weight (uniform +-1/sqrt(in), as PEFT), B zero, so step 0 is the base model exactly.
+    known = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    if not targets or any(t not in known for t in targets):
+        raise SystemExit(f"--lora_targets={','.join(targets)}: expected some of {','.join(known)}")
+    model.requires_grad_(False)
+    for part in [m for block in model.layers for m in (block.attention, block.feed_forward)]:
+        for name in set(targets) & set(part._modules):
+            setattr(part, name, LoRALinear(getattr(part, name), rank, alpha, dropout))
+    generator = torch.Generator().manual_seed(seed)
+    return {name: (torch.rand(p.shape, generator=generator) * 2 - 1) / math.sqrt(p.shape[1])
+            if name.endswith(".lora_a") else torch.zeros(p.shape) for name, p in model.named_parameters()
+            if ".lora_" in name}
 
 
-def meta_to_hf_qk(w, n_heads):
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+def merge_lora(state, scale):
+    # W + scale * B A, every tensor in fp32 as a full run writes them (W + B A rounded to bf16 loses much of B A).
+    for name in [n for n in state if n.endswith(".lora_a")]:
+        prefix = name[:-len("lora_a")]
+        a, b = state.pop(prefix + "lora_a").float(), state.pop(prefix + "lora_b").float()
+        state[prefix + "weight"] = state[prefix + "weight"].float() + scale * (b @ a)
+    return {name: t.float() for name, t in state.items()}
 
 
-# Hugging Face names of one block's tensors, and the rest; the output layer is absent when tied.
-HF_LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                  "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-                  "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-                  "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-                  "post_attention_layernorm": "ffn_norm"}
-HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-            "lm_head.weight": "output.weight"}
-
-
-def hf_names(args):
-    """{Hugging Face tensor name: ours} for every tensor of the model."""
-    names = dict(HF_NAMES)
-    for i in range(args.n_layers):
-        names.update({f"model.layers.{i}.{h}.weight": f"layers.{i}.{m}.weight" for h, m in HF_LAYER_NAMES.items()})
-    return names
-
-
-def hf_args(cfg, where):
-    """ModelArgs from a config.json as transformers 4.x (top-level rope_theta, rope_scaling) or 5.x
-    (rope_parameters) writes it. Whatever this LLaMA does not compute is refused, naming the key."""
-    def refuse(key, why):
-        raise SystemExit(f"{where}: {key}={json.dumps(cfg.get(key))}: {why}")
-    if cfg.get("model_type") not in ("llama", "mistral"):
-        refuse("model_type", "only the LLaMA family (llama, mistral) is implemented")
-    if cfg.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "this LLaMA's feed-forward is SwiGLU (silu)")
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            refuse(key, "this LLaMA's linear layers have no bias")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        refuse("rope_parameters" if "rope_parameters" in cfg else "rope_scaling",
-               f"rope_type '{rope_type}' is not implemented (only default and llama3)")
-    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                     n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6), head_dim=cfg.get("head_dim"),
-                     rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-                     max_seq_len=cfg.get("max_position_embeddings", 2048),
-                     tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                     sliding_window=cfg.get("sliding_window"))
-    if args.sliding_window is not None:  # full attention equals sliding-window attention up to the window
-        args.max_seq_len = min(args.max_seq_len, args.sliding_window)
-    if rope_type == "llama3":
-        args.use_scaled_rope = True
-        args.rope_scaling_factor, args.low_freq_factor = rope["factor"], rope["low_freq_factor"]
-        args.high_freq_factor = rope["high_freq_factor"]
-        args.original_max_seq_len = rope["original_max_position_embeddings"]
-    # HF stores the FFN width itself; choose multiple_of so LLaMA's rule lands exactly on it.
-    hidden = cfg["intermediate_size"]
-    args.multiple_of = hidden
-    if int(8 * args.dim / 3) > hidden:
-        args.ffn_dim_multiplier = hidden / int(8 * args.dim / 3)
-    return args
-
-
-def read_hf_checkpoint(path):
-    with open(os.path.join(path, "config.json")) as f:
-        args = hf_args(json.load(f), os.path.join(path, "config.json"))
-    from safetensors.torch import load_file  # memory-maps the file
-    # The index names the shards (Mistral's repos also hold a consolidated.safetensors in Mistral's own names).
-    load_bin = lambda f: torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-    for stem, ext, load in (("model", "safetensors", load_file), ("pytorch_model", "bin", load_bin)):
-        index = os.path.join(path, f"{stem}.{ext}.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
-        else:
-            files = sorted(glob.glob(os.path.join(path, f"{stem}*.{ext}")))
-        if files:
-            break
-    else:
-        raise SystemExit(f"{path}: no model*.safetensors or pytorch_model*.bin files")
-    names, state = hf_names(args), {}
-    for file in files:
-        for name, tensor in load(file).items():
-            if name.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and name == "lm_head.weight"):
-                continue
-            if name not in names:
-                raise SystemExit(f"{file}: unexpected tensor '{name}' in the checkpoint")
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                tensor = hf_to_meta_qk(tensor, args.n_heads if "q_proj" in name else args.n_kv_heads or args.n_heads)
-            state[names[name]] = tensor
-    return args, state
-
-
-# Llama 3's tokenizer as Meta's reference builds it: its split pattern, and 256 special tokens after the BPE ranks.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
-                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-LLAMA3_SPECIAL += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
+def apply_adapters(state, path):
+    # A run's consolidated.00.pth again, for whoever has the base model and only its small adapters.safetensors.
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta, adapters = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    if "lora_rank" not in meta or "lora_alpha" not in meta:
+        raise SystemExit(f"{path}: no lora_rank/lora_alpha in its metadata: not an adapters file of train.py")
+    for name, t in adapters.items():
+        weight, dim = state.get(name.rsplit(".", 1)[0] + ".weight"), int(name.endswith(".lora_a"))
+        if weight is None or t.shape[dim] != weight.shape[dim]:
+            raise SystemExit(f"{path}: adapter '{name}' of shape {tuple(t.shape)} does not fit the base model")
+    return merge_lora({**state, **adapters}, float(meta["lora_alpha"]) / int(meta["lora_rank"]))
 
 
 def find_tokenizer(folder):
-    """A checkpoint folder's tokenizer: tokenizer.model (sentencepiece, or Llama 3's tiktoken ranks), where HF's
-    Llama 3 repos keep Meta's (original/), or a Hugging Face tokenizer.json; none: tokenizer.model, for the
-    caller to report missing."""
+    # Meta's file in HF's Llama 3 repos is original/tokenizer.model; none: tokenizer.model, for the caller to report.
     paths = [os.path.join(folder, n) for n in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")]
     return next((p for p in paths if os.path.exists(p)), paths[0])
 
 
 class Tokenizer:
-    """LLaMA's tokenizer, whichever the file is: sentencepiece (LLaMA 1/2, Mistral, the demo) or Llama 3's
-    byte-level BPE, read with tiktoken from Meta's rank file or from a tokenizer.json. LLaMA has no pad token
-    (pad_id is -1); padding never reaches the loss. stop_ids: the ids that end a generation (an instruct
-    Llama 3 ends its turn with <|eot_id|>, not with EOS)."""
-
+    # sentencepiece (LLaMA 1/2, Mistral, the demo) or Llama 3's BPE (tiktoken, from Meta's rank file or tokenizer.json).
+    # No pad token (pad_id -1): padding never reaches the loss. stop_ids: an instruct Llama 3 ends with <|eot_id|>.
     def __init__(self, path):
         self.path, self.pad_id = path, -1
         with open(path, "rb") as f:
@@ -543,6 +365,539 @@ class Tokenizer:
         return self.tt.decode(list(ids)) if hasattr(self, "tt") else self.sp.decode(list(ids))
 
 
+def train_tokenizer(texts, path, vocab_size):
+    # A small LLaMA-style BPE tokenizer (unk 0, bos 1, eos 2, byte fallback) for the from-scratch demo. As LLaMA's,
+    # it keeps text as is (sentencepiece's default turns newlines into spaces): decode(encode(t)) == t.
+    import io
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+                                   max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
+    write_atomic(path, model.getvalue())
+
+
+# Alpaca's prompt, byte for byte: released Alpaca models (and sample.py) expect exactly this text.
+PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Response:")
+
+
+def format_prompt(instruction, input=""):
+    return (PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT).format(instruction=instruction, input=input)
+
+
+def read_records(path):
+    # (where, number, record) for each value of a JSON array or JSONL file; where names file and line (or item).
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        lines = [(None, f.read())] if path.endswith(".json") else [(n, t) for n, t in enumerate(f, 1) if t.strip()]
+    records = []
+    for lineno, text in lines:
+        try:
+            records.append((lineno, json.loads(text)))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{lineno or e.lineno}: not valid JSON ({e.msg})")
+    if not path.endswith(".json"):
+        return [(f"{path}:{n}", n, record) for n, record in records]
+    if not isinstance(records[0][1], list):
+        raise SystemExit(f"{path}: expected a JSON array")
+    return [(f"{path}: item {i}", i, item) for i, item in enumerate(records[0][1])]
+
+
+def read_examples(path):
+    # {instruction, input, output} examples; a self-instruct seed task ({instruction, instances: [{input, output}]})
+    # gives one per instance; a databricks-dolly-15k record its context as input and its response as output.
+    examples, dolly = [], False
+    for where, _, record in read_records(path):
+        if not isinstance(record, dict):
+            raise SystemExit(f"{where}: expected a JSON object")
+        names = {}  # the file's own field names, for error messages
+        if "output" not in record and "response" in record:
+            dolly, names = True, {"input": "context", "output": "response"}
+            record = {"instruction": record.get("instruction"), "input": record.get("context", ""),
+                      "output": record["response"]}
+        instances = record.get("instances", [record])
+        if not isinstance(instances, list) or not instances or not all(isinstance(i, dict) for i in instances):
+            raise SystemExit(f"{where}: field 'instances' must be a non-empty list of objects")
+        for instance in instances:
+            example = {"instruction": record.get("instruction"), "input": instance.get("input", ""),
+                       "output": instance.get("output")}
+            for field, value in example.items():
+                if not isinstance(value, str):
+                    problem = "missing" if value is None else "must be a string"
+                    raise SystemExit(f"{where}: field '{names.get(field, field)}' {problem}")
+            if not example["instruction"].strip():
+                raise SystemExit(f"{where}: field 'instruction' is empty")
+            examples.append(example)
+    if not examples:
+        raise SystemExit(f"{path}: no examples")
+    if dolly and os.environ.get("RANK", "0") == "0":
+        print(f"data: dolly fields (context -> input, response -> output) in {path}")
+    return examples
+
+
+def tokenize_example(tokenizer, example, max_seq_len, stats):
+    # Ids of prompt + response + EOS, and how many lead ids are prompt (no loss). As in Alpaca, the joint tokenization
+    # (text the tokenizer really produces); the prompt is what it shares with the prompt alone, so a piece straddling
+    # the boundary (":-" of "Response:-") counts as response and no character of the response goes unsupervised.
+    prompt = format_prompt(example["instruction"], example["input"])
+    ids, alone = tokenizer.encode(prompt + example["output"], bos=True, eos=True), tokenizer.encode(prompt, bos=True)
+    n_prompt = next((i for i, (a, b) in enumerate(zip(ids, alone)) if a != b), len(alone))
+    prompt_ids, response_ids = ids[:n_prompt], ids[n_prompt:]
+    if len(prompt_ids) + len(response_ids) > max_seq_len:
+        # Cut the middle of the prompt first (keeping its start and the "### Response:" cue), and the end of the
+        # response only if it alone would leave the prompt less than a quarter of the row: every example keeps
+        # supervised tokens, unlike plain right-truncation which can drop the whole response.
+        keep = max(max_seq_len - len(response_ids), max_seq_len // 4)
+        if len(prompt_ids) > keep:
+            stats["prompts_cut"] += 1
+            stats["tokens_dropped"] += len(prompt_ids) - keep
+            prompt_ids = prompt_ids[:keep // 2] + prompt_ids[len(prompt_ids) - (keep - keep // 2):]
+        if len(prompt_ids) + len(response_ids) > max_seq_len:
+            stats["responses_cut"] += 1
+            stats["tokens_dropped"] += len(prompt_ids) + len(response_ids) - max_seq_len
+            response_ids = response_ids[:max_seq_len - len(prompt_ids)]
+    return prompt_ids + response_ids, len(prompt_ids)
+
+
+def pack(examples, max_seq_len):
+    # First-fit decreasing (few rows, deterministic); n tokens take n - 1 positions (inputs [:-1], targets [1:]).
+    rows, space = [], []
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
+        n = len(examples[i][0]) - 1
+        r = next((r for r in range(len(rows)) if space[r] >= n), len(rows))
+        if r == len(rows):
+            rows.append([])
+            space.append(max_seq_len)
+        rows[r].append(i)
+        space[r] -= n
+    return rows
+
+
+def make_batch(rows, examples, dev):
+    # Targets are -100 where there is no loss; positions restart and the mask keeps each example to itself (causal).
+    length = max(sum(len(examples[i][0]) - 1 for i in row) for row in rows)
+    length = 64 * math.ceil(max(length, 1) / 64)  # few distinct shapes (see Transformer.forward)
+    tokens = torch.zeros(len(rows), length, dtype=torch.long)
+    positions = torch.zeros(len(rows), length, dtype=torch.long)
+    targets = torch.full((len(rows), length), -100, dtype=torch.long)
+    doc = torch.full((len(rows), length), -1, dtype=torch.long)  # padding is a document of its own
+    for r, row in enumerate(rows):
+        t = 0
+        for d, (ids, n_prompt) in enumerate(examples[i] for i in row):
+            n = len(ids) - 1
+            tokens[r, t:t + n], positions[r, t:t + n], doc[r, t:t + n] = torch.tensor(ids[:-1]), torch.arange(n), d
+            targets[r, t + n_prompt - 1:t + n] = torch.tensor(ids[n_prompt:])
+            t += n
+    mask = (doc[:, :, None] == doc[:, None, :]) & torch.ones(length, length, dtype=torch.bool).tril()
+    return tokens.to(dev), targets.to(dev), positions.to(dev), mask[:, None].to(dev)
+
+
+def split_rows(rows, rank, world_size, micro_batch_size):
+    # Every process runs as many micro-batches (FSDP's collectives need it): a short share gets empty rows (no loss).
+    mine = rows[rank::world_size]
+    n_micro = max(1, math.ceil(math.ceil(len(rows) / world_size) / micro_batch_size))
+    mine = mine + [[]] * (n_micro * micro_batch_size - len(mine))
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def lr_at(step, total_steps, learning_rate, warmup_ratio):
+    # Linear warmup then cosine decay to zero, as Hugging Face's cosine schedule used by Alpaca (step 0 has lr 0).
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return learning_rate * step / warmup
+    return learning_rate * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+
+def evaluate(model, examples, dev, autocast, max_seq_len, micro_batch_size):
+    # Mean loss per response token over the validation examples, across all processes.
+    model.eval()
+    loss_sum = torch.zeros(2, device=dev)
+    with torch.no_grad():
+        for micro in split_rows(pack(examples, max_seq_len), dist.get_rank(), dist.get_world_size(), micro_batch_size):
+            tokens, targets, positions, mask = make_batch(micro, examples, dev)
+            with autocast:
+                loss_sum[0] += model(tokens, positions, mask, targets).float()
+            loss_sum[1] += (targets != -100).sum()
+    dist.all_reduce(loss_sum)
+    model.train()
+    return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+
+
+def greedy_answer(model, tokenizer, instruction, input, dev, dtype, max_new_tokens=300):
+    # The end-of-run demo's answer (sample.py is the real sampler): the prompt once, then one token at a time on the
+    # KV cache (in dtype, the blocks' compute dtype). Every process runs it (FSDP).
+    model.eval()
+    ids, config = tokenizer.encode(format_prompt(instruction, input), bos=True), model.args
+    shape = (1, config.n_kv_heads or config.n_heads, len(ids) + max_new_tokens, config.head_dim)
+    cache = [tuple(torch.zeros(shape, device=dev, dtype=dtype) for _ in "kv") for _ in range(config.n_layers)]
+    new, tokens = [], torch.tensor([ids], device=dev)
+    with torch.no_grad():
+        while len(new) < max_new_tokens and len(ids) + len(new) < config.max_seq_len:
+            logits = model(tokens, cache=cache, cache_pos=len(ids) + len(new) - tokens.shape[1], last_only=True)
+            next_id = logits[0, -1, :tokenizer.vocab_size].argmax().item()  # a model's vocab may be padded beyond
+            if next_id in tokenizer.stop_ids:
+                break
+            new.append(next_id)
+            tokens = torch.tensor([[next_id]], device=dev)
+    model.train()
+    return tokenizer.decode(new)
+
+
+def flops_of(rows, examples, config, frozen=False):
+    # 6 per parameter per token for the blocks, the output layer on supervised tokens only, attention 6·L·dim·n² for
+    # n tokens; 4 for a frozen model (LoRA: no weight gradients; the adapters' ~1% at rank 16 left out).
+    q_dim, kv_dim = config.n_heads * config.head_dim, (config.n_kv_heads or config.n_heads) * config.head_dim
+    block_params = config.n_layers * config.dim * (2 * q_dim + 2 * kv_dim + 3 * ffn_hidden_dim(config))
+    total = 0
+    for ids, n_prompt in (examples[i] for row in rows for i in row):
+        n = len(ids) - 1
+        total += (4 if frozen else 6) * (block_params * n + config.dim * config.vocab_size * (n - n_prompt + 1))
+        total += 6 * config.n_layers * config.dim * n * n
+    return total
+
+
+def measure_peak_flops(dev, dt):
+    # A GPU's dense bf16 peak from its spec sheet; a CPU has none: time a large matmul in dt and call that the peak.
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        peak = next((v for k, v in {"A100": 312e12, "H100": 989e12, "H200": 989e12}.items() if k in name), None)
+        return peak if dt == torch.bfloat16 else None
+    a = torch.randn(1024, 1024, dtype=dt)
+    for _ in range(3):  # warm up
+        a @ a
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    return 10 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
+
+
+def show_answers(model, tokenizer, examples, dev, dtype, log):
+    # Greedy answers to a training instruction and a held-out one: a small model learns the first long before it
+    # generalises to the second. ROUGE-L (F-measure of the longest common word subsequence) says how close.
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    for kind, example in zip(("training", "held-out"), examples):
+        # At most twice the reference's length (32 to 300 tokens): an untrained model that never says EOS would
+        # otherwise decode 300 tokens twice, a long wait at the end of a short run.
+        cap = min(300, max(32, 2 * len(tokenizer.encode(example["output"]))))
+        reply = greedy_answer(model, tokenizer, example["instruction"], example["input"], dev, dtype, cap)
+        rouge = scorer.score(example["output"], reply)["rougeL"].fmeasure
+        log(f"\n{kind} instruction: {example['instruction']}"
+            + (f"\ninput: {example['input']}" if example["input"] else "")
+            + f"\nmodel's answer: {reply}\nreference answer: {example['output']}\nROUGE-L: {rouge:.2f}")
+
+
+def prepare_data(args, log):
+    # A seeded validation split held out, the tokenizer (the demo's trained on the training split), all tokenized.
+    examples = read_examples(args.data)
+    order = np.random.default_rng(args.seed).permutation(len(examples))
+    n_val = min(len(examples) - 1, max(1, round(args.val_fraction * len(examples)))) if args.val_fraction > 0 else 0
+    val_raw, train_raw = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
+    path = find_tokenizer(args.init) if args.init else os.path.join(args.out_dir, "tokenizer.model")
+    if not args.init:
+        if dist.get_rank() == 0 and not (args.resume and os.path.exists(path)):
+            os.makedirs(args.out_dir, exist_ok=True)
+            train_tokenizer([format_prompt(e["instruction"], e["input"]) + e["output"] for e in train_raw], path,
+                            tiny_model["vocab_size"])
+        dist.barrier()
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no tokenizer (nor original/tokenizer.model, tokenizer.json) there")
+    tokenizer, stats = Tokenizer(path), {"prompts_cut": 0, "responses_cut": 0, "tokens_dropped": 0}
+    train_set, val_set = ([tokenize_example(tokenizer, e, args.max_seq_len, stats) for e in raw]
+                          for raw in (train_raw, val_raw))
+    log(f"data: {len(train_set)} train / {len(val_set)} validation examples from {args.data}; truncated to "
+        f"{args.max_seq_len} tokens: {stats['prompts_cut']} prompts and {stats['responses_cut']} responses "
+        f"({stats['tokens_dropped']} tokens dropped)")
+    return tokenizer, train_raw, val_raw, train_set, val_set
+
+
+def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
+    # --init (or the demo's random tiny LLaMA), with LoRA if asked, built on the meta device, sharded (FSDP2: each
+    # block, then the rest), then given its weights; on GPUs fp32 master weights, bf16 compute, fp32 gradient sums.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if args.init:
+        source = Transformer.from_pretrained(args.init)  # memory-mapped: the processes share one copy in RAM
+        if source.args.vocab_size != tokenizer.vocab_size:
+            log(f"note: model vocab {source.args.vocab_size} != tokenizer vocab {tokenizer.vocab_size}")
+    else:
+        source = Transformer(ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size}))
+        source.init_weights()
+    config, full_state = source.args, source.state_dict()
+    config.max_seq_len = max(config.max_seq_len, args.max_seq_len)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.activation_checkpointing = args.activation_checkpointing
+    if args.lora_rank:
+        # The frozen model is held in the compute dtype (bf16: 2 bytes a parameter, no Adam state); adapters in fp32.
+        model.to(amp_dtype)
+        adapters = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","),
+                            args.seed)
+        full_state = {**{k: v.to(amp_dtype) for k, v in full_state.items()}, **adapters}
+    mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)} \
+        if dev.type == "cuda" else {}
+    for layer in model.layers:
+        if args.compile:
+            layer.compile()
+        if world_size > 1:  # a single process gains nothing from sharding, and a small model pays for its hooks
+            fully_shard(layer, **mp)
+    if world_size > 1:
+        fully_shard(model, **mp)
+    model.to_empty(device=dev)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True))
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = f", LoRA rank {args.lora_rank} on {args.lora_targets}" if args.lora_rank else ""
+    log(f"model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable "
+        f"({100 * n_trainable / n_params:.2f}%{lora}), {config.n_layers} layers, dim {config.dim}, vocab "
+        f"{config.vocab_size}; {world_size} process(es) on {dev.type}, {args.dtype}")
+    return model, bool(mp)
+
+
+def start_processes(device):
+    # One process (python train.py) or many (torchrun, FSDP): a process group either way, so the code is the same.
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def main(argv=None):
+    import resource  # Unix only, hence here
+    t_main = time.perf_counter()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world_size, dev = start_processes(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"settings ({'--init: Alpaca' if args.init else 'no --init: the demo'}'s recipe, then the flags given): "
+        + " ".join(f"--{k}={v}" for k, v in vars(args).items()))
+    torch.manual_seed(args.seed)
+    amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    tokenizer, train_raw, val_raw, train_set, val_set = prepare_data(args, log)
+    model, mixed = build_model(args, tokenizer, dev, amp_dtype, world_size, log)
+    config = model.args
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  betas=(args.beta1, args.beta2), eps=1e-8, weight_decay=args.weight_decay,
+                                  fused=dev.type == "cuda" or None, foreach=dev.type != "cuda" or None)
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+    step = first_step = load_resume_state(model, optimizer, args.out_dir) if args.resume else 0
+    if args.resume:
+        log(f"resumed from {args.out_dir} at step {step}")
+    peak_flops = measure_peak_flops(dev, amp_dtype)
+    log(f"training: {total_steps} steps of {args.batch_size} examples, lr {args.learning_rate}, "
+        f"{args.micro_batch_size} packed rows of {args.max_seq_len} per forward")
+    lora_meta = {"lora_rank": str(args.lora_rank), "lora_alpha": str(args.lora_alpha), "init": args.init,
+                 "lora_targets": args.lora_targets, "lora_dropout": str(args.lora_dropout)} if args.lora_rank else None
+
+    t_start = time.perf_counter()
+    spent = {"setup": t_start - t_main, "steps": 0.0, "validation": 0.0, "saving": 0.0}  # seconds, for the summary
+    while step < total_steps:
+        t0 = time.perf_counter()
+        torch.manual_seed(hash((args.seed, step, rank)))  # LoRA's dropout: a resumed run draws as a straight one
+        # Each step takes the next batch_size examples of this epoch's seeded shuffle; every process packs the
+        # same examples and works on its share of the rows, so the step is the same on any number of processes.
+        epoch, k = divmod(step, steps_per_epoch)
+        shuffled = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
+        batch = [train_set[i] for i in shuffled[k * args.batch_size:(k + 1) * args.batch_size]]
+        rows = pack(batch, args.max_seq_len)
+        n_targets = sum(len(ids) - n_prompt for ids, n_prompt in batch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, total_steps, args.learning_rate, args.warmup_ratio)
+        micro_batches = split_rows(rows, rank, world_size, args.micro_batch_size)
+        loss_sum = torch.zeros((), device=dev)
+        for i, micro in enumerate(micro_batches):
+            if world_size > 1:  # gradients are reduced across processes only on the last micro-batch
+                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            tokens, targets, positions, mask = make_batch(micro, batch, dev)
+            with autocast:
+                loss = model(tokens, positions, mask, targets)
+            # Divide by the step's total number of response tokens: the loss is a mean over tokens, not a mean
+            # of per-batch means. FSDP averages gradients over processes, hence the world_size factor.
+            (loss * world_size / n_targets).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        spent["steps"] += time.perf_counter() - t0
+
+        if step % args.log_interval == 0 or step == total_steps:
+            dist.all_reduce(loss_sum)
+            dt = time.perf_counter() - t0
+            mfu = flops_of(rows, batch, config, args.lora_rank > 0) / dt / (peak_flops or math.inf) / world_size
+            memory = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            eta = (time.perf_counter() - t_start) / (step - first_step) * (total_steps - step)
+            log(f"step {step}/{total_steps} | loss {loss_sum.item() / n_targets:.4f} | lr "
+                f"{lr_at(step - 1, total_steps, args.learning_rate, args.warmup_ratio):.2e} | grad norm "
+                f"{grad_norm.item():.2f} | {sum(len(ids) - 1 for ids, _ in batch) / dt:,.0f} tok/s"
+                + (f" | mfu {100 * mfu:.1f}%" if peak_flops else "")
+                + f" | mem {memory / 2 ** 30:.2f} GiB | eta {eta / 60:.1f} min", flush=True)
+        if val_set and (step % args.eval_interval == 0 or step == total_steps):
+            t1 = time.perf_counter()
+            loss = evaluate(model, val_set, dev, autocast, args.max_seq_len, args.micro_batch_size)
+            log(f"step {step}: validation loss {loss:.4f}")
+            spent["validation"] += time.perf_counter() - t1
+        if step % args.save_interval == 0 or step == total_steps:
+            t1 = time.perf_counter()
+            save_checkpoint(model, optimizer, step, config, tokenizer.path, args.out_dir, lora_meta, args.save_hf)
+            log(f"saved {args.out_dir}")
+            spent["saving"] += time.perf_counter() - t1
+
+    t1 = time.perf_counter()
+    show_answers(model, tokenizer, [train_raw[0], *val_raw[:1]], dev, amp_dtype if mixed else torch.float32, log)
+    spent["answers"] = time.perf_counter() - t1
+    log("\ntime: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items())
+        + f"; {time.perf_counter() - t_main:.1f} s in all (after Python's imports)")
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: checkpoint files in (Meta's and Hugging Face's layouts, their tokenizers), checkpoint files out (Meta's
+# layout, the resume state, Hugging Face's layout), the command line.
+
+def read_meta_checkpoint(path):
+    with open(os.path.join(path, "params.json")) as f:
+        params = json.load(f)
+    config = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
+    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+              for f in sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))]
+    if not shards:
+        raise SystemExit(f"{path}: no consolidated.*.pth files")
+    for shard in shards:
+        shard.pop("rope.freqs", None)  # Meta stores the rotary table; we compute it
+    # Meta's Llama 3.2 files carry output.weight (a copy of the embedding); ours omit it when tied.
+    config.tie_word_embeddings = "output.weight" not in shards[0]
+    if config.vocab_size <= 0:  # LLaMA-1 writes -1 and leaves the size to the tokenizer
+        config.vocab_size = sum(s["output.weight"].shape[0] for s in shards)
+    if len(shards) == 1:
+        return config, shards[0]
+    # Larger models come split for model parallelism; each tensor is cut along the one dim where the
+    # pieces add up to the full size (column-parallel along 0, row-parallel along 1), or is replicated.
+    with torch.device("meta"):
+        expected = Transformer(config).state_dict()
+    state = {}
+    for name, pieces in ((k, [s[k] for s in shards]) for k in shards[0]):
+        full = expected[name].shape if name in expected else pieces[0].shape
+        dims = [d for d in range(pieces[0].dim()) if sum(p.shape[d] for p in pieces) == full[d]]
+        if pieces[0].shape != full and not dims:
+            raise SystemExit(f"{path}: tensor '{name}' shards of shape {tuple(pieces[0].shape)} "
+                             f"do not assemble into {tuple(full)}")
+        state[name] = pieces[0] if pieces[0].shape == full else torch.cat(pieces, dim=dims[0])
+    return config, state
+
+
+# Hugging Face's names for ModelArgs' fields in config.json and for the tensors: read_hf_checkpoint maps them in,
+# export_hf out.
+HF_CONFIG = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
+                 n_kv_heads="num_key_value_heads", vocab_size="vocab_size", norm_eps="rms_norm_eps",
+                 head_dim="head_dim", max_seq_len="max_position_embeddings", tie_word_embeddings="tie_word_embeddings",
+                 sliding_window="sliding_window")
+HF_LLAMA3_ROPE = dict(rope_scaling_factor="factor", low_freq_factor="low_freq_factor",
+                      high_freq_factor="high_freq_factor", original_max_seq_len="original_max_position_embeddings")
+HF_BLOCK = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+            "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+            "post_attention_layernorm": "ffn_norm"}
+
+
+def hf_names(config):
+    # {Hugging Face tensor name: ours} for every tensor of the model (the output layer is absent when tied).
+    return {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+            "lm_head.weight": "output.weight"} | {f"model.layers.{i}.{h}.weight": f"layers.{i}.{m}.weight"
+                                                  for i in range(config.n_layers) for h, m in HF_BLOCK.items()}
+
+
+def hf_to_meta_qk(w, n_heads, inverse=False):
+    # HF orders each head's q/k rows halves-first for its rotate-half RoPE, Meta interleaves them; inverse: to HF's.
+    halves = (n_heads, w.shape[0] // n_heads // 2, 2) if inverse else (n_heads, 2, w.shape[0] // n_heads // 2)
+    return w.reshape(*halves, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def config_from_hf(cfg, where):
+    # ModelArgs from a config.json as transformers 4.x (top-level rope_theta, rope_scaling) or 5.x (rope_parameters)
+    # writes it. Whatever this LLaMA does not compute is refused, naming the key.
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    for key, refused, why in (
+            ("model_type", cfg.get("model_type") not in ("llama", "mistral"),
+             "only the LLaMA family (llama, mistral) is implemented"),
+            ("hidden_act", cfg.get("hidden_act", "silu") != "silu", "this LLaMA's feed-forward is SwiGLU (silu)"),
+            ("attention_bias", cfg.get("attention_bias"), "this LLaMA's linear layers have no bias"),
+            ("mlp_bias", cfg.get("mlp_bias"), "this LLaMA's linear layers have no bias"),
+            ("rope_parameters" if "rope_parameters" in cfg else "rope_scaling", rope_type not in ("default", "llama3"),
+             f"rope_type '{rope_type}' is not implemented (only default and llama3)")):
+        if refused:
+            raise SystemExit(f"{where}: {key}={json.dumps(cfg.get(key))}: {why}")
+    config = ModelArgs(**{"norm_eps": 1e-6, **{name: cfg[key] for name, key in HF_CONFIG.items() if key in cfg}},
+                       rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if rope_type == "llama3":
+        config.use_scaled_rope = True
+        config.__dict__.update({name: rope[key] for name, key in HF_LLAMA3_ROPE.items()})
+    if config.sliding_window is not None:  # full attention equals sliding-window attention up to the window
+        config.max_seq_len = min(config.max_seq_len, config.sliding_window)
+    # HF stores the FFN width itself; choose multiple_of so LLaMA's rule lands exactly on it.
+    config.multiple_of = hidden = cfg["intermediate_size"]
+    if int(8 * config.dim / 3) > hidden:
+        config.ffn_dim_multiplier = hidden / int(8 * config.dim / 3)
+    return config
+
+
+def read_hf_checkpoint(path):
+    with open(os.path.join(path, "config.json")) as f:
+        config = config_from_hf(json.load(f), os.path.join(path, "config.json"))
+    from safetensors.torch import load_file  # memory-maps the file
+    # The index names the shards (Mistral's repos also hold a consolidated.safetensors in Mistral's own names).
+    for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin")):
+        index = os.path.join(path, f"{stem}.{ext}.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+        else:
+            files = sorted(glob.glob(os.path.join(path, f"{stem}*.{ext}")))
+        if files:
+            break
+    else:
+        raise SystemExit(f"{path}: no model*.safetensors or pytorch_model*.bin files")
+    # A name not in the table keeps its own, which the strict load in from_pretrained reports as unexpected.
+    names, state, kv_heads = hf_names(config), {}, config.n_kv_heads or config.n_heads
+    for file in files:
+        tensors = load_file(file) if ext == "safetensors" else \
+            torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        for name, tensor in tensors.items():
+            if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                tensor = hf_to_meta_qk(tensor, config.n_heads if "q_proj" in name else kv_heads)
+            state[names.get(name, name)] = tensor
+    return config, state
+
+
+# Llama 3's tokenizer as Meta's reference builds it: its split pattern, and 256 special tokens after the BPE ranks.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA3_SPECIAL += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
+
+
 def read_tiktoken_ranks(path):
     # Meta's format: a base64 token and its rank per line. (tiktoken's load_tiktoken_bpe caches files by path,
     # so it would return a stale copy after a path's file is replaced, as out_dir's is.)
@@ -559,12 +914,11 @@ def read_tiktoken_ranks(path):
 
 
 def read_tokenizer_json(path):
-    """The BPE ranks and split pattern of a byte-level tokenizer.json (Llama 3's), for tiktoken. Its token ids
-    serve as ranks, which equals Hugging Face's merge order only when the merges come in id order: checked."""
+    # The BPE ranks and split pattern of a byte-level tokenizer.json (Llama 3's), for tiktoken. Its token ids serve
+    # as ranks, which equals Hugging Face's merge order only when the merges come in id order: checked.
     with open(path, encoding="utf-8") as f:
         tj = json.load(f)
-    model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
-    splits = pre.get("pretokenizers", [])
+    model, splits = tj.get("model") or {}, (tj.get("pre_tokenizer") or {}).get("pretokenizers", [])
     if model.get("type") != "BPE" or tj.get("normalizer") or [p.get("type") for p in splits] != ["Split", "ByteLevel"]:
         raise SystemExit(f"{path}: only Llama 3's kind of tokenizer.json is read (byte-level BPE, a Split regex, "
                          f"no normalizer); for sentencepiece models give tokenizer.model")
@@ -587,309 +941,53 @@ def read_tokenizer_json(path):
     return ranks, splits[0]["pattern"]["Regex"], special
 
 
-def train_tokenizer(texts, path, vocab_size):
-    """A small LLaMA-style BPE tokenizer (unk 0, bos 1, eos 2, byte fallback) for the from-scratch demo."""
-    import io
-    import sentencepiece as spm
-    model = io.BytesIO()
-    # As LLaMA's, it keeps text as is (sentencepiece's default turns newlines into spaces): decode(encode(t)) == t.
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-                                   max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
-    write_atomic(path, model.getvalue())
-
-
-# Alpaca's prompt, byte for byte: released Alpaca models (and sample.py) expect exactly this text.
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-
-
-def format_prompt(instruction, input=""):
-    return (PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT).format(instruction=instruction, input=input)
-
-
-def read_records(path):
-    """(where, number, record) for each JSON value of a JSON array or a JSONL file: `where` names the file and line
-    (or array item) for error messages, `number` is that line or item number."""
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            try:
-                items = json.load(f)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
-            if not isinstance(items, list):
-                raise SystemExit(f"{path}: expected a JSON array")
-            return [(f"{path}: item {i}", i, item) for i, item in enumerate(items)]
-        records = []
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append((f"{path}:{lineno}", lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
-    return records
-
-
-def read_examples(path):
-    """{instruction, input, output} examples from a JSON array (alpaca_data.json) or a JSONL file; a JSONL line
-    in the self-instruct seed format ({instruction, instances: [{input, output}]}) gives one example per instance;
-    a databricks-dolly-15k record (instruction, context, response, category) gives context as input, response as
-    output."""
-    examples, dolly = [], False
-    for where, _, record in read_records(path):
-        if not isinstance(record, dict):
-            raise SystemExit(f"{where}: expected a JSON object")
-        names = {}  # the file's own field names, for error messages
-        if "output" not in record and "response" in record:
-            dolly, names = True, {"input": "context", "output": "response"}
-            record = {"instruction": record.get("instruction"), "input": record.get("context", ""),
-                      "output": record["response"]}
-        instances = record.get("instances", [record])
-        if not isinstance(instances, list) or not instances or not all(isinstance(i, dict) for i in instances):
-            raise SystemExit(f"{where}: field 'instances' must be a non-empty list of objects")
-        for instance in instances:
-            example = {"instruction": record.get("instruction"), "input": instance.get("input", ""),
-                       "output": instance.get("output")}
-            for field in ("instruction", "input", "output"):
-                if not isinstance(example[field], str):
-                    problem = "missing" if example[field] is None else "must be a string"
-                    raise SystemExit(f"{where}: field '{names.get(field, field)}' {problem}")
-            if not example["instruction"].strip():
-                raise SystemExit(f"{where}: field 'instruction' is empty")
-            examples.append(example)
-    if not examples:
-        raise SystemExit(f"{path}: no examples")
-    if dolly and os.environ.get("RANK", "0") == "0":
-        print(f"data: dolly fields (context -> input, response -> output) in {path}")
-    return examples
-
-
-def tokenize_example(tokenizer, example, max_seq_len, stats):
-    """Token ids of prompt + response + EOS, and how many leading ids are prompt (no loss on those)."""
-    prompt = format_prompt(example["instruction"], example["input"])
-    # As in Alpaca, the input is the joint tokenization of prompt + response: text the tokenizer really produces.
-    # The prompt's tokens are those it shares with the prompt tokenized alone. A piece that straddles the
-    # boundary (":-" of "Response:-") counts as response, so no character of the response goes unsupervised.
-    ids, alone = tokenizer.encode(prompt + example["output"], bos=True, eos=True), tokenizer.encode(prompt, bos=True)
-    n_prompt = next((i for i, (a, b) in enumerate(zip(ids, alone)) if a != b), len(alone))
-    prompt_ids, response_ids = ids[:n_prompt], ids[n_prompt:]
-    if len(prompt_ids) + len(response_ids) > max_seq_len:
-        # Cut the middle of the prompt first (keeping its start and the "### Response:" cue), and the end of the
-        # response only if it alone would leave the prompt less than a quarter of the row: every example keeps
-        # supervised tokens, unlike plain right-truncation which can drop the whole response.
-        keep = max(max_seq_len - len(response_ids), max_seq_len // 4)
-        if len(prompt_ids) > keep:
-            stats["prompts_cut"] += 1
-            stats["tokens_dropped"] += len(prompt_ids) - keep
-            prompt_ids = prompt_ids[:keep // 2] + prompt_ids[len(prompt_ids) - (keep - keep // 2):]
-        if len(prompt_ids) + len(response_ids) > max_seq_len:
-            stats["responses_cut"] += 1
-            stats["tokens_dropped"] += len(prompt_ids) + len(response_ids) - max_seq_len
-            response_ids = response_ids[:max_seq_len - len(prompt_ids)]
-    return prompt_ids + response_ids, len(prompt_ids)
-
-
-def pack(examples, max_seq_len):
-    """Group examples into rows of at most max_seq_len input tokens (first-fit decreasing: few rows, and
-    deterministic). Each example of n tokens uses n - 1 positions: inputs are tokens[:-1], targets tokens[1:]."""
-    rows, space = [], []
-    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
-        n = len(examples[i][0]) - 1
-        for r in range(len(rows)):
-            if space[r] >= n:
-                rows[r].append(i)
-                space[r] -= n
-                break
-        else:
-            rows.append([i])
-            space.append(max_seq_len - n)
-    return rows
-
-
-def make_batch(rows, examples, dev):
-    """Tensors for a micro-batch of packed rows: tokens, targets (-100 where there is no loss), positions that
-    restart for each example, and an attention mask that keeps every example to itself (causal, same example)."""
-    length = max(sum(len(examples[i][0]) - 1 for i in row) for row in rows)
-    length = 64 * math.ceil(max(length, 1) / 64)  # few distinct shapes (see Transformer.forward)
-    tokens = torch.zeros(len(rows), length, dtype=torch.long)
-    targets = torch.full((len(rows), length), -100, dtype=torch.long)
-    positions = torch.zeros(len(rows), length, dtype=torch.long)
-    doc = torch.full((len(rows), length), -1, dtype=torch.long)  # padding is a document of its own
-    for r, row in enumerate(rows):
-        t = 0
-        for d, i in enumerate(row):
-            ids, n_prompt = examples[i]
-            n = len(ids) - 1
-            tokens[r, t:t + n] = torch.tensor(ids[:-1])
-            targets[r, t + n_prompt - 1:t + n] = torch.tensor(ids[n_prompt:])
-            positions[r, t:t + n] = torch.arange(n)
-            doc[r, t:t + n] = d
-            t += n
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    mask = (doc[:, :, None] == doc[:, None, :]) & causal
-    return tokens.to(dev), targets.to(dev), positions.to(dev), mask[:, None].to(dev)
-
-
-def split_rows(rows, rank, world_size, micro_batch_size):
-    """This process's share of a step's rows, as micro-batches. Every process runs the same number of
-    micro-batches (FSDP's collectives need that), so the short ones get empty rows, which carry no loss."""
-    mine = rows[rank::world_size]
-    n_micro = max(1, math.ceil(math.ceil(len(rows) / world_size) / micro_batch_size))
-    mine = mine + [[]] * (n_micro * micro_batch_size - len(mine))
-    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-
-
-def lr_at(step, total_steps):
-    # Linear warmup then cosine decay to zero, as Hugging Face's cosine schedule used by Alpaca (step 0 has lr 0).
-    warmup = math.ceil(warmup_ratio * total_steps)
-    if step < warmup:
-        return learning_rate * step / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def flops_of(rows, examples, args, frozen=False):
-    """Training FLOPs for packed rows: 6 per parameter per token for the blocks, the output layer only on
-    supervised tokens, and causal attention (6·L·dim·n² for an example of n tokens). A frozen model (LoRA) takes
-    4, as its weights need no gradient (the adapters' own FLOPs, about 1% at rank 16, are left out)."""
-    hidden = ffn_hidden_dim(args)
-    q_dim, kv_dim = args.n_heads * args.head_dim, (args.n_kv_heads or args.n_heads) * args.head_dim
-    block_params = args.n_layers * (2 * args.dim * q_dim + 2 * args.dim * kv_dim + 3 * args.dim * hidden)
-    total = 0
-    for row in rows:
-        for i in row:
-            ids, n_prompt = examples[i]
-            n = len(ids) - 1
-            total += (4 if frozen else 6) * (block_params * n + args.dim * args.vocab_size * (n - n_prompt + 1))
-            total += 6 * args.n_layers * args.dim * n * n
-    return total
-
-
-def measure_peak_flops(dev, dt):
-    # No spec sheet for a CPU: time a large matmul in the training dtype and call that the peak.
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        table = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16
-        return next((v for k, v in table.items() if k in name), None) if dt == torch.bfloat16 else None
-    a, b = torch.randn(1024, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
-    for _ in range(3):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 10 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
-
-
 def write_atomic(path, payload):
-    """Write bytes (or torch.save an object) to path via a temp file and rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp"
-    if isinstance(payload, bytes):
-        with open(tmp, "wb") as f:
-            f.write(payload)
-    else:
-        torch.save(payload, tmp)
-    os.replace(tmp, path)
+    # Bytes (or an object, torch.save'd) via a temp file and a rename: a crash never leaves half a file.
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(payload) if isinstance(payload, bytes) else torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
 
 
-def save_checkpoint(model, optimizer, step, args, tokenizer_path, rank):
-    """The model in Meta's layout (what sample.py and from_pretrained read), then the resume state: sharded
-    model and optimizer (torch.distributed.checkpoint, so a run may resume on another number of processes).
-    With LoRA, the adapters alone go to adapters.safetensors and merged into the weights everywhere else; the
-    resume state holds only what trains (the adapters and their optimizer): the frozen model is --init's."""
+# The resume state is out_dir/resume/: the model and optimizer, sharded (torch.distributed.checkpoint, so a run may
+# resume on another number of processes), and step.json, written last, which marks it complete. With LoRA it holds
+# only what trains (the adapters and their optimizer state): the frozen model is --init's. A save writes
+# resume.tmp/, then repair_resume swaps it in.
+
+def save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, lora_meta=None, save_hf=False):
+    # The model in Meta's layout (what sample.py and from_pretrained read), then the resume state. With LoRA
+    # (lora_meta: the adapters file's metadata) the adapters alone go to adapters.safetensors, merged everywhere else.
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from safetensors.torch import save
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+    if dist.get_rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
-        if lora_rank:
-            save_adapters(full, os.path.join(out_dir, "adapters.safetensors"))
-            full = merge_lora(full, lora_alpha / lora_rank)
+        if lora_meta:
+            adapters = {name: t.float().contiguous() for name, t in full.items() if ".lora_" in name}
+            write_atomic(os.path.join(out_dir, "adapters.safetensors"), save(adapters, metadata=lora_meta))
+            full = merge_lora(full, float(lora_meta["lora_alpha"]) / int(lora_meta["lora_rank"]))
         write_atomic(os.path.join(out_dir, "consolidated.00.pth"), full)
-        write_atomic(os.path.join(out_dir, "params.json"), json.dumps(args.__dict__, indent=2).encode())
-        if save_hf: export_hf(full, args, tokenizer_path, os.path.join(out_dir, "hf"))
+        write_atomic(os.path.join(out_dir, "params.json"), json.dumps(config.__dict__, indent=2).encode())
+        if save_hf:
+            export_hf(full, config, tokenizer_path, os.path.join(out_dir, "hf"))
         if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
             with open(tokenizer_path, "rb") as f:
                 write_atomic(os.path.join(out_dir, "tokenizer.model"), f.read())
-    del full
-    resume_dir, tmp_dir, old_dir = (os.path.join(out_dir, name) for name in ("resume", "resume.tmp", "resume.old"))
-    if rank == 0:
         repair_resume(out_dir)  # after it only resume/ may exist, so the renames below cannot fail
+    del full
     dist.barrier()
-    trained = StateDictOptions(ignore_frozen_params=True)
-    dcp.save({"model": get_model_state_dict(model, options=trained),
-              "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp_dir)
-    if rank == 0:
-        # step.json marks a complete state, so it is written last and atomically.
-        write_atomic(os.path.join(tmp_dir, "step.json"), json.dumps({"step": step}).encode())
-        if os.path.exists(resume_dir):
-            os.replace(resume_dir, old_dir)
-        os.replace(tmp_dir, resume_dir)
-        shutil.rmtree(old_dir, ignore_errors=True)
+    dcp.save(trainable_state(model, optimizer), checkpoint_id=os.path.join(out_dir, "resume.tmp"))
+    if dist.get_rank() == 0:
+        write_atomic(os.path.join(out_dir, "resume.tmp", "step.json"), json.dumps({"step": step}).encode())
+        repair_resume(out_dir)
     dist.barrier()
-
-
-def export_hf(state, args, tokenizer_path, folder):
-    """The model as a Hugging Face LlamaForCausalLM folder: config.json (read by transformers 4.x and 5.x),
-    model.safetensors with q/k rows in HF's rotate-half order, the tokenizer, generation_config.json with the stop
-    ids. Written to folder.tmp, then renamed into place."""
-    from safetensors.torch import save_file
-    tmp, old = folder + ".tmp", folder + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    tensors = {}
-    for hf_name, name in hf_names(args).items():
-        if name in state:
-            w = state[name]
-            if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-                w = meta_to_hf_qk(w, args.n_heads if "q_proj" in hf_name else args.n_kv_heads or args.n_heads)
-            tensors[hf_name] = w.contiguous()
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    tokenizer = Tokenizer(tokenizer_path)
-    rope = dict(rope_type="llama3", factor=args.rope_scaling_factor, low_freq_factor=args.low_freq_factor,
-                high_freq_factor=args.high_freq_factor, original_max_position_embeddings=args.original_max_seq_len) \
-        if args.use_scaled_rope else None
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=args.dim,
-                  intermediate_size=ffn_hidden_dim(args), num_hidden_layers=args.n_layers,
-                  num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads or args.n_heads,
-                  head_dim=args.head_dim, vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps,
-                  max_position_embeddings=args.max_seq_len, hidden_act="silu", attention_bias=False, mlp_bias=False,
-                  tie_word_embeddings=args.tie_word_embeddings, rope_theta=args.rope_theta, rope_scaling=rope,
-                  rope_parameters={**(rope or {"rope_type": "default"}), "rope_theta": args.rope_theta},
-                  torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-                  bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    generation = dict(bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
-    with open(tokenizer_path, "rb") as f:
-        raw = f.read()
-    # Where each kind of tokenizer file sits in a Hugging Face folder (Llama 3's Meta file goes to original/).
-    name = ("tokenizer.json" if raw.startswith(b"{") else os.path.join("original", "tokenizer.model")
-            if hasattr(tokenizer, "tt") else "tokenizer.model")
-    os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
-    for file, payload in (("config.json", config), ("generation_config.json", generation), (name, raw)):
-        with open(os.path.join(tmp, file), "wb") as f:
-            f.write(payload if isinstance(payload, bytes) else json.dumps(payload, indent=2).encode())
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def repair_resume(out_dir):
-    """Undo what a crash inside save_checkpoint can leave (resume.tmp, resume.old, either half-deleted, or no
-    resume/): keep the newest complete state (one with step.json) as resume/ and delete the rest. Every step
-    leaves a state this function repairs again, so a crash here is harmless too. Rank 0 only."""
+    # Rank 0: the newest complete state (with step.json) becomes resume/, the rest goes, whatever a save or a crash in
+    # it left; each step below leaves a state this repairs again, so a crash here is harmless too.
     resume_dir, tmp_dir, old_dir = (os.path.join(out_dir, name) for name in ("resume", "resume.tmp", "resume.old"))
     complete = {d: os.path.exists(os.path.join(d, "step.json")) for d in (resume_dir, tmp_dir, old_dir)}
 
@@ -899,7 +997,7 @@ def repair_resume(out_dir):
             os.replace(path, f"{path}.stale.{time.time_ns()}")
             print(f"warning: could not delete {path}; moved to {path}.stale.*, delete it by hand", file=sys.stderr)
 
-    if complete[tmp_dir]:  # saved in full (newest), crashed before or between the renames
+    if complete[tmp_dir]:  # saved in full (newest): the old state aside, the new one in, then the old one gone
         discard(old_dir)
         if os.path.exists(resume_dir):
             os.replace(resume_dir, old_dir)
@@ -911,28 +1009,23 @@ def repair_resume(out_dir):
         discard(path)
 
 
-def save_adapters(state, path):
-    """The adapters of a full state dict, with what it takes to apply them (see apply_adapters), in a small file."""
-    from safetensors.torch import save
-    tensors = {name: t.float().contiguous() for name, t in state.items() if ".lora_" in name}
-    meta = {"lora_rank": str(lora_rank), "lora_alpha": str(lora_alpha), "lora_targets": lora_targets,
-            "lora_dropout": str(lora_dropout), "init": init}
-    write_atomic(path, save(tensors, metadata=meta))
+def trainable_state(model, optimizer):
+    # As saved and loaded: only what trains (dcp.load refuses a checkpoint that lacks any of it).
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
+            "optim": get_optimizer_state_dict(model, optimizer)}
 
 
-def load_resume_state(model, optimizer):
+def load_resume_state(model, optimizer, out_dir):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     if dist.get_rank() == 0:
         repair_resume(out_dir)
     dist.barrier()
     resume_dir = os.path.join(out_dir, "resume")
     if not os.path.exists(os.path.join(resume_dir, "step.json")):
         raise SystemExit(f"--resume: no saved state in {out_dir}")
-    # As saved: only what trains (dcp.load refuses a checkpoint that lacks any of it).
-    state = {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
-             "optim": get_optimizer_state_dict(model, optimizer)}
+    state = trainable_state(model, optimizer)
     dcp.load(state, checkpoint_id=resume_dir)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
@@ -940,261 +1033,59 @@ def load_resume_state(model, optimizer):
         return json.load(f)["step"]
 
 
-def evaluate(model, examples, rank, world_size, dev, autocast):
-    """Mean loss per response token over the validation examples, across all processes."""
-    model.eval()
-    loss_sum = torch.zeros(2, device=dev)
-    with torch.no_grad():
-        for micro in split_rows(pack(examples, max_seq_len), rank, world_size, micro_batch_size):
-            tokens, targets, positions, mask = make_batch(micro, examples, dev)
-            with autocast:
-                loss_sum[0] += model(tokens, positions, mask, targets).float()
-            loss_sum[1] += (targets != -100).sum()
-    dist.all_reduce(loss_sum)
-    model.train()
-    return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+def export_hf(state, config, tokenizer_path, folder):
+    # A LlamaForCausalLM folder (transformers 4.x and 5.x, vLLM) from the import's tables read backwards, with the
+    # stop ids in generation_config.json; written to folder.tmp, then renamed into place.
+    from safetensors.torch import save_file
+    tokenizer, kv_heads = Tokenizer(tokenizer_path), config.n_kv_heads or config.n_heads
+    tensors = {hf: state[name] for hf, name in hf_names(config).items() if name in state}
+    tensors = {hf: (hf_to_meta_qk(w, config.n_heads if "q_proj" in hf else kv_heads, inverse=True) if hf.endswith(
+        ("q_proj.weight", "k_proj.weight")) else w).contiguous() for hf, w in tensors.items()}
+    rope = dict(rope_type="llama3", **{key: getattr(config, name) for name, key in HF_LLAMA3_ROPE.items()}) \
+        if config.use_scaled_rope else None
+    hf = {key: getattr(config, name) for name, key in HF_CONFIG.items()} | dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=kv_heads,
+        intermediate_size=ffn_hidden_dim(config), hidden_act="silu", attention_bias=False, mlp_bias=False,
+        rope_theta=config.rope_theta, rope_scaling=rope,
+        rope_parameters={**(rope or {"rope_type": "default"}), "rope_theta": config.rope_theta},
+        torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    generation = dict(bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
+    with open(tokenizer_path, "rb") as f:
+        raw = f.read()
+    # Where each kind of tokenizer file sits in a Hugging Face folder (Llama 3's Meta file goes to original/).
+    name = ("tokenizer.json" if raw.startswith(b"{") else os.path.join("original", "tokenizer.model")
+            if hasattr(tokenizer, "tt") else "tokenizer.model")
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    for file, payload in (("config.json", hf), ("generation_config.json", generation), (name, raw)):
+        with open(os.path.join(tmp, file), "wb") as f:
+            f.write(payload if isinstance(payload, bytes) else json.dumps(payload, indent=2).encode())
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def answer(model, tokenizer, instruction, input, dev, dtype, max_new_tokens=300):
-    """Greedy answer to one instruction, for the end-of-run demo (sample.py is the real sampler): the prompt once,
-    then one token at a time on the KV cache (in dtype, the blocks' compute dtype). Every process runs it (FSDP)."""
-    model.eval()
-    ids = tokenizer.encode(format_prompt(instruction, input), bos=True)
-    a = model.args
-    shape = (1, a.n_kv_heads or a.n_heads, len(ids) + max_new_tokens, a.head_dim)
-    cache = [(torch.zeros(shape, device=dev, dtype=dtype), torch.zeros(shape, device=dev, dtype=dtype))
-             for _ in range(a.n_layers)]
-    new, tokens = [], torch.tensor([ids], device=dev)
-    with torch.no_grad():
-        while len(new) < max_new_tokens and len(ids) + len(new) < max_seq_len:
-            pos = len(ids) + len(new) - tokens.shape[1]
-            logits = model(tokens, cache=cache, cache_pos=pos, last_only=True)[0, -1]
-            next_id = logits[:tokenizer.vocab_size].argmax().item()  # a model's vocab may be padded beyond it
-            if next_id in tokenizer.stop_ids:
-                break
-            new.append(next_id)
-            tokens = torch.tensor([[next_id]], device=dev)
-    model.train()
-    return tokenizer.decode(new)
+def parse_args(argv):
+    # The settings at the top as flags, --name=value, their values there as defaults (a boolean also bare:
+    # --resume). Without --init the demo's tiny_recipe replaces Alpaca's values; a flag given overrides either.
+    def parse_bool(text):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+        return text.lower() in ("true", "1")
 
-
-def parse_config(argv):
-    """--name=value for any setting above; a bare --flag sets a boolean. Returns the names set explicitly."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        for k in config_keys:
-            print(f"  --{k}={globals()[k]}")
-        sys.exit(0)
-    given = set()
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise SystemExit(f"unexpected argument {arg!r}: settings are given as --name=value (see --help)")
-        key, has_value, value = arg[2:].partition("=")
-        if key not in config_keys:
-            raise SystemExit(f"unknown setting --{key} (see --help)")
-        kind = type(globals()[key])
-        if kind is bool:
-            if has_value and value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--{key}={value}: expected true or false")
-            globals()[key] = not has_value or value.lower() in ("true", "1")
-        else:
-            try:
-                globals()[key] = kind(value)
-            except ValueError:
-                raise SystemExit(f"--{key}={value}: expected {kind.__name__}")
-        given.add(key)
-    return given
-
-
-def main():
-    t_main = time.perf_counter()
-    given = parse_config(sys.argv[1:])
-    if not init:
-        for k, v in tiny_recipe.items():
-            if k not in given:
-                globals()[k] = v
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("no --init, the demo: a tiny LLaMA from scratch with " + ", ".join(
-                f"{k}={globals()[k]}" for k in tiny_recipe) + " (tiny_recipe, unless set on the command line)")
-
-    # One process (python train.py) or many (torchrun, FSDP): a process group either way, so the code is the same.
-    launched = "RANK" in os.environ
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    if launched:
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(seed)
-    amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-
-    # The data: read, hold out a seeded validation split, and (for the demo) train a tokenizer on it.
-    examples = read_examples(data)
-    order = np.random.default_rng(seed).permutation(len(examples))
-    n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples)))) if val_fraction > 0 else 0
-    val_raw, train_raw = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
-    if init:
-        tokenizer_path = find_tokenizer(init)
-    else:
-        tokenizer_path = os.path.join(out_dir, "tokenizer.model")
-        if rank == 0 and not (resume and os.path.exists(tokenizer_path)):
-            os.makedirs(out_dir, exist_ok=True)
-            train_tokenizer([format_prompt(e["instruction"], e["input"]) + e["output"] for e in train_raw],
-                            tokenizer_path, tiny_model["vocab_size"])
-        dist.barrier()
-    if not os.path.exists(tokenizer_path):
-        raise SystemExit(f"{tokenizer_path}: no tokenizer (nor original/tokenizer.model, tokenizer.json) there")
-    tokenizer = Tokenizer(tokenizer_path)
-    stats = {"prompts_cut": 0, "responses_cut": 0, "tokens_dropped": 0}
-    train_set = [tokenize_example(tokenizer, e, max_seq_len, stats) for e in train_raw]
-    val_set = [tokenize_example(tokenizer, e, max_seq_len, stats) for e in val_raw]
-    log(f"data: {len(train_set)} train / {len(val_set)} validation examples from {data}; truncated to "
-        f"{max_seq_len} tokens: {stats['prompts_cut']} prompts and {stats['responses_cut']} responses "
-        f"({stats['tokens_dropped']} tokens dropped)")
-
-    # The model: every process builds it on the meta device, shards it (FSDP2: each transformer block, then the
-    # rest), then takes its shard of the weights.
-    if init:
-        pretrained = Transformer.from_pretrained(init)  # memory-mapped: the processes share one copy in RAM
-        args, full_state = pretrained.args, pretrained.state_dict()
-        if args.vocab_size != tokenizer.vocab_size:
-            log(f"note: model vocab {args.vocab_size} != tokenizer vocab {tokenizer.vocab_size}")
-    else:
-        args = ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size})
-        scratch = Transformer(args)
-        scratch.init_weights()
-        full_state = scratch.state_dict()
-    args.max_seq_len = max(args.max_seq_len, max_seq_len)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.activation_checkpointing = activation_checkpointing
-    if lora_rank:
-        # The frozen model is held in the compute dtype (bf16: 2 bytes a parameter, no gradient, no Adam state);
-        # the adapters train in fp32.
-        model.to(amp_dtype)
-        adapters = add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(","), seed)
-        full_state = {**{k: v.to(amp_dtype) for k, v in full_state.items()}, **adapters}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # On GPUs FSDP keeps fp32 master weights but computes in bf16 and reduces gradients in fp32.
-    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if dev.type == "cuda" else None
-    shard_options = {"mp_policy": mp} if mp else {}
-    for layer in model.layers:
-        if compile:
-            layer.compile()
-        if world_size > 1:  # a single process gains nothing from sharding, and a small model pays for its hooks
-            fully_shard(layer, **shard_options)
-    if world_size > 1:
-        fully_shard(model, **shard_options)
-    model.to_empty(device=dev)
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True))
-    del full_state
-    n_params = sum(p.numel() for p in model.parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    lora = f", LoRA rank {lora_rank} on {lora_targets}" if lora_rank else ""
-    log(f"model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable ({100 * n_trainable / n_params:.2f}%"
-        f"{lora}), {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}; {world_size} process(es) on "
-        f"{dev.type}, {dtype}")
-
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
-                                  weight_decay=weight_decay, fused=dev.type == "cuda" or None,
-                                  foreach=dev.type != "cuda" or None)
-    steps_per_epoch = math.ceil(len(train_set) / batch_size)
-    total_steps = max_steps if max_steps > 0 else epochs * steps_per_epoch
-    step = load_resume_state(model, optimizer) if resume else 0
-    first_step = step
-    if resume:
-        log(f"resumed from {out_dir} at step {step}")
-    peak_flops = measure_peak_flops(dev, amp_dtype)
-    log(f"training: {total_steps} steps of {batch_size} examples, lr {learning_rate}, "
-        f"{micro_batch_size} packed rows of {max_seq_len} per forward")
-
-    t_start = time.perf_counter()
-    spent = {"setup": t_start - t_main, "steps": 0.0, "validation": 0.0, "saving": 0.0}  # seconds, for the summary
-    while step < total_steps:
-        t0 = time.perf_counter()
-        torch.manual_seed(hash((seed, step, rank)))  # LoRA's dropout: a resumed run draws what a straight one would
-        # Each step takes the next batch_size examples of this epoch's seeded shuffle; every process packs the
-        # same examples and works on its share of the rows, so the step is the same on any number of processes.
-        epoch, k = divmod(step, steps_per_epoch)
-        shuffled = np.random.default_rng([seed, epoch]).permutation(len(train_set))
-        batch = [train_set[i] for i in shuffled[k * batch_size:(k + 1) * batch_size]]
-        rows = pack(batch, max_seq_len)
-        n_targets = sum(len(ids) - n_prompt for ids, n_prompt in batch)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, total_steps)
-        micro_batches = split_rows(rows, rank, world_size, micro_batch_size)
-        loss_sum = torch.zeros((), device=dev)
-        for i, micro in enumerate(micro_batches):
-            # Gradients are reduced across processes only on the last micro-batch.
-            if world_size > 1:
-                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            tokens, targets, positions, mask = make_batch(micro, batch, dev)
-            with autocast:
-                loss = model(tokens, positions, mask, targets)
-            # Divide by the step's total number of response tokens: the loss is a mean over tokens, not a mean
-            # of per-batch means. FSDP averages gradients over processes, hence the world_size factor.
-            (loss * world_size / n_targets).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        spent["steps"] += time.perf_counter() - t0
-
-        if step % log_interval == 0 or step == total_steps:
-            dist.all_reduce(loss_sum)
-            dt = time.perf_counter() - t0
-            n_tokens = sum(len(ids) - 1 for ids, _ in batch)
-            mfu = (flops_of(rows, batch, args, frozen=lora_rank > 0) / dt / (peak_flops * world_size)
-                   if peak_flops else None)
-            memory = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-                      else resource_maxrss()) / 2 ** 30
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            eta = (time.perf_counter() - t_start) / (step - first_step) * (total_steps - step)
-            log(f"step {step}/{total_steps} | loss {loss_sum.item() / n_targets:.4f} | lr {lr_at(step - 1, total_steps):.2e} "
-                f"| grad norm {grad_norm.item():.2f} | {n_tokens / dt:,.0f} tok/s"
-                + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
-                + f" | mem {memory:.2f} GiB | eta {eta / 60:.1f} min", flush=True)
-        if val_set and (step % eval_interval == 0 or step == total_steps):
-            t1 = time.perf_counter()
-            log(f"step {step}: validation loss {evaluate(model, val_set, rank, world_size, dev, autocast):.4f}")
-            spent["validation"] += time.perf_counter() - t1
-        if step % save_interval == 0 or step == total_steps:
-            t1 = time.perf_counter()
-            save_checkpoint(model, optimizer, step, args, tokenizer_path, rank)
-            log(f"saved {out_dir}")
-            spent["saving"] += time.perf_counter() - t1
-
-    # One instruction the model trained on and one it never saw: a small model learns the first long before it
-    # can generalise to the second. ROUGE-L (the F-measure of the longest common word subsequence) says how close.
-    from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    t1 = time.perf_counter()
-    for kind, example in (("training", train_raw[0]), ("held-out", val_raw[0] if val_raw else None)):
-        if example:
-            reply = answer(model, tokenizer, example["instruction"], example["input"], dev,
-                           amp_dtype if mp else torch.float32)
-            rouge = scorer.score(example["output"], reply)["rougeL"].fmeasure
-            log(f"\n{kind} instruction: {example['instruction']}"
-                + (f"\ninput: {example['input']}" if example["input"] else "")
-                + f"\nmodel's answer: {reply}\nreference answer: {example['output']}\nROUGE-L: {rouge:.2f}")
-    spent["answers"] = time.perf_counter() - t1
-    log("\ntime: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items())
-        + f"; {time.perf_counter() - t_main:.1f} s in all (after Python's imports)")
-    dist.destroy_process_group()
-
-
-def resource_maxrss():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    for name, default in settings.items():
+        demo = f"; without --init {tiny_recipe[name]!r} (tiny_recipe)" if name in tiny_recipe else ""
+        kind = dict(type=parse_bool, nargs="?", const=True, metavar="true|false") if isinstance(default, bool) \
+            else dict(type=type(default))
+        parser.add_argument(f"--{name}", help=f"default {default!r}{demo}", **kind)
+    given = vars(parser.parse_args(argv))
+    return argparse.Namespace(**{**settings, **({} if given.get("init", settings["init"]) else tiny_recipe), **given})
 
 
 if __name__ == "__main__":

@@ -382,14 +382,13 @@ def test_straddling_piece_counts_as_response(demo_tokenizer):
     pytest.fail("no seed task straddles the boundary with the demo tokenizer")
 
 
-def test_rope_stays_fp32_in_a_block_under_fsdp2_bf16_mixed_precision(monkeypatch):
+def test_rope_stays_fp32_in_a_block_under_fsdp2_bf16_mixed_precision():
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    seen = []
-    real = train.rope_cos_sin
-    monkeypatch.setattr(train, "rope_cos_sin", lambda *a: seen.append(a) or real(*a))
-    args = train.ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16)
-    block = train.TransformerBlock(args)
+    # The rotation is made once per forward, outside the blocks, and handed to each: complex64, which FSDP2's
+    # MixedPrecisionPolicy does not cast (complex is not floating point), so it stays exact.
+    config = train.ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16)
+    block = train.TransformerBlock(config)
     inputs = []
     block.attention.register_forward_pre_hook(lambda m, a: inputs.append(a))
     started = not dist.is_initialized()
@@ -398,20 +397,17 @@ def test_rope_stays_fp32_in_a_block_under_fsdp2_bf16_mixed_precision(monkeypatch
     try:
         fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
         x = torch.randn(2, 8, 64)
-        positions = torch.arange(2000, 2008).expand(2, 8)
-        out = block(x, positions)
+        rotation = train.rope_rotation(config, torch.arange(2000, 2008).expand(2, 8))
+        out = block(x, rotation)
         out.float().sum().backward()
     finally:
         if started:
             dist.destroy_process_group()
-    assert inputs[0][0].dtype == torch.bfloat16  # FSDP did cast the block's floating-point input ...
-    assert inputs[0][1].dtype == torch.int64     # ... but not the integer positions
-    positions_seen, inv_freq = seen[0]
-    assert inv_freq.dtype == torch.float32
-    cos, sin = real(positions_seen, inv_freq)
-    assert cos.dtype == sin.dtype == torch.float32
-    exact = (torch.arange(2000, 2008, dtype=torch.float64)[:, None] * train.rope_inv_freq(args).double()).cos()
-    assert (cos[0].double() - exact).abs().max() < 1e-3  # bf16 angles would be off by ~1 rad at position 2000
+    assert inputs[0][0].dtype == torch.bfloat16   # FSDP did cast the block's floating-point input ...
+    assert inputs[0][1].dtype == torch.complex64  # ... but not the rotation
+    assert torch.equal(inputs[0][1], rotation)
+    exact = (torch.arange(2000, 2008, dtype=torch.float64)[:, None] * train.rope_inv_freq(config).double()).cos()
+    assert (inputs[0][1][0, :, 0].real.double() - exact).abs().max() < 1e-3  # bf16 angles: ~1 rad off at 2000
 
 
 def test_train_py_fine_tunes_a_llama3_folder_and_save_hf_output_serves_with_transformers(tmp_path, tiktoken_file):

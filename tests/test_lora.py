@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train
-from test_train import REPO, SEED_TASKS, assert_same_weights, grad_norms, losses, synthetic_examples
+from test_train import DRIVER, REPO, SEED_TASKS, assert_same_weights, grad_norms, losses, synthetic_examples
 
 TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 
@@ -97,28 +97,6 @@ LORA_FLAGS = ["--dtype=float32", "--device=cpu", "--max_steps=4", "--batch_size=
               "--micro_batch_size=2", "--learning_rate=1e-2", "--lora_rank=4", "--lora_alpha=8", "--eval_interval=4",
               "--save_interval=2"]
 
-# Runs train.py's main(), recording the in-memory model's logits (without dropout) at each save, and copying
-# out_dir as it is after step 2's save (what a run killed then would leave) to resume from later.
-DRIVER = """
-import os, shutil, sys, torch
-sys.path.insert(0, {repo!r})
-import train
-save_checkpoint = train.save_checkpoint
-
-def save_and_record(model, optimizer, step, *rest):
-    save_checkpoint(model, optimizer, step, *rest)
-    model.eval()
-    with torch.no_grad():
-        torch.save(model(torch.arange(3, 40)[None]), os.path.join(train.out_dir, f"logits.{{step}}.pt"))
-    model.train()
-    if step == 2 and not train.resume:
-        shutil.copytree(train.out_dir, train.out_dir + ".step2")
-
-train.save_checkpoint = save_and_record
-sys.argv = ["train.py", *sys.argv[1:]]
-train.main()
-"""
-
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
@@ -139,20 +117,20 @@ def lora_dir(tmp_path_factory):
     return folder
 
 
-def lora_run(lora_dir, name, *flags, launcher=()):
+def lora_run(lora_dir, name, *flags, launcher=(), copy_after_step=None):
     out = lora_dir / name
     script = os.path.join(REPO, "train.py") if launcher else str(lora_dir / "driver.py")
     command = [*(launcher or [sys.executable]), script, f"--init={lora_dir / 'base'}",
                f"--data={lora_dir / 'data.json'}", f"--out_dir={out}", *LORA_FLAGS, *flags]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=lora_dir,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "COPY_AFTER_STEP": str(copy_after_step or -1)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
 
 
 @pytest.fixture(scope="module")
 def straight(lora_dir):
-    return lora_run(lora_dir, "straight", "--lora_dropout=0.1")
+    return lora_run(lora_dir, "straight", "--lora_dropout=0.1", copy_after_step=2)  # the state a kill would leave
 
 
 def test_lora_run_writes_merged_weights_and_the_adapters_alone(lora_dir, straight):

@@ -287,8 +287,9 @@ def test_meta_rope_on_meta_weights_equals_rotate_half_on_hf_weights():
     g = torch.Generator().manual_seed(0)
     n_heads, head_dim, dim, T = 2, 8, 16, 5
     w, x = torch.randn(n_heads * head_dim, dim, generator=g), torch.randn(1, T, dim, generator=g)
-    cos, sin = train.rope_cos_sin(torch.arange(T)[None], train.rope_inv_freq(train.ModelArgs(dim=head_dim, n_heads=1)))
-    meta = train.apply_rope((x @ w.T).view(1, T, n_heads, head_dim), cos, sin)
+    rotation = train.rope_rotation(train.ModelArgs(dim=head_dim, n_heads=1), torch.arange(T)[None])
+    cos, sin = rotation.real[:, :, 0], rotation.imag[:, :, 0]
+    meta = train.apply_rope((x @ w.T).view(1, T, n_heads, head_dim), rotation)
     hf_q = (x @ hf_permute(w, n_heads).T).view(1, T, n_heads, head_dim)
     cos2, sin2 = torch.cat((cos, cos), -1)[:, :, None], torch.cat((sin, sin), -1)[:, :, None]
     hf = hf_q * cos2 + torch.cat((-hf_q[..., head_dim // 2:], hf_q[..., :head_dim // 2]), -1) * sin2
@@ -329,7 +330,7 @@ def test_meta_shards_that_do_not_assemble(meta_folder):
 
 @pytest.mark.parametrize("change,message", [
     (lambda hf: hf.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}),
-     "unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"),
+     'Unexpected key(s) in state_dict: "model.layers.0.self_attn.q_proj.bias"'),  # the strict load names it
     (lambda hf: hf.pop("model.layers.1.mlp.up_proj.weight"), 'Missing key(s) in state_dict: "layers.1.feed_forward.w3.weight"'),
     (lambda hf: hf.update({"model.norm.weight": torch.ones(63)}), "size mismatch for norm.weight: copying a param with shape torch.Size([63])"),
 ])

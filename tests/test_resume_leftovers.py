@@ -41,18 +41,16 @@ def weights(model):
 
 
 def save(model, optimizer, step, out_dir, monkeypatch):
-    monkeypatch.setattr(train, "out_dir", str(out_dir))
     tokenizer = out_dir / "tokenizer.model"
     if not tokenizer.exists():
         os.makedirs(out_dir, exist_ok=True)
         tokenizer.write_bytes(b"not read by these tests")
-    train.save_checkpoint(model, optimizer, step, model.args, str(tokenizer), 0)
+    train.save_checkpoint(model, optimizer, step, model.args, str(tokenizer), str(out_dir))
 
 
 def load(out_dir, monkeypatch):
-    monkeypatch.setattr(train, "out_dir", str(out_dir))
     model, optimizer = tiny()
-    step = train.load_resume_state(model, optimizer)
+    step = train.load_resume_state(model, optimizer, str(out_dir))
     return step, weights(model), optimizer
 
 

@@ -272,14 +272,21 @@ def test_every_process_gets_the_same_number_of_micro_batches():
 def test_rope_and_rmsnorm_equal_the_plain_formulas():
     # train.py computes both in fewer, fused operations; these are the textbook formulas they must match.
     torch.manual_seed(0)
-    inv_freq = train.rope_inv_freq(train.ModelArgs(dim=64, n_heads=4, rope_theta=10000.0))
-    cos, sin = train.rope_cos_sin(torch.tensor([[0, 1, 2, 3, 0, 1, 40, 511]]), inv_freq)
+    config = train.ModelArgs(dim=64, n_heads=4, rope_theta=10000.0)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 40, 511]])
+    inv_freq = train.rope_inv_freq(config)
+    torch.testing.assert_close(inv_freq.double(), 10000.0 ** (-torch.arange(0, 16, 2).double() / 16))
+    angles = positions.float()[..., None] * inv_freq  # in fp32: what the rotation is made of
+    cos, sin = angles.cos(), angles.sin()
+    rotation = train.rope_rotation(config, positions)  # made once per forward, complex64
+    assert rotation.dtype == torch.complex64 and rotation.shape == (1, 8, 1, 8)
+    torch.testing.assert_close(rotation[:, :, 0], torch.complex(cos, sin), atol=1e-6, rtol=0)
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):  # bf16: one rounding of the output
         x = torch.randn(1, 8, 3, 16).to(dtype).requires_grad_()
         x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
         c, s = cos[:, :, None], sin[:, :, None]
         plain = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-        rotated = train.apply_rope(x, cos, sin)
+        rotated = train.apply_rope(x, rotation)
         assert rotated.dtype == dtype
         torch.testing.assert_close(rotated.float(), plain, atol=tol, rtol=tol)
         g = torch.randn(1, 8, 3, 16)
@@ -296,7 +303,7 @@ def test_rope_and_rmsnorm_equal_the_plain_formulas():
     assert y.dtype == torch.bfloat16 and torch.equal(y, plain.detach().to(torch.bfloat16))
 
 
-def test_answer_with_the_kv_cache_equals_recomputing_every_token(tokenizer):
+def test_greedy_answer_with_the_kv_cache_equals_recomputing_every_token(tokenizer):
     torch.manual_seed(0)
     model = train.Transformer(train.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                               vocab_size=tokenizer.vocab_size, multiple_of=16))
@@ -306,42 +313,63 @@ def test_answer_with_the_kv_cache_equals_recomputing_every_token(tokenizer):
         for _ in range(30):  # the plain way: the whole sequence again for each new token
             ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
     expected = ids[-30:][:ids[-30:].index(tokenizer.eos_id)] if tokenizer.eos_id in ids[-30:] else ids[-30:]
-    reply = train.answer(model, tokenizer, "Name a colour.", "red or blue", "cpu", torch.float32, max_new_tokens=30)
+    reply = train.greedy_answer(model, tokenizer, "Name a colour.", "red or blue", "cpu", torch.float32,
+                                max_new_tokens=30)
     assert reply == tokenizer.decode(expected) and len(set(expected)) > 3
 
 
 def test_command_line_settings():
+    # --help lists every setting with its default: Alpaca's, and the demo's where tiny_recipe replaces it.
     runs = [subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-            for args in (["--help"], ["--epochz=3"], ["--epochs=abc"], ["--resume=maybe"], ["epochs=3"])]
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300"})
+            for args in (["--help"], ["--epochz=3"], ["--epochs=abc"], ["--resume=maybe"], ["epochs=3"], ["--epoch=3"])]
     (out, _), *failures = [run.communicate(timeout=120) for run in runs]
     assert runs[0].returncode == 0
-    for setting in ("--learning_rate=2e-05", "--batch_size=128", "--epochs=3", "--init=", "--resume=False",
-                    "--max_seq_len=512", "--data=seed_tasks.jsonl"):
-        assert setting in out
-    assert [run.returncode for run in runs[1:]] == [1, 1, 1, 1]
-    assert "unknown setting --epochz" in failures[0][1]
-    assert "--epochs=abc: expected int" in failures[1][1]
-    assert "--resume=maybe: expected true or false" in failures[2][1]
-    assert "unexpected argument 'epochs=3'" in failures[3][1]
+    for name, value in (("learning_rate", 2e-05), ("batch_size", 128), ("epochs", 3), ("init", ""),
+                        ("resume", False), ("max_seq_len", 512), ("data", "seed_tasks.jsonl")):
+        demo = f"; without --init {train.tiny_recipe[name]!r} (tiny_recipe)" if name in train.tiny_recipe else ""
+        metavar = "[true|false]" if isinstance(value, bool) else name.upper()
+        assert re.search(rf"^  --{name} {re.escape(metavar)}\s+default {re.escape(repr(value) + demo)}$", out, re.M), name
+    assert "learning_rate" in train.tiny_recipe
+    assert [run.returncode for run in runs[1:]] == [2, 2, 2, 2, 2]
+    assert "unrecognized arguments: --epochz=3" in failures[0][1]
+    assert "argument --epochs: invalid int value: 'abc'" in failures[1][1]
+    assert "argument --resume: expected true or false, not 'maybe'" in failures[2][1]
+    assert "unrecognized arguments: epochs=3" in failures[3][1]
+    assert "unrecognized arguments: --epoch=3" in failures[4][1]  # no abbreviations: a typo is an error
     assert all("Traceback" not in err for _, err in failures)
+
+
+def test_settings_resolve_from_the_recipe_then_the_flags():
+    demo = train.parse_args(["--epochs=2", "--resume", "--save_hf=false"])
+    assert (demo.epochs, demo.resume, demo.save_hf) == (2, True, False)
+    assert demo.learning_rate == train.tiny_recipe["learning_rate"] and demo.init == ""
+    alpaca = train.parse_args(["--init=/some/llama", "--resume=true"])
+    assert all(getattr(alpaca, k) == train.settings[k] for k in train.tiny_recipe)
+    assert alpaca.learning_rate == 2e-5 and alpaca.resume is True
+    assert train.learning_rate == 2e-5  # parsing leaves the settings block as it is
 
 
 # The training runs below use 40 seed tasks, the demo's tiny model, 4 steps of 8 examples in fp32 on the CPU.
 RUN_FLAGS = ["--dtype=float32", "--device=cpu", "--max_steps=4", "--batch_size=8", "--max_seq_len=256"]
 
-# Runs train.py's main() in a process, recording the in-memory model's logits on fixed tokens at each save, and
-# optionally dying (as kill -9 would) right after the save of a given step.
+# Runs train.py's main() in a process, recording the in-memory model's logits on fixed tokens (without LoRA's
+# dropout) at each save; optionally copying out_dir as it is after a given step's save (what a run killed then
+# would leave, to resume from later), or dying (as kill -9 would) right after it.
 DRIVER = """
-import os, sys, torch
+import os, shutil, sys, torch
 sys.path.insert(0, {repo!r})
 import train
 save_checkpoint = train.save_checkpoint
 
-def save_and_record(model, optimizer, step, *rest):
-    save_checkpoint(model, optimizer, step, *rest)
+def save_and_record(model, optimizer, step, config, tokenizer_path, out_dir, *rest):
+    save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, *rest)
+    model.eval()
     with torch.no_grad():
-        torch.save(model(torch.arange(3, 40)[None]), os.path.join(train.out_dir, f"logits.{{step}}.pt"))
+        torch.save(model(torch.arange(3, 40)[None]), os.path.join(out_dir, f"logits.{{step}}.pt"))
+    model.train()
+    if step == int(os.environ.get("COPY_AFTER_STEP", -1)):
+        shutil.copytree(out_dir, out_dir + f".step{{step}}")
     if step == int(os.environ.get("DIE_AFTER_STEP", -1)):
         os._exit(9)
 
