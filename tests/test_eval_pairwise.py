@@ -198,19 +198,27 @@ def test_order_is_seeded_per_annotator_and_item():
     assert alice != [ep.order_first(1, "alice", f"t{i}") for i in range(200)]
 
 
-def test_torn_last_line_is_repaired_before_appending(tmp_path):
+def test_torn_last_line_is_cut_before_appending(tmp_path, capsys):
     path = tmp_path / "j.jsonl"
+    assert ep.resume_jsonl(str(path)) == [] and not path.exists()  # absent: nothing, and nothing created
     path.write_text('{"x": 1}\n{"x": 2')
-    assert [r["x"] for _, r in ep.read_records(str(path))] == [1]
-    os.close(ep.open_for_append(str(path)))
-    assert path.read_text() == '{"x": 1}\n'
-    path.write_text('{"x": 1}\n{"x": 2}')  # complete record, only the newline missing: kept
-    os.close(ep.open_for_append(str(path)))
-    assert path.read_text() == '{"x": 1}\n{"x": 2}\n'
+    assert [r["x"] for _, r in ep.read_records(str(path))] == [1]  # reading (report) leaves the file alone
+    assert path.read_text() == '{"x": 1}\n{"x": 2'
+    assert [(r["x"], r["where"]) for r in ep.resume_jsonl(str(path))] == [(1, f"{path}:1")]
+    assert path.read_text() == '{"x": 1}\n' and "cut off a torn last line" in capsys.readouterr().err
+    # The one policy of every script: a last line with no newline is a torn write, even if it parses.
+    path.write_text('{"x": 1}\n{"x": 2}')
+    assert [r["x"] for r in ep.resume_jsonl(str(path))] == [1] and path.read_text() == '{"x": 1}\n'
+    path.write_text('{"x": 1}\n{oops\n{"x": 3}\n')  # a complete line that is not JSON is an error, never skipped
+    with pytest.raises(SystemExit, match=r"j.jsonl:2: not valid JSON"):
+        ep.resume_jsonl(str(path))
     path.write_text('[{"x": 1},\n {"x": 2}]')  # a JSON array (report reads it) is not appended to
     assert [r["x"] for _, r in ep.read_records(str(path))] == [1, 2]
     with pytest.raises(SystemExit, match="a JSON array cannot be appended to"):
-        ep.open_for_append(str(path))
+        ep.resume_jsonl(str(path))
+    with open(path, "ab", buffering=0) as f:  # appends are whole lines
+        ep.append_jsonl(f, {"x": "é"})
+    assert path.read_text().endswith('{"x": "é"}\n')
 
 
 # The LLM judge against a local OpenAI-compatible server.
