@@ -7,11 +7,6 @@ responses and say which is better; then we report the result with the statistics
     python eval_pairwise.py judge  --a=a.jsonl --b=b.jsonl --model=gpt-4o-mini --judgments=judgments.jsonl
     python eval_pairwise.py report --judgments=judgments.jsonl [--a=a.jsonl --b=b.jsonl] [--markdown=report.md]
 
-A and B: JSONL or JSON arrays with instruction, input and output (or response), optionally id and generator, as
-sample.py, self-instruct's predictions and alpaca_eval's model_outputs.json have them. Items align on `id` when both
-files share ids, else on (instruction, input), whitespace around them ignored; `--eval_set` (self-instruct tasks,
-`<id>#<k>` for the k-th of several instances) fixes the items and their order. Problems are listed and stop the run.
-
 The judgments file is append-only JSONL, one record per judgment: annotator (a name, or "judge:<model>"), item,
 model_a, model_b, first (the model shown as Response 1), verdict ("a", "b", "tie" or "skip"), rating_a/rating_b
 (self-instruct's A-D, with --rate), len_a/len_b (words, so `report` needs nothing else), time; the judge adds
@@ -31,6 +26,7 @@ import re
 import shutil
 import sys
 import textwrap
+import threading
 
 import numpy as np
 
@@ -42,10 +38,13 @@ RATING_SCALE = {"A": "valid and satisfying", "B": "acceptable, minor imperfectio
 BOOTSTRAP = 1000
 
 
-# 1. Pairing: the two models' outputs, item by item. All the field's formats are read here, in parse_item.
+# 1. Pairing. A and B are JSONL or JSON arrays: sample.py's records (id, instruction, input, output, generator),
+# self-instruct's predictions (no id, the text in `response`), alpaca_eval's model_outputs.json. Items align on `id`
+# when both files share ids, else on (instruction, input); --eval_set (self-instruct's tasks, `<id>#<k>` for the
+# k-th of several instances) fixes the items and their order. Problems are listed and stop the run.
 
 def string(where, r, *names, optional=False):
-    """Field `names[0]` of record r (or the first alternative present) as a string; optional ones default to ""."""
+    """Field names[0] of record r (or the first alternative it has) as a string; an optional one defaults to ""."""
     value = next((r[n] for n in names if r.get(n) is not None), None)
     if value is None and optional:
         return ""
@@ -56,31 +55,26 @@ def string(where, r, *names, optional=False):
 
 
 def parse_item(where, r, instance=None):
-    """id, instruction and input of an Alpaca, self-instruct or alpaca_eval record (input from `instance`, one of a
-    self-instruct task's instances, if given). Whitespace around the text is ignored: self-instruct's instructions
-    end with a newline."""
+    """id, instruction and input of any of the field's records (the input from `instance`, one of a self-instruct
+    task's instances, if given). Whitespace around the text is ignored: self-instruct's instructions end in "\\n"."""
     return {"where": where, "id": None if r.get("id") is None else str(r["id"]),
             "instruction": string(where, r, "instruction").strip(),
             "input": string(where, r if instance is None else instance, "input", optional=True).strip()}
 
 
 def load_outputs(path, name):
-    """sample.py's JSONL, alpaca_eval's model_outputs.json, self-instruct's predictions (text in `response`)..."""
     records = read_records(path)
     rows = [dict(parse_item(where, r), output=string(where, r, "output", "response")) for where, r in records]
+    generators = sorted({str(r["generator"]) for _, r in records if r.get("generator")})
     if not rows:
         raise SystemExit(f"{path}: no outputs")
-    generators = {str(r["generator"]) for _, r in records if r.get("generator")}
-    if name is None:
-        if len(generators) > 1:
-            raise SystemExit(f"{path}: outputs of several generators ({', '.join(sorted(generators))}); "
-                             "split the file or name the model with --name_a/--name_b")
-        name = generators.pop() if generators else os.path.splitext(os.path.basename(path))[0]
-    return name, rows
+    if name is None and len(generators) > 1:
+        raise SystemExit(f"{path}: outputs of several generators ({', '.join(generators)}); "
+                         "split the file or name the model with --name_a/--name_b")
+    return name or (generators + [os.path.splitext(os.path.basename(path))[0]])[0], rows
 
 
 def load_eval_set(path):
-    """Self-instruct format: one task per line with its instances; a task with several instances gives id#k items."""
     items = []
     for where, r in read_records(path):
         instances = r.get("instances", [{"input": r.get("input")}])
@@ -126,23 +120,22 @@ def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow
 
     a, b = index(rows_a), index(rows_b)
     ids = {}  # key -> item id, in the order of the comparison
+    for e in eval_items or []:
+        k = key(e)
+        if k in ids:
+            problem(k, e["where"], "appears twice in the eval set")
+        ids[k] = e["id"]
+        for path, rows in ((path_a, a), (path_b, b)):
+            if k not in rows:
+                problem(k, e["where"], f"missing from {path}")
     if eval_items:
-        for e in eval_items:
-            k = key(e)
-            if k in ids:
-                problem(k, e["where"], "appears twice in the eval set")
-            ids[k] = e["id"]
-            for path, rows in ((path_a, a), (path_b, b)):
-                if k not in rows:
-                    problem(k, e["where"], f"missing from {path}")
         problems += [f"{r['where']}: item {show(k)} is not in the eval set {eval_path}"
                      for rows in (a, b) for k, r in rows.items() if k not in ids]
-    else:
-        for k in list(a) + [k for k in b if k not in a]:
-            if k in a and k in b:
-                ids[k] = a[k]["id"] or b[k]["id"] or text_id(*k)
-            else:
-                problem(k, (a.get(k) or b[k])["where"], f"missing from {path_b if k in a else path_a}")
+    for k in [] if eval_items else list(a) + [k for k in b if k not in a]:
+        if k in a and k in b:
+            ids[k] = a[k]["id"] or b[k]["id"] or text_id(*k)
+        else:
+            problem(k, (a.get(k) or b[k])["where"], f"missing from {path_b if k in a else path_a}")
     stop_on_problems(problems, allow_missing, f"alignment problem(s): fix the files, or pass --allow_missing to "
                      f"leave these {len(bad)} item(s) out", f"leaving {len(bad)} item(s) out")
     items = [{"id": ids[k], "instruction": a[k]["instruction"], "input": a[k]["input"],
@@ -174,7 +167,7 @@ def other(model):
     return "b" if model == "a" else "a"
 
 
-# 3. The LLM judge: one prompt per order, a verdict token on the last line.
+# 3. The LLM judge: asked in both orders (see run_judge), its verdict a token on the last line.
 
 JUDGE_SYSTEM = "You are a careful and impartial evaluator of answers written by AI assistants."
 
@@ -207,12 +200,7 @@ def parse_verdict(answer, first):
     return {"1": first, "2": other(first), "T": "tie"}[tokens[-1].upper()] if tokens else None
 
 
-def pair_verdict(verdicts):
-    """One pair asked in both orders: two answers that disagree followed the position, not the content: a tie."""
-    return verdicts[0] if len(set(verdicts)) == 1 else "tie"
-
-
-# 4. Statistics: how sure we may be of "A wins 90 versus 89".
+# 4. Statistics: how sure may we be of "A wins 90 versus 89"?
 
 def wilson(k, n, z=1.959963984540054):
     if n == 0:
@@ -301,7 +289,7 @@ def summarize(verdicts, lengths, seed):
 
 
 def majority(votes):
-    """Plurality of a/b/tie; a draw between the top verdicts is a tie."""
+    """Plurality of a/b/tie (skips do not vote); a draw between the top verdicts is a tie."""
     counts = {v: votes.count(v) for v in ("a", "b", "tie")}
     winners = [v for v, c in counts.items() if c == max(counts.values())]
     return winners[0] if len(winners) == 1 else "tie"
@@ -324,20 +312,15 @@ def table(header, rows):
 
 def build_report(records, lengths, known_items, seed, sources):
     name_a, name_b = records[0]["model_a"], records[0]["model_b"]
-    current = latest(records)
-    by_rater = {}
+    current, by_rater = latest(records), {}
     for (annotator, item), r in current.items():
         by_rater.setdefault(annotator, {})[item] = r
     humans = sorted(a for a in by_rater if not a.startswith("judge:"))
     judges = sorted(a for a in by_rater if a.startswith("judge:"))
     verdicts = {a: {item: r["verdict"] for item, r in by_rater[a].items()} for a in humans + judges}
     if len(humans) > 1:
-        votes = {}
-        for a in humans:
-            for item, v in verdicts[a].items():
-                if v != "skip":
-                    votes.setdefault(item, []).append(v)
-        verdicts["humans (majority)"] = {item: majority(v) for item, v in votes.items()}
+        voted = dict.fromkeys(i for h in humans for i, v in verdicts[h].items() if v != "skip")
+        verdicts["humans (majority)"] = {i: majority([verdicts[h].get(i, "skip") for h in humans]) for i in voted}
     stats = {rater: summarize(v, lengths, seed) for rater, v in verdicts.items()}
 
     out = [f"# Pairwise evaluation: {name_a} (A) vs {name_b} (B)", "",
@@ -352,9 +335,8 @@ def build_report(records, lengths, known_items, seed, sources):
                    f"{pct(s['decisive_share'])} [{pct(s['wilson'][0])}, {pct(s['wilson'][1])}]", num(s["sign_p"]),
                    f"{pct(s['lc_win_rate'])} ({pct(s['lc_se'])})"] for rater, s in stats.items()]) + [""]
     for rater, s in stats.items():
-        better = name_a if s["wins"] > s["losses"] else name_b
-        finding = f"{better} is significantly better at the 5% level" if s["sign_p"] < 0.05 else \
-            "no significant difference"
+        finding = (f"{name_a if s['wins'] > s['losses'] else name_b} is significantly better at the 5% level"
+                   if s["sign_p"] < 0.05 else "no significant difference")
         out.append(f"- {rater}: {name_a} wins {s['wins']} versus {s['losses']} for {name_b}, with {s['ties']} ties; "
                    f"{finding} (two-sided sign test on the {s['wins'] + s['losses']} decisive items, "
                    f"p = {num(s['sign_p'])}).")
@@ -366,14 +348,13 @@ def build_report(records, lengths, known_items, seed, sources):
     pairs = [(x, y) for i, x in enumerate(humans) for y in humans[i + 1:]]
     pairs += [(j, h) for j in judges for h in humans + (["humans (majority)"] if len(humans) > 1 else [])]
     for x, y in pairs:
-        common = [i for i in verdicts[x] if verdicts[x][i] != "skip" and verdicts[y].get(i, "skip") != "skip"]
-        vx, vy = [verdicts[x][i] for i in common], [verdicts[y][i] for i in common]
+        common = [i for i, v in verdicts[x].items() if v != "skip" and verdicts[y].get(i, "skip") != "skip"]
+        vx, vy = np.array([verdicts[x][i] for i in common]), np.array([verdicts[y][i] for i in common])
         agreement.append({"raters": [x, y], "items": len(common), "cohen_kappa": cohen_kappa(vx, vy),
-                          "agreement": float(np.mean(np.array(vx) == np.array(vy))) if common else math.nan})
+                          "agreement": float(np.mean(vx == vy)) if common else math.nan})
     if pairs:
-        out += ["", "## Agreement", ""] + table(
-            ["raters", "items both judged", "agreement", "Cohen's κ"],
-            [[" / ".join(g["raters"]), g["items"], pct(g["agreement"]), num(g["cohen_kappa"])] for g in agreement])
+        out += ["", "## Agreement", ""] + table(["raters", "items both judged", "agreement", "Cohen's κ"], [
+            [" / ".join(g["raters"]), g["items"], pct(g["agreement"]), num(g["cohen_kappa"])] for g in agreement])
     if len(humans) > 2:
         common = [i for i in verdicts[humans[0]] if all(verdicts[h].get(i, "skip") != "skip" for h in humans)]
         counts = [[sum(verdicts[h][i] == c for h in humans) for c in ("a", "b", "tie")] for i in common]
@@ -383,17 +364,16 @@ def build_report(records, lengths, known_items, seed, sources):
 
     rows = []
     for rater in humans + judges:
-        picks, both, consistent = [], 0, 0
+        picks, agree = [], []  # chose the first shown, per decisive answer; both orders agree, per pair (judge)
         for r in by_rater[rater].values():
-            orders = r.get("orders") or ([{"first": r.get("first"), "verdict": r["verdict"]}] if r.get("first") else [])
+            orders = r.get("orders") or ([{"first": r["first"], "verdict": r["verdict"]}] if r.get("first") else [])
             picks += [o["verdict"] == o["first"] for o in orders if o.get("verdict") in ("a", "b")]
-            if len(orders) == 2:
-                both += 1
-                consistent += orders[0]["verdict"] == orders[1]["verdict"]
-        stats[rater]["first_position_share"] = float(np.mean(picks)) if picks else math.nan
-        stats[rater]["position_consistency"] = consistent / both if both else math.nan
-        rows.append([rater, len(picks), pct(stats[rater]["first_position_share"]),
-                     f"{pct(consistent / both)} of {both} pairs" if both else "-"])
+            agree += [orders[0]["verdict"] == orders[1]["verdict"]] if len(orders) == 2 else []
+        s = stats[rater]
+        s["first_position_share"] = float(np.mean(picks)) if picks else math.nan
+        s["position_consistency"] = float(np.mean(agree)) if agree else math.nan
+        rows.append([rater, len(picks), pct(s["first_position_share"]),
+                     f"{pct(s['position_consistency'])} of {len(agree)} pairs" if agree else "-"])
     out += ["", "## Position", ""] + table(["rater", "decisive answers", "chose the response shown first",
                                             "both orders agree (judge)"], rows)
     out += ["", "50% chose-first means no preference for the first position. For the judge each pair is asked in "
@@ -411,14 +391,13 @@ def build_report(records, lengths, known_items, seed, sources):
                 "over items. Slope per SD of length difference: "
                 + ", ".join(f"{rater} {num(s['length_slope'], 2)}" for rater, s in stats.items()) + "."]
 
-    ratings = {(rater, m): [r[f"rating_{m}"] for r in by_rater[rater].values() if r.get(f"rating_{m}")]
-               for rater in humans for m in "ab"}
-    if any(ratings.values()):
+    ratings = [(rater, name, [r[f"rating_{m}"] for r in by_rater[rater].values() if r.get(f"rating_{m}")])
+               for rater in humans for m, name in (("a", name_a), ("b", name_b))]
+    if any(given for _, _, given in ratings):
         out += ["", "## Quality ratings (self-instruct scale)", "",
                 "Scale: " + "; ".join(f"{k} = {v}" for k, v in RATING_SCALE.items()), ""]
         out += table(["rater", "model", "A", "B", "C", "D"],
-                     [[rater, name, *(given.count(g) for g in "ABCD")] for (rater, m), given in ratings.items()
-                      for name in [name_a if m == "a" else name_b] if given])
+                     [[rater, name, *(given.count(g) for g in "ABCD")] for rater, name, given in ratings if given])
     return "\n".join(out) + "\n", {"model_a": name_a, "model_b": name_b, "raters": stats,
                                    "agreement": agreement, "fleiss_kappa": fleiss}
 
@@ -429,12 +408,12 @@ def run_report(args):
         raise SystemExit(f"{', '.join(args.judgments)}: no judgments")
     name_a, name_b = records[0]["model_a"], records[0]["model_b"]
     check_models(records, name_a, name_b)
-    lengths, known_items = {}, None
     if args.annotations and not (args.a and args.b):
         raise SystemExit("--annotations needs --a and --b: the judgments do not hold the outputs")
-    if args.a or args.b:
-        if not (args.a and args.b):
-            raise SystemExit("give both --a and --b, or neither")
+    if bool(args.a) != bool(args.b):
+        raise SystemExit("give both --a and --b, or neither")
+    lengths, known_items, seen = {}, None, {}
+    if args.a:
         args.name_a, args.name_b = args.name_a or name_a, args.name_b or name_b
         file_a, file_b, items = prepare(args)
         check_models(records, file_a, file_b)
@@ -443,16 +422,15 @@ def run_report(args):
         for r in records:
             if r["item"] not in lengths:
                 raise SystemExit(f"{r['where']}: unknown item {r['item']!r} (not in {args.a} and {args.b})")
-    else:  # the lengths the judgments recorded; they must agree, or judgments of different outputs are mixed
-        first_seen = {}
+    else:  # the lengths the judgments recorded: one item's must agree, or judgments of different outputs are mixed
         for r in latest(records).values():
             if not isinstance(r.get("len_a"), int) or not isinstance(r.get("len_b"), int):
                 lengths = None
                 break
-            seen = first_seen.setdefault(r["item"], r)
-            if (seen["len_a"], seen["len_b"]) != (r["len_a"], r["len_b"]):
+            first = seen.setdefault(r["item"], r)
+            if (first["len_a"], first["len_b"]) != (r["len_a"], r["len_b"]):
                 raise SystemExit(f"{r['where']}: item {r['item']!r} has lengths {r['len_a']}/{r['len_b']} here but "
-                                 f"{seen['len_a']}/{seen['len_b']} at {seen['where']}: judgments of different "
+                                 f"{first['len_a']}/{first['len_b']} at {first['where']}: judgments of different "
                                  "outputs are mixed")
             lengths[r["item"]] = (r["len_a"], r["len_b"])
     markdown, summary = build_report(records, lengths, known_items, args.seed, args.judgments)
@@ -467,11 +445,12 @@ def run_report(args):
                                                   ensure_ascii=False) + "\n")
 
 
-# 6. Judging sessions. A judgment record, and the state a session resumes from.
+# 6. Judging sessions: a person at the terminal, or the LLM judge. Both resume where they stopped.
 
 def judgment(annotator, item, names, first, verdict, **extra):
     return {"annotator": annotator, "item": item["id"], "model_a": names[0], "model_b": names[1], "first": first,
-            "verdict": verdict, **extra, "len_a": words(item["out_a"]), "len_b": words(item["out_b"]), "time": now()}
+            "verdict": verdict, **extra, "len_a": words(item["out_a"]), "len_b": words(item["out_b"]),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def latest(records):
@@ -516,22 +495,22 @@ def run_human(args):
                "Which response is better? 1 or 2, t = tie, s = skip, b = back, q = quit.", width, ""))
     if args.rate:
         print("\n".join(wrap(f"{k} = {v}", width, "") for k, v in RATING_SCALE.items()))
-
     def next_unjudged(start):
-        return next((i for i in range(start, len(items)) if items[i]["id"] not in done), len(items))
+        return next((n for n in range(start, len(items)) if items[n]["id"] not in done), len(items))
 
     i = next_unjudged(0)
     while i < len(items):
         item, earlier = items[i], done.get(items[i]["id"])
         first = order_first(args.seed, args.annotator, item["id"])
-        shown = {first: item[f"out_{first}"], other(first): item[f"out_{other(first)}"]}
+        second = other(first)
         print("\n" + f"-- item {i + 1} of {len(items)} ({item['id']}) ".ljust(width, "-")[:width])
         print("Instruction:\n" + wrap(item["instruction"], width))
         if item["input"]:
             print("Input:\n" + wrap(item["input"], width))
-        print("Response 1:\n" + wrap(shown[first], width) + "\nResponse 2:\n" + wrap(shown[other(first)], width))
+        print("Response 1:\n" + wrap(item[f"out_{first}"], width))
+        print("Response 2:\n" + wrap(item[f"out_{second}"], width))
         if earlier:
-            said = {first: "Response 1", other(first): "Response 2"}.get(earlier["verdict"], earlier["verdict"])
+            said = {first: "Response 1", second: "Response 2"}.get(earlier["verdict"], earlier["verdict"])
             print(wrap(f"(your earlier verdict: {said}; answer again to replace it)", width, ""))
         key = ask("[1/2/t/s/b/q] > ", "12tsbq")
         if key in (None, "q"):
@@ -541,12 +520,12 @@ def run_human(args):
                 print("(this is the first item)")
             i = max(0, i - 1)
             continue
-        verdict, ratings = {"1": first, "2": other(first), "t": "tie", "s": "skip"}[key], {}
+        verdict, ratings = {"1": first, "2": second, "t": "tie", "s": "skip"}[key], {}
         if args.rate and verdict != "skip":
             given = [ask(f"rate Response {n} [A-D] > ", "abcd") for n in "12"]
             if None in given:
                 break
-            ratings = {f"rating_{first}": given[0].upper(), f"rating_{other(first)}": given[1].upper()}
+            ratings = {f"rating_{first}": given[0].upper(), f"rating_{second}": given[1].upper()}
         done[item["id"]] = judgment(args.annotator, item, names, first, verdict, **ratings)
         append_jsonl(file, done[item["id"]])
         i = next_unjudged(i + 1)
@@ -570,84 +549,78 @@ def run_judge(args):
     client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "none"),
                            max_retries=args.max_retries, timeout=args.timeout)
     counts = dict.fromkeys(("skipped", "identical", "cached", "calls", "tokens_in", "tokens_out", "usd"), 0)
-    waiting, calls, failures = {}, [], []  # waiting: item id -> (item, pair_key, {first: cache key})
+    todo, failures, lock, stop = [], [], threading.Lock(), threading.Event()
 
-    def finish(item_id):
-        """Record an item's judgment once the judge has answered it in every order asked."""
-        item, pair_key, keys = waiting[item_id]
-        if all(k in answers for k in keys.values()):
-            del waiting[item_id]
-            orders = [{"first": f, "verdict": parse_verdict(answers[k], f), "answer": answers[k], "key": k}
-                      for f, k in keys.items()]
-            if any(o["verdict"] is None for o in orders):
-                return failures.append(item_id)
-            append_jsonl(file, judgment(annotator, item, names, orders[0]["first"],
-                                        pair_verdict([o["verdict"] for o in orders]),
-                                        prompt_version=PROMPT_VERSION, pair_key=pair_key, orders=orders))
+    def ask_judge(item, keys):
+        """Ask for each order without an answer, while the budget lasts (the one stop the client does not make)."""
+        for first, key in keys.items():
+            if key in answers or stop.is_set() or counts["usd"] >= args.max_usd:
+                continue
+            response = client.chat.completions.create(
+                model=args.model, temperature=args.temperature, max_tokens=args.max_new_tokens,
+                messages=judge_messages(item["instruction"], item["input"], item[f"out_{first}"],
+                                        item[f"out_{other(first)}"]))
+            answer, usage = response.choices[0].message.content or "", response.usage
+            tokens_in, tokens_out = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+            with lock:
+                counts.update(calls=counts["calls"] + 1, tokens_in=counts["tokens_in"] + tokens_in,
+                              tokens_out=counts["tokens_out"] + tokens_out, usd=counts["usd"] + (
+                                  tokens_in * args.price_in + tokens_out * args.price_out) / 1e6)
+            if parse_verdict(answer, first) is not None:  # unparseable answers are asked again on a rerun
+                append_jsonl(cache, {"key": key, "model": args.model, "prompt_version": PROMPT_VERSION,
+                                     "answer": answer, "tokens_in": tokens_in, "tokens_out": tokens_out})
+            answers[key] = answer
+            bar.update(1)
 
     for item in items:
-        out = {"a": item["out_a"], "b": item["out_b"]}
         firsts = [order_first(args.seed, annotator, item["id"])] if args.single_order else ["a", "b"]
-        pair_key = digest(args.model, PROMPT_VERSION, item["instruction"], item["input"], out["a"], out["b"], firsts)
+        text = (item["instruction"], item["input"])
+        pair_key = digest(args.model, PROMPT_VERSION, *text, item["out_a"], item["out_b"], firsts)
         if done.get(item["id"], {}).get("pair_key") == pair_key:
             counts["skipped"] += 1
-        elif out["a"].strip() == out["b"].strip():
+        elif item["out_a"].strip() == item["out_b"].strip():
             counts["identical"] += 1
             append_jsonl(file, judgment(annotator, item, names, None, "tie", prompt_version=PROMPT_VERSION,
                                         pair_key=pair_key, orders=[], note="identical outputs"))
         else:
-            keys = {f: digest(args.model, PROMPT_VERSION, item["instruction"], item["input"], out[f], out[other(f)])
+            keys = {f: digest(args.model, PROMPT_VERSION, *text, item[f"out_{f}"], item[f"out_{other(f)}"])
                     for f in firsts}
-            for f, k in keys.items():
-                counts["cached"] += k in answers
-                if k not in answers:
-                    calls.append((item["id"], k, judge_messages(item["instruction"], item["input"], out[f],
-                                                                out[other(f)])))
-            waiting[item["id"]] = (item, pair_key, keys)
-    for item_id in list(waiting):
-        finish(item_id)
-
-    queue, pending = iter(calls), {}
+            counts["cached"] += sum(k in answers for k in keys.values())
+            todo.append((item, pair_key, keys))
+    to_ask = {k for _, _, keys in todo for k in keys.values() if k not in answers}
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool, \
-            tqdm(total=len(calls), desc="judge", disable=not calls) as bar:
-        while True:
-            # At most --concurrency requests in flight; none sent once the budget is spent.
-            while len(pending) < args.concurrency and counts["usd"] < args.max_usd and (call := next(queue, None)):
-                pending[pool.submit(client.chat.completions.create, model=args.model, messages=call[2],
-                                    temperature=args.temperature, max_tokens=args.max_new_tokens)] = call
-            if not pending:
-                break
-            finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in finished:
-                item_id, key, _ = pending.pop(future)
-                try:
-                    response = future.result()
-                except openai.OpenAIError as e:  # what is left after the client's retries: stop, one message
-                    for f in pending:
-                        f.cancel()
-                    raise SystemExit(f"judge API error on item {item_id}: {e}")
-                answer, usage = response.choices[0].message.content or "", response.usage
-                tokens_in, tokens_out = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-                counts.update(calls=counts["calls"] + 1, tokens_in=counts["tokens_in"] + tokens_in,
-                              tokens_out=counts["tokens_out"] + tokens_out, usd=counts["usd"] + (
-                                  tokens_in * args.price_in + tokens_out * args.price_out) / 1e6)
-                bar.update(1)
-                if parse_verdict(answer, "a") is not None:  # unparseable answers are asked again on a rerun
-                    append_jsonl(cache, {"key": key, "model": args.model, "prompt_version": PROMPT_VERSION,
-                                         "answer": answer, "tokens_in": tokens_in, "tokens_out": tokens_out})
-                answers[key] = answer
-                finish(item_id)
+            tqdm(total=len(to_ask), desc="judge", disable=not to_ask) as bar:
+        futures = {pool.submit(ask_judge, item, keys): (item, pair_key, keys) for item, pair_key, keys in todo}
+        for future in concurrent.futures.as_completed(futures):
+            item, pair_key, keys = futures[future]
+            try:
+                future.result()
+            except openai.OpenAIError as e:  # what is left after the client's retries: stop, with one message
+                stop.set()
+                raise SystemExit(f"judge API error on item {item['id']}: {e}")
+            if not all(k in answers for k in keys.values()):
+                continue  # the budget ran out
+            orders = [{"first": f, "verdict": parse_verdict(answers[k], f), "answer": answers[k], "key": k}
+                      for f, k in keys.items()]
+            verdicts = {o["verdict"] for o in orders}
+            if None in verdicts:
+                failures.append(item["id"])
+            else:  # two orders that disagree mean the judge followed the position, not the content: a tie
+                append_jsonl(file, judgment(annotator, item, names, orders[0]["first"],
+                                            verdicts.pop() if len(verdicts) == 1 else "tie",
+                                            prompt_version=PROMPT_VERSION, pair_key=pair_key, orders=orders))
     file.close()
     cache.close()
 
-    unasked = sum(1 for _ in queue)
     print(f"{annotator}: {len(items)} items; {counts['skipped']} already judged, {counts['identical']} identical "
           f"outputs (tie, no call), {counts['cached']} answers from the cache, {counts['calls']} API calls")
     print(f"tokens: {counts['tokens_in']} in, {counts['tokens_out']} out; cost ${counts['usd']:.4f} "
           f"(at ${args.price_in}/${args.price_out} per 1M tokens)")
+    unasked = to_ask - answers.keys()
     if unasked:
-        raise SystemExit(f"budget --max_usd={args.max_usd} reached: {unasked} calls not made, "
-                         f"{len(waiting)} items not judged; rerun with a larger budget to continue")
+        left = sum(not unasked.isdisjoint(keys.values()) for _, _, keys in todo)
+        raise SystemExit(f"budget --max_usd={args.max_usd} reached: {len(unasked)} calls not made, "
+                         f"{left} items not judged; rerun with a larger budget to continue")
     if failures:
         message = (f"{len(failures)} item(s) with an unparseable judge answer (no [[1]], [[2]] or [[T]]), not "
                    f"recorded: {', '.join(failures[:20])}{' ...' if len(failures) > 20 else ''}; a rerun asks again")
@@ -662,14 +635,14 @@ def run_judge(args):
 PREFERENCE = {"b": 1, "a": 2, "tie": 1.5}
 
 
-def merged_instruction(instruction, input):
-    return f"{instruction}\n\n{input}" if input else instruction  # how alpaca_eval folds an input in
+def merged_instruction(item):
+    return f"{item['instruction']}\n\n{item['input']}" if item["input"] else item["instruction"]  # alpaca_eval's way
 
 
 def to_annotations(current, items, name_a, name_b):
     raters = sorted({annotator for annotator, _ in current})
-    return [{"instruction": merged_instruction(item["instruction"], item["input"]), "output_1": item["out_b"],
-             "generator_1": name_b, "output_2": item["out_a"], "generator_2": name_a, "annotator": annotator,
+    return [{"instruction": merged_instruction(item), "output_1": item["out_b"], "generator_1": name_b,
+             "output_2": item["out_a"], "generator_2": name_a, "annotator": annotator,
              "preference": PREFERENCE[r["verdict"]]}
             for item in items for annotator in raters
             for r in [current.get((annotator, item["id"]))] if r and r["verdict"] != "skip"]
@@ -680,12 +653,11 @@ def import_annotations(args, annotator):
     instruction (input folded in, as alpaca_eval does) and must show the outputs of --a and --b, in either order.
     Rerunning appends nothing new."""
     names, items, done, file = session(args, annotator)
-    by_text = {merged_instruction(item["instruction"], item["input"]): item for item in items}
+    by_text = {merged_instruction(item): item for item in items}
     problems, found, unusable = [], {}, 0
     for where, r in read_records(args.annotations):
-        text = parse_item(where, r)
+        item, p = by_text.get(merged_instruction(parse_item(where, r))), r.get("preference")
         pair = (string(where, r, "output_1").strip(), string(where, r, "output_2").strip())
-        item, p = by_text.get(merged_instruction(text["instruction"], text["input"])), r.get("preference")
         if item is None:
             problems.append(f"{where}: instruction {r['instruction'][:50]!r} is not one of the {len(items)} items")
             continue
@@ -720,13 +692,12 @@ def import_annotations(args, annotator):
 
 def read_records(path):
     """(where, record) for each object of a JSON array or a JSONL file; `where` ("file:line" or "file: item i")
-    starts error messages. A torn last JSONL line (no newline, not JSON: a killed writer) is skipped with a note;
+    starts error messages. A torn last JSONL line (no newline, not JSON: a killed writer) is left out with a note;
     any other line that is not JSON is an error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
+    if not os.path.exists(path):
         raise SystemExit(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     if text.lstrip().startswith("["):
         try:
             records = [(f"{path}: item {i}", r) for i, r in enumerate(json.loads(text))]
@@ -734,17 +705,15 @@ def read_records(path):
             raise SystemExit(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
     else:
         records, lines = [], text.split("\n")  # the last one is "" when the file ends with a newline
-        for lineno, line in enumerate(lines, 1):
+        for n, line in enumerate(lines, 1):
             try:
-                if line.strip():
-                    records.append((f"{path}:{lineno}", json.loads(line)))
+                records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
             except json.JSONDecodeError as e:
-                if lineno < len(lines):
-                    raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
-                print(f"{path}:{lineno}: ignoring a torn last line (an interrupted write)", file=sys.stderr)
-    for where, r in records:
-        if not isinstance(r, dict):
-            raise SystemExit(f"{where}: expected a JSON object")
+                if n < len(lines):
+                    raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg})")
+                print(f"{path}:{n}: ignoring a torn last line (an interrupted write)", file=sys.stderr)
+    for where in [where for where, r in records if not isinstance(r, dict)][:1]:
+        raise SystemExit(f"{where}: expected a JSON object")
     return records
 
 
@@ -764,7 +733,7 @@ def resume_jsonl(path):
 
 
 def append_jsonl(file, record):
-    # The file is opened unbuffered for appending: one write() per whole line, on disk at once, and annotators
+    # The file is open unbuffered for appending: one write() of a whole line, on disk at once, and annotators
     # sharing a file never interleave.
     file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
     file.flush()
@@ -779,19 +748,18 @@ def write_atomic(path, text):
 
 
 def load_judgments(paths, resume=False):
-    """The judgment records of the files, checked, each with its `where`. resume: the one file is about to be
-    appended to (resume_jsonl)."""
+    """The checked judgment records of the files, each with its `where`; resume: see resume_jsonl."""
     records = []
     for path in paths:
-        for r in resume_jsonl(path) if resume else [dict(r, where=where) for where, r in read_records(path)]:
-            for field in ("annotator", "item", "model_a", "model_b", "verdict"):
-                if not string(r["where"], r, field):
-                    raise SystemExit(f"{r['where']}: field '{field}' is empty")
-            if r["verdict"] not in VERDICTS:
-                raise SystemExit(f"{r['where']}: field 'verdict' is {r['verdict']!r}, not one of {', '.join(VERDICTS)}")
-            if r.get("first") not in ("a", "b", None):
-                raise SystemExit(f"{r['where']}: field 'first' is {r['first']!r}, not 'a' or 'b'")
-            records.append(r)
+        records += resume_jsonl(path) if resume else [dict(r, where=where) for where, r in read_records(path)]
+    for r in records:
+        for field in ("annotator", "item", "model_a", "model_b", "verdict"):
+            if not string(r["where"], r, field):
+                raise SystemExit(f"{r['where']}: field '{field}' is empty")
+        if r["verdict"] not in VERDICTS:
+            raise SystemExit(f"{r['where']}: field 'verdict' is {r['verdict']!r}, not one of {', '.join(VERDICTS)}")
+        if r.get("first") not in ("a", "b", None):
+            raise SystemExit(f"{r['where']}: field 'first' is {r['first']!r}, not 'a' or 'b'")
     return records
 
 
@@ -815,10 +783,6 @@ def digest(*parts):
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8")).hexdigest()[:24]
 
 
-def now():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def words(text):
     return len(text.split())
 
@@ -830,7 +794,11 @@ def main(argv=None):
     human = commands.add_parser("human", help="blind judging session in the terminal")
     judge = commands.add_parser("judge", help="LLM judge through an OpenAI-compatible API, in both orders")
     report = commands.add_parser("report", help="win rates, confidence intervals, agreement, position and length")
+    for p in (human, judge):
+        p.add_argument("--judgments", default="judgments.jsonl", help="append-only judgments file")
+        p.add_argument("--annotations", help="import the verdicts of an alpaca_eval annotations.json instead")
     report.add_argument("--judgments", nargs="+", default=["judgments.jsonl"], help="one or more judgments files")
+    report.add_argument("--annotations", help="write alpaca_eval's annotations.json here (needs --a, --b)")
     for p in (human, judge, report):
         p.add_argument("--a", required=p is not report, help="outputs of model A (JSONL or JSON array)")
         p.add_argument("--b", required=p is not report, help="outputs of model B")
@@ -839,14 +807,11 @@ def main(argv=None):
         p.add_argument("--eval_set", help="self-instruct style eval set that fixes the item list and order")
         p.add_argument("--allow_missing", action="store_true", help="leave out (and list) problem items, not stop")
         p.add_argument("--seed", type=int, default=0, help="seed for the order of responses and the bootstrap")
-    for p in (human, judge):
-        p.add_argument("--judgments", default="judgments.jsonl", help="append-only judgments file")
-        p.add_argument("--annotations", help="import the verdicts of an alpaca_eval annotations.json instead")
     human.add_argument("--annotator", required=True, help="your name; each annotator resumes where they stopped")
     human.add_argument("--rate", action="store_true", help="also rate each response A-D (self-instruct scale)")
     judge.add_argument("--model", default="gpt-4o-mini", help="judge model (and annotator name: judge:<model>)")
     judge.add_argument("--base_url", default=None, help="OpenAI-compatible API (default OpenAI's; OPENAI_API_KEY)")
-    judge.add_argument("--max_retries", type=int, default=6, help="the client's retries of 408/409/429/5xx")
+    judge.add_argument("--max_retries", type=int, default=6, help="the client's retries (408, 409, 429, 5xx)")
     judge.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     judge.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     judge.add_argument("--max_usd", type=float, default=5.0, help="stop sending requests once this much is spent")
@@ -859,7 +824,6 @@ def main(argv=None):
     judge.add_argument("--allow_failures", action="store_true", help="exit 0 even if some answers had no verdict")
     report.add_argument("--markdown", help="also write the report here")
     report.add_argument("--json", help="write the numbers here as JSON")
-    report.add_argument("--annotations", help="write alpaca_eval's annotations.json here (needs --a, --b)")
     args = parser.parse_args(argv)
     {"human": run_human, "judge": run_judge, "report": run_report}[args.command](args)
 
