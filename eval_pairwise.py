@@ -45,9 +45,7 @@ BOOTSTRAP = 1000
 
 def string(where, r, *names, optional=False):
     """Field names[0] of record r (or the first alternative it has) as a string; an optional one defaults to ""."""
-    value = next((r[n] for n in names if r.get(n) is not None), None)
-    if value is None and optional:
-        return ""
+    value = next((r[n] for n in names if r.get(n) is not None), "" if optional else None)
     if not isinstance(value, str):
         also = "".join(f" (or '{n}')" for n in names[1:])
         raise SystemExit(f"{where}: field '{names[0]}'{also} {'is not' if optional else 'missing or not'} a string")
@@ -55,8 +53,8 @@ def string(where, r, *names, optional=False):
 
 
 def parse_item(where, r, instance=None):
-    """id, instruction and input of any of the field's records (the input from `instance`, one of a self-instruct
-    task's instances, if given). Whitespace around the text is ignored: self-instruct's instructions end in "\\n"."""
+    """id, instruction and input of any of these records (the input from `instance`, one of a self-instruct task's
+    instances, if given). Whitespace around the text is ignored: self-instruct's instructions end in a newline."""
     return {"where": where, "id": None if r.get("id") is None else str(r["id"]),
             "instruction": string(where, r, "instruction").strip(),
             "input": string(where, r if instance is None else instance, "input", optional=True).strip()}
@@ -82,14 +80,13 @@ def load_eval_set(path):
             raise SystemExit(f"{where}: field 'instances' must be a non-empty list of objects")
         for k, instance in enumerate(instances):
             item = parse_item(where, r, instance)
-            item["id"] = (item["id"] or text_id(item["instruction"], item["input"])) + (
-                f"#{k}" if len(instances) > 1 else "")
+            item["id"] = (item["id"] or text_id(item)) + (f"#{k}" if len(instances) > 1 else "")
             items.append(item)
     return items
 
 
-def text_id(instruction, input):
-    return "h" + digest(instruction, input)[:10]
+def text_id(item):
+    return "h" + digest(item["instruction"], item["input"])[:10]
 
 
 def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow_missing=False):
@@ -100,46 +97,40 @@ def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow
                and bool({r["id"] for r in rows_a} & {r["id"] for r in rows_b})
                and (not eval_items or any(r["id"] in eval_ids for r in rows_a)))
     key = (lambda r: r["id"]) if use_ids else (lambda r: (r["instruction"], r["input"]))
-    show = repr if use_ids else (lambda k: repr(k[0][:50]))
-    problems, bad = [], set()
+    problems, bad = [], set()  # bad: the keys of the items left out
 
     def problem(k, where, message):
-        problems.append(f"{where}: item {show(k)} {message}")
+        problems.append(f"{where}: item {repr(k) if use_ids else repr(k[0][:50])} {message}")
         bad.add(k)
 
     def index(rows):
         by_key = {}
         for r in rows:
-            k = key(r)
-            if k in by_key:
-                problem(k, r["where"], f"duplicates {by_key[k]['where']}")
-            by_key.setdefault(k, r)
+            if key(r) in by_key:
+                problem(key(r), r["where"], f"duplicates {by_key[key(r)]['where']}")
             if not r["output"].strip():
-                problem(k, r["where"], "has an empty output")
+                problem(key(r), r["where"], "has an empty output")
+            by_key.setdefault(key(r), r)
         return by_key
 
     a, b = index(rows_a), index(rows_b)
-    ids = {}  # key -> item id, in the order of the comparison
+    order = {}  # key -> the eval set's item, in its order; without one, A's items then B's
     for e in eval_items or []:
-        k = key(e)
-        if k in ids:
-            problem(k, e["where"], "appears twice in the eval set")
-        ids[k] = e["id"]
+        if key(e) in order:
+            problem(key(e), e["where"], "appears twice in the eval set")
+        order[key(e)] = e
+    for k, r in [*a.items(), *b.items()] if eval_items else ():
+        if k not in order:
+            problem(k, r["where"], f"is not in the eval set {eval_path}")
+    for k in order if eval_items else dict.fromkeys([*a, *b]):
         for path, rows in ((path_a, a), (path_b, b)):
             if k not in rows:
-                problem(k, e["where"], f"missing from {path}")
-    if eval_items:
-        problems += [f"{r['where']}: item {show(k)} is not in the eval set {eval_path}"
-                     for rows in (a, b) for k, r in rows.items() if k not in ids]
-    for k in [] if eval_items else list(a) + [k for k in b if k not in a]:
-        if k in a and k in b:
-            ids[k] = a[k]["id"] or b[k]["id"] or text_id(*k)
-        else:
-            problem(k, (a.get(k) or b[k])["where"], f"missing from {path_b if k in a else path_a}")
+                problem(k, (order.get(k) or a.get(k) or b[k])["where"], f"missing from {path}")
     stop_on_problems(problems, allow_missing, f"alignment problem(s): fix the files, or pass --allow_missing to "
                      f"leave these {len(bad)} item(s) out", f"leaving {len(bad)} item(s) out")
-    items = [{"id": ids[k], "instruction": a[k]["instruction"], "input": a[k]["input"],
-              "out_a": a[k]["output"], "out_b": b[k]["output"]} for k in ids if k not in bad]
+    items = [{"id": (order.get(k) or a[k])["id"] or b[k]["id"] or text_id(a[k]), "instruction": a[k]["instruction"],
+              "input": a[k]["input"], "out_a": a[k]["output"], "out_b": b[k]["output"]}
+             for k in (order if eval_items else a) if k not in bad]
     print(f"aligned {len(items)} items on {'id' if use_ids else '(instruction, input)'}", file=sys.stderr)
     return items
 
@@ -548,60 +539,58 @@ def run_judge(args):
     # The client retries 408, 409, 429, 5xx and network errors itself, with backoff or as Retry-After asks.
     client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "none"),
                            max_retries=args.max_retries, timeout=args.timeout)
-    counts = dict.fromkeys(("skipped", "identical", "cached", "calls", "tokens_in", "tokens_out", "usd"), 0)
-    todo, failures, lock, stop = [], [], threading.Lock(), threading.Event()
+    todo, identical, failures, tokens, stop = [], 0, [], [], threading.Event()  # tokens: (in, out) per call
 
-    def ask_judge(item, keys):
-        """Ask for each order without an answer, while the budget lasts (the one stop the client does not make)."""
+    def usd():
+        return sum(t_in * args.price_in + t_out * args.price_out for t_in, t_out in tokens) / 1e6
+
+    def ask_judge(task):
+        """Ask for each order not answered yet, while the budget lasts (the one stop the client does not make)."""
+        item, _, keys = task
         for first, key in keys.items():
-            if key in answers or stop.is_set() or counts["usd"] >= args.max_usd:
+            if key in answers or stop.is_set() or usd() >= args.max_usd:
                 continue
-            response = client.chat.completions.create(
-                model=args.model, temperature=args.temperature, max_tokens=args.max_new_tokens,
-                messages=judge_messages(item["instruction"], item["input"], item[f"out_{first}"],
-                                        item[f"out_{other(first)}"]))
+            try:
+                response = client.chat.completions.create(
+                    model=args.model, temperature=args.temperature, max_tokens=args.max_new_tokens,
+                    messages=judge_messages(item["instruction"], item["input"], item[f"out_{first}"],
+                                            item[f"out_{other(first)}"]))
+            except openai.OpenAIError as e:  # what is left after the client's retries: stop, with one message
+                stop.set()
+                raise SystemExit(f"judge API error on item {item['id']}: {e}")
             answer, usage = response.choices[0].message.content or "", response.usage
-            tokens_in, tokens_out = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-            with lock:
-                counts.update(calls=counts["calls"] + 1, tokens_in=counts["tokens_in"] + tokens_in,
-                              tokens_out=counts["tokens_out"] + tokens_out, usd=counts["usd"] + (
-                                  tokens_in * args.price_in + tokens_out * args.price_out) / 1e6)
+            tokens.append((usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0))
             if parse_verdict(answer, first) is not None:  # unparseable answers are asked again on a rerun
                 append_jsonl(cache, {"key": key, "model": args.model, "prompt_version": PROMPT_VERSION,
-                                     "answer": answer, "tokens_in": tokens_in, "tokens_out": tokens_out})
+                                     "answer": answer, "tokens_in": usage.prompt_tokens if usage else 0,
+                                     "tokens_out": usage.completion_tokens if usage else 0})
             answers[key] = answer
             bar.update(1)
+        return task
 
     for item in items:
         firsts = [order_first(args.seed, annotator, item["id"])] if args.single_order else ["a", "b"]
         text = (item["instruction"], item["input"])
         pair_key = digest(args.model, PROMPT_VERSION, *text, item["out_a"], item["out_b"], firsts)
         if done.get(item["id"], {}).get("pair_key") == pair_key:
-            counts["skipped"] += 1
-        elif item["out_a"].strip() == item["out_b"].strip():
-            counts["identical"] += 1
+            continue
+        if item["out_a"].strip() == item["out_b"].strip():
+            identical += 1
             append_jsonl(file, judgment(annotator, item, names, None, "tie", prompt_version=PROMPT_VERSION,
                                         pair_key=pair_key, orders=[], note="identical outputs"))
         else:
-            keys = {f: digest(args.model, PROMPT_VERSION, *text, item[f"out_{f}"], item[f"out_{other(f)}"])
-                    for f in firsts}
-            counts["cached"] += sum(k in answers for k in keys.values())
-            todo.append((item, pair_key, keys))
-    to_ask = {k for _, _, keys in todo for k in keys.values() if k not in answers}
+            todo.append((item, pair_key, {f: digest(args.model, PROMPT_VERSION, *text, item[f"out_{f}"],
+                                                    item[f"out_{other(f)}"]) for f in firsts}))
+    keys = [k for _, _, ks in todo for k in ks.values()]
+    cached, to_ask = sum(k in answers for k in keys), {k for k in keys if k not in answers}
+    # --concurrency items at a time, each asked in its orders; judgments are written in the items' order.
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool, \
             tqdm(total=len(to_ask), desc="judge", disable=not to_ask) as bar:
-        futures = {pool.submit(ask_judge, item, keys): (item, pair_key, keys) for item, pair_key, keys in todo}
-        for future in concurrent.futures.as_completed(futures):
-            item, pair_key, keys = futures[future]
-            try:
-                future.result()
-            except openai.OpenAIError as e:  # what is left after the client's retries: stop, with one message
-                stop.set()
-                raise SystemExit(f"judge API error on item {item['id']}: {e}")
-            if not all(k in answers for k in keys.values()):
+        for item, pair_key, ks in pool.map(ask_judge, todo):
+            if any(k not in answers for k in ks.values()):
                 continue  # the budget ran out
             orders = [{"first": f, "verdict": parse_verdict(answers[k], f), "answer": answers[k], "key": k}
-                      for f, k in keys.items()]
+                      for f, k in ks.items()]
             verdicts = {o["verdict"] for o in orders}
             if None in verdicts:
                 failures.append(item["id"])
@@ -612,15 +601,15 @@ def run_judge(args):
     file.close()
     cache.close()
 
-    print(f"{annotator}: {len(items)} items; {counts['skipped']} already judged, {counts['identical']} identical "
-          f"outputs (tie, no call), {counts['cached']} answers from the cache, {counts['calls']} API calls")
-    print(f"tokens: {counts['tokens_in']} in, {counts['tokens_out']} out; cost ${counts['usd']:.4f} "
+    print(f"{annotator}: {len(items)} items; {len(items) - len(todo) - identical} already judged, {identical} "
+          f"identical outputs (tie, no call), {cached} answers from the cache, {len(tokens)} API calls")
+    print(f"tokens: {sum(t for t, _ in tokens)} in, {sum(t for _, t in tokens)} out; cost ${usd():.4f} "
           f"(at ${args.price_in}/${args.price_out} per 1M tokens)")
     unasked = to_ask - answers.keys()
     if unasked:
-        left = sum(not unasked.isdisjoint(keys.values()) for _, _, keys in todo)
         raise SystemExit(f"budget --max_usd={args.max_usd} reached: {len(unasked)} calls not made, "
-                         f"{left} items not judged; rerun with a larger budget to continue")
+                         f"{sum(not unasked.isdisjoint(ks.values()) for _, _, ks in todo)} items not judged; "
+                         "rerun with a larger budget to continue")
     if failures:
         message = (f"{len(failures)} item(s) with an unparseable judge answer (no [[1]], [[2]] or [[T]]), not "
                    f"recorded: {', '.join(failures[:20])}{' ...' if len(failures) > 20 else ''}; a rerun asks again")
