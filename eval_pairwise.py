@@ -486,13 +486,14 @@ def run_human(args):
                "Which response is better? 1 or 2, t = tie, s = skip, b = back, q = quit.", width, ""))
     if args.rate:
         print("\n".join(wrap(f"{k} = {v}", width, "") for k, v in RATING_SCALE.items()))
+
     def next_unjudged(start):
         return next((n for n in range(start, len(items)) if items[n]["id"] not in done), len(items))
 
     i = next_unjudged(0)
     while i < len(items):
         item, earlier = items[i], done.get(items[i]["id"])
-        first = order_first(args.seed, args.annotator, item["id"])
+        first = order_first(args.seed, args.annotator, item["id"])  # the model shown as Response 1
         second = other(first)
         print("\n" + f"-- item {i + 1} of {len(items)} ({item['id']}) ".ljust(width, "-")[:width])
         print("Instruction:\n" + wrap(item["instruction"], width))

@@ -356,6 +356,12 @@ def test_unparseable_judge_fails_unless_allowed(tmp_path, server, capsys):
 def test_judge_retries_and_budget(tmp_path, server, capsys):
     a, b = outputs(tmp_path, A_TEXTS, B_TEXTS)
     judgments = str(tmp_path / "judgments.jsonl")
+    with pytest.raises(SystemExit, match="judge API error on item t0"):  # --max_retries reaches the client
+        ep.main(judge_args(server, "flaky", a, b, judgments, "--concurrency", "1", "--max_retries", "1"))
+    assert len(server.requests) == 2  # the 429 retried once, then the 503 stops the run
+    assert [r["item"] for r in read_lines(judgments)] == ["t3"]  # only the identical pair, which needs no call
+    server.requests.clear()
+    server.times.clear()
     ep.main(judge_args(server, "flaky", a, b, judgments, "--concurrency", "1"))
     assert len(server.requests) == 12  # a 429 and a 503, then 10 answers
     # retry-after-ms: 10 was honoured; the client's own backoff waits 0.375-0.5 s, then 0.75-1 s.
