@@ -119,10 +119,10 @@ def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow
         if key(e) in order:
             problem(key(e), e["where"], "appears twice in the eval set")
         order[key(e)] = e
-    for k, r in [*a.items(), *b.items()] if eval_items else ():
-        if k not in order:
+    for k, r in [*a.items(), *b.items()]:
+        if order and k not in order:
             problem(k, r["where"], f"is not in the eval set {eval_path}")
-    for k in order if eval_items else dict.fromkeys([*a, *b]):
+    for k in order or dict.fromkeys([*a, *b]):
         for path, rows in ((path_a, a), (path_b, b)):
             if k not in rows:
                 problem(k, (order.get(k) or a.get(k) or b[k])["where"], f"missing from {path}")
@@ -130,7 +130,7 @@ def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow
                      f"leave these {len(bad)} item(s) out", f"leaving {len(bad)} item(s) out")
     items = [{"id": (order.get(k) or a[k])["id"] or b[k]["id"] or text_id(a[k]), "instruction": a[k]["instruction"],
               "input": a[k]["input"], "out_a": a[k]["output"], "out_b": b[k]["output"]}
-             for k in (order if eval_items else a) if k not in bad]
+             for k in order or a if k not in bad]
     print(f"aligned {len(items)} items on {'id' if use_ids else '(instruction, input)'}", file=sys.stderr)
     return items
 
@@ -260,23 +260,18 @@ def length_controlled(scores, len_a, len_b, seed):
 def summarize(verdicts, lengths, seed):
     """Headline numbers for one rater. verdicts: {item: verdict}; skips are counted but not scored."""
     scored = {item: v for item, v in verdicts.items() if v != "skip"}
-    wins, losses = sum(v == "a" for v in scored.values()), sum(v == "b" for v in scored.values())
-    ties, n = len(scored) - wins - losses, len(scored)
-    s = {"items": n, "wins": wins, "losses": losses, "ties": ties, "skips": len(verdicts) - n,
-         "win_rate": math.nan, "se": math.nan, "ci": [math.nan, math.nan],
-         "decisive_share": wins / (wins + losses) if wins + losses else math.nan,
-         "wilson": list(wilson(wins, wins + losses)), "sign_p": sign_test(wins, losses),
-         "lc_win_rate": math.nan, "lc_se": math.nan, "length_slope": math.nan}
-    if n == 0:
-        return s
-    scores = np.array([SCORE[v] for v in scored.values()])
-    resampled = scores[np.random.default_rng(seed).integers(0, n, (BOOTSTRAP, n))].mean(1)
-    s.update(win_rate=float(scores.mean()), se=float(scores.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
-             ci=[float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))])
-    if lengths and n > 1:
-        len_a, len_b = zip(*(lengths[item] for item in scored))
-        s["lc_win_rate"], s["lc_se"], s["length_slope"] = length_controlled(scores, len_a, len_b, seed)
-    return s
+    scores, n = np.array([SCORE[v] for v in scored.values()]), len(scored)
+    wins, losses = int(np.sum(scores == 1)), int(np.sum(scores == 0))
+    resampled = scores[np.random.default_rng(seed).integers(0, n, (BOOTSTRAP, n))].mean(1) if n else None
+    lc = (length_controlled(scores, *zip(*(lengths[item] for item in scored)), seed) if lengths and n > 1
+          else (math.nan,) * 3)
+    return {"items": n, "wins": wins, "losses": losses, "ties": n - wins - losses, "skips": len(verdicts) - n,
+            "win_rate": float(scores.mean()) if n else math.nan,
+            "se": float(scores.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+            "ci": [float(np.percentile(resampled, q)) if n else math.nan for q in (2.5, 97.5)],
+            "decisive_share": wins / (wins + losses) if wins + losses else math.nan,
+            "wilson": list(wilson(wins, wins + losses)), "sign_p": sign_test(wins, losses),
+            "lc_win_rate": lc[0], "lc_se": lc[1], "length_slope": lc[2]}
 
 
 def majority(votes):
@@ -341,8 +336,8 @@ def build_report(records, lengths, known_items, seed, sources):
     for x, y in pairs:
         common = [i for i, v in verdicts[x].items() if v != "skip" and verdicts[y].get(i, "skip") != "skip"]
         vx, vy = np.array([verdicts[x][i] for i in common]), np.array([verdicts[y][i] for i in common])
-        agreement.append({"raters": [x, y], "items": len(common), "cohen_kappa": cohen_kappa(vx, vy),
-                          "agreement": float(np.mean(vx == vy)) if common else math.nan})
+        agreement.append({"raters": [x, y], "items": len(common), "agreement": float(np.mean(vx == vy))
+                          if common else math.nan, "cohen_kappa": cohen_kappa(vx, vy)})
     if pairs:
         out += ["", "## Agreement", ""] + table(["raters", "items both judged", "agreement", "Cohen's κ"], [
             [" / ".join(g["raters"]), g["items"], pct(g["agreement"]), num(g["cohen_kappa"])] for g in agreement])
