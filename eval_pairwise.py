@@ -194,6 +194,7 @@ def parse_verdict(answer, first):
 # 4. Statistics: how sure may we be of "A wins 90 versus 89"?
 
 def wilson(k, n, z=1.959963984540054):
+    """95% interval for a share of k in n; unlike the normal approximation it stays in [0, 1] for small n."""
     if n == 0:
         return (math.nan, math.nan)
     p = k / n
@@ -211,6 +212,7 @@ def sign_test(wins, losses):
 
 
 def cohen_kappa(x, y, labels=("a", "b", "tie")):
+    """Agreement of two raters beyond what their verdict shares would give by chance (1 = always agree)."""
     x, y = np.asarray(x), np.asarray(y)
     if len(x) == 0:
         return math.nan
@@ -582,18 +584,21 @@ def run_judge(args):
     # --concurrency items at a time, each asked in its orders; judgments are written in the items' order.
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool, \
             tqdm(total=len(to_ask), desc="judge", disable=not to_ask) as bar:
-        for item, pair_key, ks in pool.map(ask_judge, todo):
-            if any(k not in answers for k in ks.values()):
-                continue  # the budget ran out
-            orders = [{"first": f, "verdict": parse_verdict(answers[k], f), "answer": answers[k], "key": k}
-                      for f, k in ks.items()]
-            verdicts = {o["verdict"] for o in orders}
-            if None in verdicts:
-                failures.append(item["id"])
-            else:  # two orders that disagree mean the judge followed the position, not the content: a tie
-                append_jsonl(file, judgment(annotator, item, names, orders[0]["first"],
-                                            verdicts.pop() if len(verdicts) == 1 else "tie",
-                                            prompt_version=PROMPT_VERSION, pair_key=pair_key, orders=orders))
+        try:
+            for item, pair_key, ks in pool.map(ask_judge, todo):
+                if any(k not in answers for k in ks.values()):
+                    continue  # the budget ran out
+                orders = [{"first": f, "verdict": parse_verdict(answers[k], f), "answer": answers[k], "key": k}
+                          for f, k in ks.items()]
+                verdicts = {o["verdict"] for o in orders}
+                if None in verdicts:
+                    failures.append(item["id"])
+                else:  # two orders that disagree mean the judge followed the position, not the content: a tie
+                    append_jsonl(file, judgment(annotator, item, names, orders[0]["first"],
+                                                verdicts.pop() if len(verdicts) == 1 else "tie",
+                                                prompt_version=PROMPT_VERSION, pair_key=pair_key, orders=orders))
+        finally:
+            stop.set()  # after an error or Ctrl-C too: the items still queued ask nothing
     file.close()
     cache.close()
 
@@ -779,11 +784,6 @@ def main(argv=None):
     human = commands.add_parser("human", help="blind judging session in the terminal")
     judge = commands.add_parser("judge", help="LLM judge through an OpenAI-compatible API, in both orders")
     report = commands.add_parser("report", help="win rates, confidence intervals, agreement, position and length")
-    for p in (human, judge):
-        p.add_argument("--judgments", default="judgments.jsonl", help="append-only judgments file")
-        p.add_argument("--annotations", help="import the verdicts of an alpaca_eval annotations.json instead")
-    report.add_argument("--judgments", nargs="+", default=["judgments.jsonl"], help="one or more judgments files")
-    report.add_argument("--annotations", help="write alpaca_eval's annotations.json here (needs --a, --b)")
     for p in (human, judge, report):
         p.add_argument("--a", required=p is not report, help="outputs of model A (JSONL or JSON array)")
         p.add_argument("--b", required=p is not report, help="outputs of model B")
@@ -792,6 +792,11 @@ def main(argv=None):
         p.add_argument("--eval_set", help="self-instruct style eval set that fixes the item list and order")
         p.add_argument("--allow_missing", action="store_true", help="leave out (and list) problem items, not stop")
         p.add_argument("--seed", type=int, default=0, help="seed for the order of responses and the bootstrap")
+    for p in (human, judge):
+        p.add_argument("--judgments", default="judgments.jsonl", help="append-only judgments file")
+        p.add_argument("--annotations", help="import the verdicts of an alpaca_eval annotations.json instead")
+    report.add_argument("--judgments", nargs="+", default=["judgments.jsonl"], help="one or more judgments files")
+    report.add_argument("--annotations", help="write alpaca_eval's annotations.json here (needs --a, --b)")
     human.add_argument("--annotator", required=True, help="your name; each annotator resumes where they stopped")
     human.add_argument("--rate", action="store_true", help="also rate each response A-D (self-instruct scale)")
     judge.add_argument("--model", default="gpt-4o-mini", help="judge model (and annotator name: judge:<model>)")
