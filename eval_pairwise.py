@@ -86,7 +86,7 @@ def load_eval_set(path):
 
 
 def text_id(item):
-    return "h" + digest(item["instruction"], item["input"])[:10]
+    return "h" + digest(item["instruction"], item["input"])[:10]  # for an item without an id: the same every run
 
 
 def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow_missing=False):
