@@ -557,11 +557,11 @@ def run_judge(args):
                 stop.set()
                 raise SystemExit(f"judge API error on item {item['id']}: {e}")
             answer, usage = response.choices[0].message.content or "", response.usage
-            tokens.append((usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0))
+            used = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+            tokens.append(used)
             if parse_verdict(answer, first) is not None:  # unparseable answers are asked again on a rerun
                 append_jsonl(cache, {"key": key, "model": args.model, "prompt_version": PROMPT_VERSION,
-                                     "answer": answer, "tokens_in": usage.prompt_tokens if usage else 0,
-                                     "tokens_out": usage.completion_tokens if usage else 0})
+                                     "answer": answer, "tokens_in": used[0], "tokens_out": used[1]})
             answers[key] = answer
             bar.update(1)
         return task
