@@ -5,19 +5,11 @@ responses and say which is better; then we report the result with the statistics
 
     python eval_pairwise.py human  --a=a.jsonl --b=b.jsonl --annotator=alice --judgments=judgments.jsonl
     python eval_pairwise.py judge  --a=a.jsonl --b=b.jsonl --model=gpt-4o-mini --judgments=judgments.jsonl
-    python eval_pairwise.py report --judgments=judgments.jsonl [--a=a.jsonl --b=b.jsonl] [--markdown=report.md]
+    python eval_pairwise.py report --a=a.jsonl --b=b.jsonl --judgments=judgments.jsonl > report.md
 
-A and B: JSONL or JSON arrays with instruction, input and output (or response), optionally id and generator, as
-sample.py, self-instruct's predictions and alpaca_eval's model_outputs.json have them. Items align on `id` when both
-files share ids, else on (instruction, input), whitespace around them ignored; `--eval_set` (self-instruct tasks,
-`<id>#<k>` for the k-th of several instances) fixes the items and their order. Problems are listed and stop the run.
-
-The judgments file is append-only JSONL, one record per judgment: annotator (a name, or "judge:<model>"), item,
-model_a, model_b, first (the model shown as Response 1), verdict ("a", "b", "tie" or "skip"), rating_a/rating_b
-(self-instruct's A-D, with --rate), len_a/len_b (words, so `report` needs nothing else), time; the judge adds
-prompt_version, pair_key and orders [{first, verdict, answer, key}] with its raw answers. The last record per
-(annotator, item) supersedes earlier ones. alpaca_eval's annotations.json goes both ways: `report --annotations`
-writes one, `judge`/`human --annotations` import one.
+Judgments are append-only JSONL: annotator (a name, or "judge:<model>"), item, model_a, model_b, first (the model
+shown as Response 1), verdict (a, b, tie, skip), time, and the judge's prompt_version, pair_key and orders [{first,
+verdict, answer, key}]. The last record per (annotator, item) counts.
 """
 
 import argparse
@@ -31,210 +23,80 @@ import re
 import shutil
 import sys
 import textwrap
+import threading
 
 import numpy as np
 
-PROMPT_VERSION = "v1"
+PROMPT_VERSION = "v1"  # part of every cache key: a changed judge prompt asks again
 VERDICTS = ("a", "b", "tie", "skip")
-RATING_SCALE = {"A": "valid and satisfying", "B": "acceptable, minor imperfections",
-                "C": "relevant but significant errors", "D": "irrelevant or invalid"}
-MAX_RETRIES = 6
+SCORE = {"a": 1.0, "b": 0.0, "tie": 0.5}  # A's score on an item: a tie is half a win
+OTHER = {"a": "b", "b": "a"}
 BOOTSTRAP = 1000
 
 
-def read_records(path):
-    """(where, record) for each object of a JSON array or a JSONL file; `where` ("file:line" or "file: item i")
-    starts error messages. A torn last JSONL line (no newline, not JSON: a killed writer) is skipped with a note."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise SystemExit(f"{path}: file not found")
-    records = []
-    if text.lstrip().startswith("["):
-        try:
-            records = [(f"{path}: item {i}", r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
-    else:
-        lines = text.split("\n")  # the last one is "" when the file ends with a newline
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                if lineno == len(lines):
-                    print(f"{path}:{lineno}: ignoring a torn last line (an interrupted write)", file=sys.stderr)
-                    continue
-                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg})")
-    for where, r in records:
-        if not isinstance(r, dict):
-            raise SystemExit(f"{where}: expected a JSON object")
-    return records
+# 1. Pairing. A and B are JSONL or JSON arrays: sample.py's records (id, instruction, input, output, generator),
+# self-instruct's predictions (no id, the text in `response`), alpaca_eval's model_outputs.json. Items align on `id`
+# when both files share ids (sample.py writes the eval set's), else on (instruction, input). Problems stop the run.
 
-
-def open_for_append(path):
-    """Open an append-only JSONL file, first cutting off a torn last line left by a killed writer."""
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if data.lstrip().startswith(b"["):
-                raise SystemExit(f"{path}: a JSON array cannot be appended to; judge into a JSONL file")
-            if data and not data.endswith(b"\n"):
-                cut = data.rfind(b"\n") + 1
-                try:
-                    json.loads(data[cut:])
-                    f.write(b"\n")
-                except ValueError:
-                    f.truncate(cut)
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-
-def append_record(fd, record):
-    # One write() per line on an O_APPEND file: the line is on disk at once, and annotators sharing a file don't mix.
-    os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def digest(*parts):
-    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8")).hexdigest()[:24]
-
-
-def now():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def words(text):
-    return len(text.split())
-
-
-def judgment(annotator, item, names, first, verdict, **extra):
-    return {"annotator": annotator, "item": item["id"], "model_a": names[0], "model_b": names[1], "first": first,
-            "verdict": verdict, **extra, "len_a": words(item["out_a"]), "len_b": words(item["out_b"]), "time": now()}
-
-
-def stop_on_problems(problems, allow_missing, stop, go_on):
-    """List the problems (the first 30); stop with `stop` unless --allow_missing, then go on saying `go_on`."""
-    if problems:
-        shown = "\n".join(problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else []))
-        if not allow_missing:
-            raise SystemExit(f"{shown}\n{len(problems)} {stop}")
-        print(f"{shown}\n--allow_missing: {go_on}", file=sys.stderr)
+def string(r, *names, optional=False):
+    """Field names[0] of record r (or the first alternative it has) as a string; an optional one defaults to ""."""
+    value = next((r[n] for n in names if r.get(n) is not None), "" if optional else None)
+    if not isinstance(value, str):
+        alt = "".join(f" (or '{n}')" for n in names[1:])
+        raise SystemExit(f"{r['where']}: field '{names[0]}'{alt} {'is not' if optional else 'missing or not'} a string")
+    return value
 
 
 def load_outputs(path, name):
-    """sample.py's JSONL, alpaca_eval's model_outputs.json, self-instruct's predictions (text in `response`)..."""
-    rows, generators = [], set()
-    for where, r in read_records(path):
-        text = r.get("output", r.get("response"))
-        if not isinstance(r.get("instruction"), str):
-            raise SystemExit(f"{where}: field 'instruction' missing or not a string")
-        if not isinstance(text, str):
-            raise SystemExit(f"{where}: field 'output' (or 'response') missing or not a string")
-        if not isinstance(r.get("input") or "", str):
-            raise SystemExit(f"{where}: field 'input' is not a string")
-        rows.append({"where": where, "id": None if r.get("id") is None else str(r["id"]),
-                     "instruction": r["instruction"].strip(), "input": (r.get("input") or "").strip(),
-                     "output": text})
-        if r.get("generator"):
-            generators.add(str(r["generator"]))
-    if not rows:
-        raise SystemExit(f"{path}: no outputs")
-    if name is None:
-        if len(generators) > 1:
-            raise SystemExit(f"{path}: outputs of several generators ({', '.join(sorted(generators))}); "
-                             "split the file or name the model with --name_a/--name_b")
-        name = generators.pop() if generators else os.path.splitext(os.path.basename(path))[0]
-    return name, rows
+    """The model's name and its outputs; whitespace around the text is ignored (self-instruct's ends in newlines)."""
+    records = read_records(path)
+    rows = [{"where": r["where"], "id": None if r.get("id") is None else str(r["id"]),
+             "instruction": string(r, "instruction").strip(), "input": string(r, "input", optional=True).strip(),
+             "output": string(r, "output", "response")} for r in records]
+    generators = sorted({str(r["generator"]) for r in records if r.get("generator")})
+    if name is None and len(generators) > 1:
+        raise SystemExit(f"{path}: outputs of several generators ({', '.join(generators)}); "
+                         "split the file or name the model with --name_a/--name_b")
+    return name or (generators + [os.path.splitext(os.path.basename(path))[0]])[0], rows
 
 
-def load_eval_set(path):
-    """Self-instruct format: one task per line with its instances; a task with several instances gives id#k items."""
-    items = []
-    for where, r in read_records(path):
-        if not isinstance(r.get("instruction"), str):
-            raise SystemExit(f"{where}: field 'instruction' missing or not a string")
-        instances = r.get("instances", [{"input": r.get("input") or ""}])
-        if not isinstance(instances, list) or not instances or not all(isinstance(x, dict) for x in instances):
-            raise SystemExit(f"{where}: field 'instances' must be a non-empty list of objects")
-        for k, instance in enumerate(instances):
-            text = (r["instruction"].strip(), (instance.get("input") or "").strip())
-            item_id = str(r["id"]) if r.get("id") is not None else text_id(*text)
-            items.append({"where": where, "id": item_id if len(instances) == 1 else f"{item_id}#{k}",
-                          "instruction": text[0], "input": text[1]})
-    return items
-
-
-def text_id(instruction, input):
-    return "h" + digest(instruction, input)[:10]
-
-
-def align(path_a, rows_a, path_b, rows_b, eval_path=None, eval_items=None, allow_missing=False):
-    """Pair A's and B's outputs item by item. Every problem is listed; without --allow_missing any problem stops."""
-    eval_ids = {e["id"] for e in eval_items or []}
+def align(path_a, rows_a, path_b, rows_b, allow_missing=False):
+    """Pair A's and B's outputs item by item, in A's order; problems are listed, and stop without --allow_missing."""
+    ids_a, ids_b = {r["id"] for r in rows_a}, {r["id"] for r in rows_b}
     # Ids from two different systems may follow different schemes; then only the text can pair them up.
-    use_ids = (all(r["id"] is not None for r in rows_a + rows_b)
-               and bool({r["id"] for r in rows_a} & {r["id"] for r in rows_b})
-               and (not eval_items or any(r["id"] in eval_ids for r in rows_a)))
+    use_ids = None not in ids_a | ids_b and bool(ids_a & ids_b)
+    key = (lambda r: r["id"]) if use_ids else (lambda r: (r["instruction"], r["input"]))
+    problems, bad = [], set()  # bad: the keys of the items left out
 
-    def key(r):
-        return r["id"] if use_ids else (r["instruction"], r["input"])
+    def problem(r, message):
+        problems.append(f"{r['where']}: item {key(r) if use_ids else key(r)[0][:50]!r} {message}")
+        bad.add(key(r))
 
-    def describe(k):
-        return repr(k) if use_ids else repr(k[0][:50])
-
-    problems, bad = [], set()
-
-    def index(rows):
+    def index(rows):  # key -> row, in the file's order
         by_key = {}
         for r in rows:
-            k = key(r)
-            if k in by_key:
-                problems.append(f"{r['where']}: item {describe(k)} duplicates {by_key[k]['where']}")
-                bad.add(k)
-            else:
-                by_key[k] = r
+            if key(r) in by_key:
+                problem(r, f"duplicates {by_key[key(r)]['where']}")
             if not r["output"].strip():
-                problems.append(f"{r['where']}: item {describe(k)} has an empty output")
-                bad.add(k)
+                problem(r, "has an empty output")
+            by_key.setdefault(key(r), r)
         return by_key
-
     a, b = index(rows_a), index(rows_b)
-    ids = {}
-    if eval_items:
-        for e in eval_items:
-            k = key(e)
-            if k in ids:
-                problems.append(f"{e['where']}: item {describe(k)} appears twice in the eval set")
-                bad.add(k)
-            ids[k] = e["id"]
-            for path, by_key in ((path_a, a), (path_b, b)):
-                if k not in by_key:
-                    problems.append(f"{e['where']}: item {describe(k)} missing from {path}")
-                    bad.add(k)
-        for path, by_key in ((path_a, a), (path_b, b)):
-            problems += [f"{r['where']}: item {describe(k)} is not in the eval set {eval_path}"
-                         for k, r in by_key.items() if k not in ids]
-        order = list(ids)
-    else:
-        order = list(a) + [k for k in b if k not in a]
-        for k in order:
-            for path, here, other_path, there in ((path_a, a, path_b, b), (path_b, b, path_a, a)):
-                if k in here and k not in there:
-                    problems.append(f"{here[k]['where']}: item {describe(k)} missing from {other_path}")
-                    bad.add(k)
-        ids = {k: a[k]["id"] or b[k]["id"] or text_id(*k) for k in order if k in a and k in b}
-    stop_on_problems(problems, allow_missing, f"alignment problem(s): fix the files, or pass --allow_missing to "
-                     f"leave these {len(bad)} item(s) out", f"leaving {len(bad)} item(s) out")
-    print(f"aligned {len(order) - len(bad)} items on {'id' if use_ids else '(instruction, input)'}", file=sys.stderr)
-    return [{"id": ids[k], "instruction": a[k]["instruction"], "input": a[k]["input"],
-             "out_a": a[k]["output"], "out_b": b[k]["output"]} for k in order if k not in bad]
+    for rows, other_rows, other_path in ((a, b, path_b), (b, a, path_a)):
+        for k, r in rows.items():
+            if k not in other_rows:
+                problem(r, f"missing from {other_path}")
+    if problems:
+        shown = "\n".join(problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else []))
+        if not allow_missing:
+            raise SystemExit(f"{shown}\n{len(problems)} alignment problem(s): fix the files, or pass --allow_missing "
+                             f"to leave these {len(bad)} item(s) out")
+        print(f"{shown}\n--allow_missing: leaving {len(bad)} item(s) out", file=sys.stderr)
+    items = [{"id": a[k]["id"] or b[k]["id"] or "h" + digest(*k)[:10],  # no ids: one from the text, every run the same
+              "instruction": a[k]["instruction"], "input": a[k]["input"], "out_a": a[k]["output"],
+              "out_b": b[k]["output"]} for k in a if k not in bad]
+    print(f"aligned {len(items)} items on {'id' if use_ids else '(instruction, input)'}", file=sys.stderr)
+    return items
 
 
 def prepare(args):
@@ -242,138 +104,20 @@ def prepare(args):
     name_b, rows_b = load_outputs(args.b, args.name_b)
     if name_a == name_b:
         raise SystemExit(f"both models are named {name_a!r}; tell them apart with --name_a/--name_b")
-    eval_items = load_eval_set(args.eval_set) if args.eval_set else None
-    items = align(args.a, rows_a, args.b, rows_b, args.eval_set, eval_items, args.allow_missing)
+    items = align(args.a, rows_a, args.b, rows_b, args.allow_missing)
     if not items:
         raise SystemExit("no items to compare")
     return name_a, name_b, items
 
 
-def load_judgments(paths, missing_ok=False):
-    records = []
-    for path in paths:
-        if missing_ok and not os.path.exists(path):
-            continue
-        for where, r in read_records(path):
-            for field in ("annotator", "item", "model_a", "model_b", "verdict"):
-                if not isinstance(r.get(field), str) or not r[field]:
-                    raise SystemExit(f"{where}: field '{field}' missing or not a string")
-            if r["verdict"] not in VERDICTS:
-                raise SystemExit(f"{where}: field 'verdict' is {r['verdict']!r}, not one of {', '.join(VERDICTS)}")
-            if r.get("first") not in ("a", "b", None):
-                raise SystemExit(f"{where}: field 'first' is {r['first']!r}, not 'a' or 'b'")
-            r["where"] = where
-            records.append(r)
-    return records
-
-
-def check_models(records, name_a, name_b):
-    for r in records:
-        if (r["model_a"], r["model_b"]) != (name_a, name_b):
-            raise SystemExit(f"{r['where']}: this judgment compares {r['model_a']!r} (A) with {r['model_b']!r} (B), "
-                             f"not {name_a!r} with {name_b!r}")
-
-
-def latest(records):
-    """The last record per (annotator, item): judging again supersedes."""
-    return {(r["annotator"], r["item"]): r for r in records}
-
-
-def session(args, annotator):
-    """What judging starts from: the two model names, the aligned items, the annotator's current judgments, and
-    the judgments file open for appending."""
-    name_a, name_b, items = prepare(args)
-    records = load_judgments([args.judgments], missing_ok=True)
-    check_models(records, name_a, name_b)
-    done = {item: r for (who, item), r in latest(records).items() if who == annotator}
-    return (name_a, name_b), items, done, open_for_append(args.judgments)
-
+# 2. Blind order: the rater sees "Response 1" and "Response 2", never the models' names.
 
 def order_first(seed, annotator, item):
     """Which model is Response 1: a coin flip fixed by (seed, annotator, item), so it is the same on every run."""
     return "a" if hashlib.sha256(f"{seed}\0{annotator}\0{item}".encode()).digest()[0] % 2 == 0 else "b"
 
 
-def other(model):
-    return "b" if model == "a" else "a"
-
-
-def wrap(text, width, indent="  "):
-    lines = []
-    for paragraph in text.splitlines() or [""]:
-        lines += textwrap.wrap(paragraph, width, initial_indent=indent, subsequent_indent=indent) or [""]
-    return "\n".join(lines)
-
-
-def show_item(item, position, total, first, earlier, width):
-    out = {"a": item["out_a"], "b": item["out_b"]}
-    print()
-    print(f"-- item {position + 1} of {total} ({item['id']}) ".ljust(width, "-")[:width])
-    print("Instruction:\n" + wrap(item["instruction"], width))
-    if item["input"]:
-        print("Input:\n" + wrap(item["input"], width))
-    print("Response 1:\n" + wrap(out[first], width))
-    print("Response 2:\n" + wrap(out[other(first)], width))
-    if earlier:
-        verdict = earlier["verdict"]
-        shown = {first: "Response 1", other(first): "Response 2"}.get(verdict, verdict)
-        print(wrap(f"(your earlier verdict: {shown}; answer again to replace it)", width, ""))
-
-
-def ask(prompt, keys):
-    """One key from the user; None on end of input or Ctrl-C, which we treat as quit."""
-    while True:
-        try:
-            answer = input(prompt).strip().lower()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return None
-        if len(answer) == 1 and answer in keys:
-            return answer
-        print(f"type one of: {' '.join(keys)}")
-
-
-def next_unjudged(items, done, start):
-    return next((i for i in range(start, len(items)) if items[i]["id"] not in done), len(items))
-
-
-def run_human(args):
-    if args.annotations:
-        return import_annotations(args, args.annotator)
-    names, items, done, fd = session(args, args.annotator)
-    width = max(20, shutil.get_terminal_size().columns - 1)
-    print(wrap(f"{len(items)} items, {sum(i['id'] in done for i in items)} already judged by {args.annotator}. "
-               "Which response is better? 1 or 2, t = tie, s = skip, b = back, q = quit.", width, ""))
-    if args.rate:
-        print("\n".join(wrap(f"{k} = {v}", width, "") for k, v in RATING_SCALE.items()))
-    i = next_unjudged(items, done, 0)
-    while i < len(items):
-        item = items[i]
-        first = order_first(args.seed, args.annotator, item["id"])
-        show_item(item, i, len(items), first, done.get(item["id"]), width)
-        key = ask("[1/2/t/s/b/q] > ", "12tsbq")
-        if key in (None, "q"):
-            break
-        if key == "b":
-            if i == 0:
-                print("(this is the first item)")
-            i = max(0, i - 1)
-            continue
-        verdict, ratings = {"1": first, "2": other(first), "t": "tie", "s": "skip"}[key], {}
-        if args.rate and verdict != "skip":
-            given = [ask(f"rate Response {n} [A-D] > ", "abcd") for n in "12"]
-            if None in given:
-                break
-            ratings = {f"rating_{first}": given[0].upper(), f"rating_{other(first)}": given[1].upper()}
-        record = judgment(args.annotator, item, names, first, verdict, **ratings)
-        append_record(fd, record)
-        done[item["id"]] = record
-        i = next_unjudged(items, done, i + 1)
-    os.close(fd)
-    left = sum(item["id"] not in done for item in items)
-    print(wrap(f"{args.annotator}: {len(items) - left} of {len(items)} items judged"
-               + (f"; {left} left, run the same command to continue" if left else "; done"), width, ""))
-
+# 3. The LLM judge: asked in both orders (see run_judge), its verdict a token on the last line.
 
 JUDGE_SYSTEM = "You are a careful and impartial evaluator of answers written by AI assistants."
 
@@ -394,192 +138,22 @@ JUDGE_TEMPLATE = """Below is a task for an AI assistant (an instruction, sometim
 First compare the two responses in a few sentences. Then put your verdict alone on the last line: [[1]] if Response 1 is better, [[2]] if Response 2 is better, or [[T]] if they are equally good or equally bad."""
 
 
-def judge_messages(instruction, input, response1, response2):
-    prompt = JUDGE_TEMPLATE.format(instruction=instruction, input=input or "(none)",
-                                   response1=response1, response2=response2)
+def judge_messages(item, first):
+    prompt = JUDGE_TEMPLATE.format(instruction=item["instruction"], input=item["input"] or "(none)",
+                                   response1=item[f"out_{first}"], response2=item[f"out_{OTHER[first]}"])
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
 
 
 def parse_verdict(answer, first):
     """The last verdict token in the answer, in terms of models; None when there is none."""
     tokens = re.findall(r"\[\[\s*([12T])\s*\]\]", answer or "", re.IGNORECASE)
-    if not tokens:
-        return None
-    return {"1": first, "2": other(first), "T": "tie"}[tokens[-1].upper()]
+    return {"1": first, "2": OTHER[first], "T": "tie"}[tokens[-1].upper()] if tokens else None
 
 
-def run_judge(args):
-    if args.annotations:
-        return import_annotations(args, f"judge:{args.model}")
-    import openai  # only the judge needs it; keeps the other subcommands quick to start
-    from tqdm import tqdm
-    annotator = f"judge:{args.model}"
-    names, items, done, fd = session(args, annotator)
-    cache_path = args.cache or os.path.splitext(args.judgments)[0] + ".cache.jsonl"
-    cache = {r["key"]: r for _, r in read_records(cache_path)} if os.path.exists(cache_path) else {}
-    cache_fd = open_for_append(cache_path)
-    # The client retries 408, 409, 429, 5xx and network errors itself, with backoff or as Retry-After asks.
-    client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "none"),
-                           max_retries=MAX_RETRIES, timeout=120.0)
-
-    answers, calls, waiting, failures = {}, [], {}, []
-    counts = {"skipped": 0, "identical": 0, "cached": 0, "calls": 0, "tokens_in": 0, "tokens_out": 0, "usd": 0.0}
-
-    def finish_if_answered(item_id):
-        item, firsts, pair_key = waiting[item_id]
-        if not all((item_id, f) in answers for f in firsts):
-            return
-        del waiting[item_id]
-        orders = [{"first": f, "verdict": parse_verdict(answers[item_id, f][0], f), "answer": answers[item_id, f][0],
-                   "key": answers[item_id, f][1]} for f in firsts]
-        if any(o["verdict"] is None for o in orders):
-            return failures.append(item_id)
-        # Two orders that disagree mean the judge followed the position, not the content: a tie.
-        verdicts = {o["verdict"] for o in orders}
-        append_record(fd, judgment(annotator, item, names, firsts[0], verdicts.pop() if len(verdicts) == 1 else "tie",
-                                   prompt_version=PROMPT_VERSION, pair_key=pair_key, orders=orders))
-
-    for item in items:
-        firsts = [order_first(args.seed, annotator, item["id"])] if args.single_order else ["a", "b"]
-        pair_key = digest(args.model, PROMPT_VERSION, item["instruction"], item["input"], item["out_a"],
-                          item["out_b"], firsts)
-        if done.get(item["id"], {}).get("pair_key") == pair_key:
-            counts["skipped"] += 1
-            continue
-        if item["out_a"].strip() == item["out_b"].strip():
-            counts["identical"] += 1
-            append_record(fd, judgment(annotator, item, names, None, "tie", prompt_version=PROMPT_VERSION,
-                                       pair_key=pair_key, orders=[], note="identical outputs"))
-            continue
-        for first in firsts:
-            out = {"a": item["out_a"], "b": item["out_b"]}
-            key = digest(args.model, PROMPT_VERSION, item["instruction"], item["input"], out[first], out[other(first)])
-            if key in cache:
-                answers[item["id"], first] = (cache[key]["answer"], key)
-                counts["cached"] += 1
-            else:
-                messages = judge_messages(item["instruction"], item["input"], out[first], out[other(first)])
-                calls.append((item["id"], first, key, messages))
-        waiting[item["id"]] = (item, firsts, pair_key)
-    for item_id in list(waiting):
-        finish_if_answered(item_id)
-
-    # Keep at most --concurrency requests in flight and stop sending once the budget is spent.
-    queue, pending = iter(calls), {}
-    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool, \
-            tqdm(total=len(calls), desc="judge", disable=not calls) as bar:
-        while True:
-            while len(pending) < args.concurrency and counts["usd"] < args.max_usd:
-                call = next(queue, None)
-                if call is None:
-                    break
-                pending[pool.submit(client.chat.completions.create, model=args.model, messages=call[3],
-                                    temperature=args.temperature, max_tokens=args.max_new_tokens)] = call
-            if not pending:
-                break
-            finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in finished:
-                item_id, first, key, _ = pending.pop(future)
-                try:
-                    response = future.result()
-                except openai.OpenAIError as e:
-                    for f in pending:
-                        f.cancel()
-                    raise SystemExit(f"judge API error on item {item_id}: {e}")
-                answer, usage = response.choices[0].message.content or "", response.usage
-                tokens_in, tokens_out = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-                counts["calls"] += 1
-                counts["tokens_in"] += tokens_in
-                counts["tokens_out"] += tokens_out
-                counts["usd"] += (tokens_in * args.price_in + tokens_out * args.price_out) / 1e6
-                bar.update(1)
-                if parse_verdict(answer, first) is not None:  # unparseable answers are asked again on a rerun
-                    append_record(cache_fd, {"key": key, "model": args.model, "prompt_version": PROMPT_VERSION,
-                                             "answer": answer, "tokens_in": tokens_in, "tokens_out": tokens_out})
-                answers[item_id, first] = (answer, key)
-                finish_if_answered(item_id)
-    os.close(fd)
-    os.close(cache_fd)
-
-    unasked = sum(1 for _ in queue)
-    print(f"{annotator}: {len(items)} items; {counts['skipped']} already judged, {counts['identical']} identical "
-          f"outputs (tie, no call), {counts['cached']} answers from the cache, {counts['calls']} API calls")
-    print(f"tokens: {counts['tokens_in']} in, {counts['tokens_out']} out; cost ${counts['usd']:.4f} "
-          f"(at ${args.price_in}/${args.price_out} per 1M tokens)")
-    if unasked:
-        raise SystemExit(f"budget --max_usd={args.max_usd} reached: {unasked} calls not made, "
-                         f"{len(waiting)} items not judged; rerun with a larger budget to continue")
-    if failures:
-        message = (f"{len(failures)} item(s) with an unparseable judge answer (no [[1]], [[2]] or [[T]]), not "
-                   f"recorded: {', '.join(failures[:20])}{' ...' if len(failures) > 20 else ''}; a rerun asks again")
-        if not args.allow_failures:
-            raise SystemExit(message)
-        print(message)
-
-
-# alpaca_eval's annotations.json: output_1 is the reference and output_2 the model under evaluation; preference 1
-# means output_1 is better, 2 output_2, 1.5 (0 in old files) a tie, values between a weighted verdict, -1 or null no
-# verdict. So A, the model being evaluated, is written as output_2 and alpaca_eval's win rate is A's (ties half).
-PREFERENCE = {"b": 1, "a": 2, "tie": 1.5}
-
-
-def merged_instruction(instruction, input):
-    return f"{instruction}\n\n{input}" if input else instruction  # how alpaca_eval folds an input in
-
-
-def to_annotations(current, items, name_a, name_b):
-    raters = sorted({annotator for annotator, _ in current})
-    return [{"instruction": merged_instruction(item["instruction"], item["input"]), "output_1": item["out_b"],
-             "generator_1": name_b, "output_2": item["out_a"], "generator_2": name_a, "annotator": annotator,
-             "preference": PREFERENCE[r["verdict"]]}
-            for item in items for annotator in raters
-            for r in [current.get((annotator, item["id"]))] if r and r["verdict"] != "skip"]
-
-
-def import_annotations(args, annotator):
-    """Append the verdicts of an alpaca_eval annotations file as `annotator`'s judgments. Annotations align on the
-    instruction (input folded in, as alpaca_eval does) and must show the outputs of --a and --b, in either order.
-    Rerunning appends nothing new."""
-    names, items, done, fd = session(args, annotator)
-    by_text = {merged_instruction(item["instruction"], item["input"]): item for item in items}
-    problems, found, unusable = [], {}, 0
-    for where, r in read_records(args.annotations):
-        for field in ("instruction", "output_1", "output_2"):
-            if not isinstance(r.get(field), str):
-                raise SystemExit(f"{where}: field '{field}' missing or not a string")
-        item = by_text.get(merged_instruction(r["instruction"].strip(), (r.get("input") or "").strip()))
-        pair, p = (r["output_1"].strip(), r["output_2"].strip()), r.get("preference")
-        if item is None:
-            problems.append(f"{where}: instruction {r['instruction'][:50]!r} is not one of the {len(items)} items")
-            continue
-        ab, ba = (item["out_a"].strip(), item["out_b"].strip()), (item["out_b"].strip(), item["out_a"].strip())
-        if pair not in (ab, ba):
-            problems.append(f"{where}: item {item['id']!r}: the outputs are not those of {args.a} and {args.b}")
-        elif item["id"] in found:
-            problems.append(f"{where}: item {item['id']!r} annotated twice (also at {found[item['id']][0]})")
-        elif p is None or p == -1 or p != p:  # p != p: NaN
-            unusable += 1
-        elif isinstance(p, bool) or not isinstance(p, (int, float)) or not (p == 0 or 1 <= p <= 2):
-            problems.append(f"{where}: field 'preference' is {p!r}, not 0 or a number from 1 to 2")
-        else:
-            models = ("b", "a") if pair == ba else ("a", "b")  # the models shown as output_1, output_2
-            verdict = "tie" if p in (0, 1.5) or ab == ba else models[0] if p < 1.5 else models[1]
-            found[item["id"]] = (where, item, verdict, p)
-    stop_on_problems(problems, args.allow_missing, f"problem(s) in {args.annotations}; pass --allow_missing to "
-                     "import the rest", f"leaving {len(problems)} annotation(s) out")
-    added = 0
-    for item_id, (where, item, verdict, p) in found.items():
-        key = digest("annotations", item["out_a"], item["out_b"], verdict, p)
-        if done.get(item_id, {}).get("pair_key") != key:
-            append_record(fd, judgment(annotator, item, names, None, verdict, pair_key=key, preference=p,
-                                       source=where))
-            added += 1
-    os.close(fd)
-    print(f"{annotator}: {len(found)} verdicts in {args.annotations} ({added} new, {unusable} annotations without "
-          f"one); {len(items) - len(found)} of {len(items)} items not annotated")
-
+# 4. Statistics: how sure may we be of "A wins 90 versus 89"?
 
 def wilson(k, n, z=1.959963984540054):
+    """95% interval for a share of k in n; unlike the normal approximation it stays in [0, 1] for small n."""
     if n == 0:
         return (math.nan, math.nan)
     p = k / n
@@ -590,13 +164,12 @@ def wilson(k, n, z=1.959963984540054):
 
 def sign_test(wins, losses):
     """Two-sided exact binomial test of wins vs losses at p = 1/2; ties are left out."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
+    n = wins + losses  # n = 0 gives 1
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n)
 
 
 def cohen_kappa(x, y, labels=("a", "b", "tie")):
+    """Agreement of two raters beyond what their verdict shares would give by chance (1 = always agree)."""
     x, y = np.asarray(x), np.asarray(y)
     if len(x) == 0:
         return math.nan
@@ -646,245 +219,379 @@ def length_controlled(scores, len_a, len_b, seed):
 def summarize(verdicts, lengths, seed):
     """Headline numbers for one rater. verdicts: {item: verdict}; skips are counted but not scored."""
     scored = {item: v for item, v in verdicts.items() if v != "skip"}
-    wins, losses = sum(v == "a" for v in scored.values()), sum(v == "b" for v in scored.values())
-    ties, n = len(scored) - wins - losses, len(scored)
-    s = {"items": n, "wins": wins, "losses": losses, "ties": ties, "skips": len(verdicts) - n,
-         "win_rate": math.nan, "se": math.nan, "ci": [math.nan, math.nan],
-         "decisive_share": wins / (wins + losses) if wins + losses else math.nan,
-         "wilson": list(wilson(wins, wins + losses)), "sign_p": sign_test(wins, losses),
-         "lc_win_rate": math.nan, "lc_se": math.nan, "length_slope": math.nan}
-    if n == 0:
-        return s
-    scores = np.array([{"a": 1.0, "b": 0.0, "tie": 0.5}[v] for v in scored.values()])
-    resampled = scores[np.random.default_rng(seed).integers(0, n, (BOOTSTRAP, n))].mean(1)
-    s.update(win_rate=float(scores.mean()), se=float(scores.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
-             ci=[float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))])
-    if lengths and n > 1:
-        len_a, len_b = zip(*(lengths[item] for item in scored))
-        s["lc_win_rate"], s["lc_se"], s["length_slope"] = length_controlled(scores, len_a, len_b, seed)
-    return s
+    scores, n = np.array([SCORE[v] for v in scored.values()]), len(scored)
+    wins, losses = int(np.sum(scores == 1)), int(np.sum(scores == 0))
+    resampled = scores[np.random.default_rng(seed).integers(0, n, (BOOTSTRAP, n))].mean(1) if n else None
+    lc = (length_controlled(scores, *zip(*(lengths[item] for item in scored)), seed) if lengths and n > 1
+          else (math.nan,) * 3)
+    return {"items": n, "wins": wins, "losses": losses, "ties": n - wins - losses, "skips": len(verdicts) - n,
+            "win_rate": float(scores.mean()) if n else math.nan,
+            "se": float(scores.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+            "ci": [float(np.percentile(resampled, q)) if n else math.nan for q in (2.5, 97.5)],
+            "decisive_share": wins / (wins + losses) if wins + losses else math.nan,
+            "wilson": list(wilson(wins, wins + losses)), "sign_p": sign_test(wins, losses),
+            "lc_win_rate": lc[0], "lc_se": lc[1], "length_slope": lc[2]}
 
 
-def majority(votes):
-    """Plurality of a/b/tie; a draw between the top verdicts is a tie."""
-    counts = {v: votes.count(v) for v in ("a", "b", "tie")}
-    top = max(counts.values())
-    winners = [v for v, c in counts.items() if c == top]
-    return winners[0] if len(winners) == 1 else "tie"
+# 5. The report. report_numbers is the data (what --json writes); markdown() is a view of it.
 
-
-def pct(x):
-    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
-
-
-def num(x, digits=3):
-    return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
-
-
-def build_report(records, lengths, known_items, seed, sources):
-    name_a, name_b = records[0]["model_a"], records[0]["model_b"]
-    current = latest(records)
-    by_rater = {}
+def report_numbers(records, lengths, seed):
+    """Per rater, agreement between raters and position bias, from the last judgment per (annotator, item)."""
+    current, by_rater = latest(records), {}
     for (annotator, item), r in current.items():
         by_rater.setdefault(annotator, {})[item] = r
     humans = sorted(a for a in by_rater if not a.startswith("judge:"))
     judges = sorted(a for a in by_rater if a.startswith("judge:"))
     verdicts = {a: {item: r["verdict"] for item, r in by_rater[a].items()} for a in humans + judges}
-    if len(humans) > 1:
-        votes = {}
-        for a in humans:
-            for item, v in verdicts[a].items():
-                if v != "skip":
-                    votes.setdefault(item, []).append(v)
-        verdicts["humans (majority)"] = {item: majority(v) for item, v in votes.items()}
-    stats = {rater: summarize(v, lengths, seed) for rater, v in verdicts.items()}
-
-    out = [f"# Pairwise evaluation: {name_a} (A) vs {name_b} (B)", "",
-           f"Judgments: {', '.join(sources)}; {len(current)} current judgments "
-           f"({len(records) - len(current)} superseded records ignored)"
-           + (f"; {known_items} items in the outputs." if known_items else "."), "",
-           "| rater | judged | A wins | B wins | ties | skipped | A win rate (ties ½) | SE | 95% CI (bootstrap) "
-           "| A share of decisive, Wilson 95% CI | sign test p | length-controlled A win rate (SE) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for rater, s in stats.items():
-        out.append(f"| {rater} | {s['items']} | {s['wins']} | {s['losses']} | {s['ties']} | {s['skips']} | "
-                   f"{pct(s['win_rate'])} | {pct(s['se'])} | [{pct(s['ci'][0])}, {pct(s['ci'][1])}] | "
-                   f"{pct(s['decisive_share'])} [{pct(s['wilson'][0])}, {pct(s['wilson'][1])}] | "
-                   f"{num(s['sign_p'])} | {pct(s['lc_win_rate'])} ({pct(s['lc_se'])}) |")
-    out.append("")
-    for rater, s in stats.items():
-        decisive = s["wins"] + s["losses"]
-        if s["sign_p"] < 0.05:
-            better = name_a if s["wins"] > s["losses"] else name_b
-            finding = f"{better} is significantly better at the 5% level"
-        else:
-            finding = "no significant difference"
-        out.append(f"- {rater}: {name_a} wins {s['wins']} versus {s['losses']} for {name_b}, with {s['ties']} ties; "
-                   f"{finding} (two-sided sign test on the {decisive} decisive items, p = {num(s['sign_p'])}).")
-    out += ["", "Win rate counts a tie as half a win; SE is the standard error of the per-item score (1, ½, 0) and "
-            f"the CI a percentile bootstrap over items ({BOOTSTRAP} resamples, seed {seed}). The Wilson interval and "
-            "the sign test use only the decisive items (ties left out). Skipped items are not scored."]
-
-    agreement, fleiss = [], math.nan
-    pairs = [(x, y) for i, x in enumerate(humans) for y in humans[i + 1:]]
-    pairs += [(j, h) for j in judges for h in humans + (["humans (majority)"] if len(humans) > 1 else [])]
-    if pairs:
-        out += ["", "## Agreement", "", "| raters | items both judged | agreement | Cohen's κ |", "|---|---|---|---|"]
-        for x, y in pairs:
-            common = [i for i in verdicts[x] if verdicts[x][i] != "skip" and verdicts[y].get(i, "skip") != "skip"]
-            vx, vy = [verdicts[x][i] for i in common], [verdicts[y][i] for i in common]
-            agree = float(np.mean(np.array(vx) == np.array(vy))) if common else math.nan
-            agreement.append({"raters": [x, y], "items": len(common), "agreement": agree,
-                              "cohen_kappa": cohen_kappa(vx, vy)})
-            out.append(f"| {x} / {y} | {len(common)} | {pct(agree)} | {num(agreement[-1]['cohen_kappa'])} |")
-    if len(humans) > 2:
-        common = [i for i in verdicts[humans[0]] if all(verdicts[h].get(i, "skip") != "skip" for h in humans)]
-        counts = [[sum(verdicts[h][i] == c for h in humans) for c in ("a", "b", "tie")] for i in common]
-        fleiss = fleiss_kappa(counts) if common else math.nan
-        out += ["", f"Fleiss' κ over the {len(humans)} human annotators on the {len(common)} items all of them "
-                f"judged: {num(fleiss)}."]
-
-    out += ["", "## Position", "", "| rater | decisive answers | chose the response shown first "
-            "| both orders agree (judge) |", "|---|---|---|---|"]
-    for rater in humans + judges:
-        picks, both, consistent = [], 0, 0
-        for r in by_rater[rater].values():
-            orders = r.get("orders") or ([{"first": r.get("first"), "verdict": r["verdict"]}] if r.get("first") else [])
-            picks += [o["verdict"] == o["first"] for o in orders if o.get("verdict") in ("a", "b")]
-            if len(orders) == 2:
-                both += 1
-                consistent += orders[0]["verdict"] == orders[1]["verdict"]
-        stats[rater]["first_position_share"] = float(np.mean(picks)) if picks else math.nan
-        stats[rater]["position_consistency"] = consistent / both if both else math.nan
-        out.append(f"| {rater} | {len(picks)} | {pct(stats[rater]['first_position_share'])} | "
-                   + (f"{pct(consistent / both)} of {both} pairs |" if both else "- |"))
-    out += ["", "50% chose-first means no preference for the first position. For the judge each pair is asked in "
-            "both orders; when the two answers disagree the pair counts as a tie."]
-
-    if lengths:
-        judged = sorted({item for rater in humans + judges for item in by_rater[rater]} & set(lengths))
-        la, lb = np.array([lengths[i][0] for i in judged]), np.array([lengths[i][1] for i in judged])
-        out += ["", "## Length", "",
-                f"Over the {len(judged)} judged items, {name_a} answers in {la.mean():.0f} words on average "
-                f"(median {np.median(la):.0f}), {name_b} in {lb.mean():.0f} (median {np.median(lb):.0f}); "
-                f"{name_a} is longer on {pct(np.mean(la > lb))} of items.",
-                "The length-controlled win rate fits a logistic regression of the score (ties ½) on the length "
-                "difference in words divided by its SD, and reads it off at zero difference; its SE is a bootstrap "
-                "over items. Slope per SD of length difference: "
-                + ", ".join(f"{rater} {num(s['length_slope'], 2)}" for rater, s in stats.items()) + "."]
-
-    ratings = {rater: {m: [r.get(f"rating_{m}") for r in by_rater[rater].values() if r.get(f"rating_{m}")]
-                       for m in "ab"} for rater in humans}
-    if any(ratings[rater]["a"] or ratings[rater]["b"] for rater in humans):
-        out += ["", "## Quality ratings (self-instruct scale)", "",
-                "Scale: " + "; ".join(f"{k} = {v}" for k, v in RATING_SCALE.items()), "",
-                "| rater | model | A | B | C | D |", "|---|---|---|---|---|---|"]
-        for rater in humans:
-            for m, name in (("a", name_a), ("b", name_b)):
-                given = ratings[rater][m]
-                if given:
-                    out.append(f"| {rater} | {name} | " + " | ".join(str(given.count(g)) for g in "ABCD") + " |")
-    return "\n".join(out) + "\n", {"model_a": name_a, "model_b": name_b, "raters": stats,
-                                   "agreement": agreement, "fleiss_kappa": fleiss}
+    raters = {a: summarize(verdicts[a], lengths, seed) for a in verdicts}
+    for a in raters:  # position bias: how often decisive answers chose the response shown first (50%: none)
+        picks, agree = [], []  # agree: the judge's two orders of a pair gave the same verdict
+        for r in by_rater[a].values():
+            orders = r.get("orders") or ([{"first": r["first"], "verdict": r["verdict"]}] if r.get("first") else [])
+            picks += [o["verdict"] == o["first"] for o in orders if o["verdict"] in ("a", "b")]
+            agree += [orders[0]["verdict"] == orders[1]["verdict"]] if len(orders) == 2 else []
+        raters[a].update(decisive_answers=len(picks), pairs_in_both_orders=len(agree),
+                         first_position_share=float(np.mean(picks)) if picks else math.nan,
+                         position_consistency=float(np.mean(agree)) if agree else math.nan)
+    pairs = [(x, y) for i, x in enumerate(humans) for y in humans[i + 1:]] + [(j, h) for j in judges for h in humans]
+    agreement = []
+    for x, y in pairs:
+        common = [i for i, v in verdicts[x].items() if v != "skip" and verdicts[y].get(i, "skip") != "skip"]
+        vx, vy = np.array([verdicts[x][i] for i in common]), np.array([verdicts[y][i] for i in common])
+        agreement.append({"raters": [x, y], "items": len(common), "cohen_kappa": cohen_kappa(vx, vy),
+                          "agreement": float(np.mean(vx == vy)) if common else math.nan})
+    # Fleiss' kappa needs the same raters on every item: the items all humans judged, when there are 3 or more.
+    common = [i for i in verdicts[humans[0]] if all(verdicts[h].get(i, "skip") != "skip" for h in humans)
+              ] if len(humans) > 2 else []
+    counts = [[sum(verdicts[h][i] == c for h in humans) for c in ("a", "b", "tie")] for i in common]
+    return {"model_a": records[0]["model_a"], "model_b": records[0]["model_b"], "seed": seed, "judgments": len(current),
+            "superseded": len(records) - len(current), "raters": raters, "agreement": agreement,
+            "fleiss_kappa": fleiss_kappa(counts) if common else math.nan, "fleiss_raters": len(humans) if common else 0,
+            "fleiss_items": len(common)}
 
 
-def json_safe(value):
-    """NaN (a number that could not be computed) becomes null: JSON has no NaN."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
+def fmt(x, spec=".1%"):
+    return "n/a" if x is None or math.isnan(x) else format(x, spec)
+
+
+def table(header, rows):
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def markdown(s):
+    a, b, raters = s["model_a"], s["model_b"], s["raters"]
+    out = [f"# Pairwise evaluation: {a} (A) vs {b} (B)", "", f"Judgments: {', '.join(s['sources'])}; {s['judgments']} "
+           f"current judgments ({s['superseded']} superseded records ignored); {s['items']} items in the outputs.", ""]
+    out += table(["rater", "judged", "A wins", "B wins", "ties", "skipped", "A win rate, ties ½ (SE)",
+                  "95% CI (bootstrap)", "A share of decisive [Wilson 95% CI]", "sign test p",
+                  "length-controlled A win rate (SE)", "chose the response shown first", "both orders agree (judge)"],
+                 [[rater, r["items"], r["wins"], r["losses"], r["ties"], r["skips"],
+                   f"{fmt(r['win_rate'])} ({fmt(r['se'])})", f"[{fmt(r['ci'][0])}, {fmt(r['ci'][1])}]",
+                   f"{fmt(r['decisive_share'])} [{fmt(r['wilson'][0])}, {fmt(r['wilson'][1])}]",
+                   fmt(r["sign_p"], ".3f"), f"{fmt(r['lc_win_rate'])} ({fmt(r['lc_se'])})",
+                   fmt(r["first_position_share"]), f"{fmt(r['position_consistency'])} of {r['pairs_in_both_orders']}"
+                   if r["pairs_in_both_orders"] else "-"] for rater, r in raters.items()]) + [""]
+    for rater, r in raters.items():
+        finding = (f"{a if r['wins'] > r['losses'] else b} is significantly better at the 5% level"
+                   if r["sign_p"] < 0.05 else "no significant difference")
+        out.append(f"- {rater}: {a} wins {r['wins']} versus {r['losses']} for {b}, with {r['ties']} ties; {finding} "
+                   f"(two-sided sign test on the {r['wins'] + r['losses']} decisive items, p = {r['sign_p']:.3f}).")
+    out += ["", f"A tie is half a win; SE is that of the per-item score, the CI a bootstrap over items ({BOOTSTRAP} "
+            f"resamples, seed {s['seed']}); Wilson and the sign test use decisive items only, skips are not scored. "
+            "Length-controlled: a logistic fit of the score on the length difference, read off at equal length. "
+            "50% chose-first means no position bias; a judge's pair whose two orders disagree is a tie."]
+    if s["agreement"]:
+        out += ["", "## Agreement", ""] + table(["raters", "items both judged", "agreement", "Cohen's κ"], [
+            [" / ".join(g["raters"]), g["items"], fmt(g["agreement"]), fmt(g["cohen_kappa"], ".3f")]
+            for g in s["agreement"]])
+    if s["fleiss_raters"]:
+        out += ["", f"Fleiss' κ over the {s['fleiss_raters']} human annotators on the {s['fleiss_items']} items all "
+                f"of them judged: {fmt(s['fleiss_kappa'], '.3f')}."]
+    return "\n".join(out) + "\n"
+
+
+# alpaca_eval's annotations.json: output_1 is the reference, output_2 the model under evaluation (our A); preference
+# 1 means output_1 is better, 2 output_2, 1.5 a tie, so alpaca_eval's win rate, mean(preference - 1), is A's.
+PREFERENCE = {"b": 1, "a": 2, "tie": 1.5}
+
+
+def to_annotations(current, items, name_a, name_b):
+    raters = sorted({annotator for annotator, _ in current})
+    return [{"instruction": f"{item['instruction']}\n\n{item['input']}" if item["input"] else item["instruction"],
+             "output_1": item["out_b"], "generator_1": name_b, "output_2": item["out_a"], "generator_2": name_a,
+             "annotator": annotator, "preference": PREFERENCE[r["verdict"]]}
+            for item in items for annotator in raters
+            for r in [current.get((annotator, item["id"]))] if r and r["verdict"] != "skip"]
 
 
 def run_report(args):
-    records = load_judgments(args.judgments)
+    records = load_judgments(args.judgments, args.name_a, args.name_b)
     if not records:
         raise SystemExit(f"{', '.join(args.judgments)}: no judgments")
-    name_a, name_b = records[0]["model_a"], records[0]["model_b"]
-    check_models(records, name_a, name_b)
-    lengths, known_items = {}, None
-    if args.annotations and not (args.a and args.b):
-        raise SystemExit("--annotations needs --a and --b: the judgments do not hold the outputs")
-    if args.a or args.b:
-        if not (args.a and args.b):
-            raise SystemExit("give both --a and --b, or neither")
-        args.name_a, args.name_b = args.name_a or name_a, args.name_b or name_b
-        file_a, file_b, items = prepare(args)
-        check_models(records, file_a, file_b)
-        lengths = {item["id"]: (words(item["out_a"]), words(item["out_b"])) for item in items}
-        known_items = len(items)
-        for r in records:
-            if r["item"] not in lengths:
-                raise SystemExit(f"{r['where']}: unknown item {r['item']!r} (not in {args.a} and {args.b})")
-    else:
-        first_seen = {}
-        for r in latest(records).values():
-            if not isinstance(r.get("len_a"), int) or not isinstance(r.get("len_b"), int):
-                lengths = None
-                break
-            seen = first_seen.setdefault(r["item"], r)
-            if (seen["len_a"], seen["len_b"]) != (r["len_a"], r["len_b"]):
-                raise SystemExit(f"{r['where']}: item {r['item']!r} has lengths {r['len_a']}/{r['len_b']} here but "
-                                 f"{seen['len_a']}/{seen['len_b']} at {seen['where']}: judgments of different "
-                                 "outputs are mixed")
-            lengths[r["item"]] = (r["len_a"], r["len_b"])
-    markdown, summary = build_report(records, lengths, known_items, args.seed, args.judgments)
-    print(markdown, end="")
-    if args.markdown:
-        write_atomic(args.markdown, markdown)
-    if args.json:
-        write_atomic(args.json, json.dumps(json_safe(summary), indent=2) + "\n")
+    args.name_a, args.name_b = records[0]["model_a"], records[0]["model_b"]  # the outputs' names must be these
+    items = prepare(args)[2]
+    lengths = {item["id"]: (len(item["out_a"].split()), len(item["out_b"].split())) for item in items}  # words
+    for r in records:
+        if r["item"] not in lengths:
+            raise SystemExit(f"{r['where']}: unknown item {r['item']!r} (not in {args.a} and {args.b})")
+    summary = dict(report_numbers(records, lengths, args.seed), sources=args.judgments, items=len(items))
+    print(markdown(summary), end="")  # the report; `> report.md` keeps it (the log goes to stderr)
+    if args.json:  # NaN (a number that could not be computed) becomes null: JSON has no NaN
+        write_atomic(args.json, json.dumps(json.loads(json.dumps(summary), parse_constant=lambda _: None),
+                                           indent=2) + "\n")
     if args.annotations:
-        write_atomic(args.annotations, json.dumps(to_annotations(latest(records), items, name_a, name_b), indent=2,
-                                                  ensure_ascii=False) + "\n")
+        write_atomic(args.annotations, json.dumps(to_annotations(latest(records), items, args.name_a, args.name_b),
+                                                  indent=2, ensure_ascii=False) + "\n")
+
+
+# 6. Judging sessions: a person at the terminal, or the LLM judge. Both resume where they stopped.
+
+def judgment(annotator, item, names, first, verdict, **extra):
+    return {"annotator": annotator, "item": item["id"], "model_a": names[0], "model_b": names[1], "first": first,
+            "verdict": verdict, **extra,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def latest(records):
+    """The last record per (annotator, item): judging again supersedes."""
+    return {(r["annotator"], r["item"]): r for r in records}
+
+
+def session(args, annotator):
+    """What judging starts from: the model names, the items, the annotator's judgments by item, the file to append."""
+    name_a, name_b, items = prepare(args)
+    records = load_judgments([args.judgments], name_a, name_b, resume=True)
+    done = {item: r for (who, item), r in latest(records).items() if who == annotator}
+    return (name_a, name_b), items, done, open(args.judgments, "ab", buffering=0)
+
+
+def wrap(text, width, indent="  "):
+    return "\n".join(line for paragraph in text.splitlines() or [""] for line in
+                     textwrap.wrap(paragraph, width, initial_indent=indent, subsequent_indent=indent) or [""])
+
+
+def run_human(args):
+    names, items, done, file = session(args, args.annotator)
+    width = max(20, shutil.get_terminal_size().columns - 1)
+    print(wrap(f"{len(items)} items, {sum(i['id'] in done for i in items)} already judged by {args.annotator}. "
+               "Which response is better? 1 or 2, t = tie, s = skip, q = quit.", width, ""))
+    for n, item in enumerate(items, 1):
+        if item["id"] in done:
+            continue
+        first = order_first(args.seed, args.annotator, item["id"])  # the model shown as Response 1
+        print("\n" + f"-- item {n} of {len(items)} ({item['id']}) ".ljust(width, "-")[:width])
+        for title, text in (("Instruction", item["instruction"]), ("Input", item["input"]),
+                            ("Response 1", item[f"out_{first}"]), ("Response 2", item[f"out_{OTHER[first]}"])):
+            if text:
+                print(f"{title}:\n{wrap(text, width)}")
+        key = None
+        while key not in ("1", "2", "t", "s", "q"):
+            try:
+                key = input("[1/2/t/s/q] > ").strip().lower()
+            except (EOFError, KeyboardInterrupt):  # end of input or Ctrl-C: quit
+                print()
+                key = "q"
+        if key == "q":
+            break
+        done[item["id"]] = judgment(args.annotator, item, names, first,
+                                    {"1": first, "2": OTHER[first], "t": "tie", "s": "skip"}[key])
+        append_jsonl(file, done[item["id"]])
+    file.close()
+    left = sum(item["id"] not in done for item in items)
+    print(wrap(f"{args.annotator}: {len(items) - left} of {len(items)} items judged"
+               + (f"; {left} left, run the same command to continue" if left else "; done"), width, ""))
+
+
+def run_judge(args):
+    import openai  # only the judge needs it; keeps the other subcommands quick to start
+    annotator = f"judge:{args.model}"
+    names, items, done, file = session(args, annotator)
+    cache_path = os.path.splitext(args.judgments)[0] + ".cache.jsonl"
+    answers = {r["key"]: r["answer"] for r in resume_jsonl(cache_path)}  # cache key -> the judge's answer
+    cache = open(cache_path, "ab", buffering=0)
+    # The client retries 408, 409, 429, 5xx and network errors itself, with backoff or as Retry-After asks.
+    client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "none"),
+                           max_retries=args.max_retries, timeout=args.timeout)
+    tokens, failures, stop = [], [], threading.Event()  # tokens: (in, out) per call
+
+    def usd():
+        return sum(t_in * args.price_in + t_out * args.price_out for t_in, t_out in tokens) / 1e6
+
+    def ask_judge(task):
+        """Ask for each order not answered yet, while the budget lasts (the one stop the client does not make)."""
+        item, _, keys = task
+        for first, key in keys.items():
+            if key in answers or stop.is_set() or usd() >= args.max_usd:
+                continue
+            try:
+                response = client.chat.completions.create(
+                    model=args.model, temperature=0, max_tokens=args.max_new_tokens,
+                    messages=judge_messages(item, first))
+            except openai.OpenAIError as e:  # what is left after the client's retries: stop, with one message
+                stop.set()
+                raise SystemExit(f"judge API error on item {item['id']}: {e}")
+            answer, usage = response.choices[0].message.content or "", response.usage
+            tokens.append((usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0))
+            if parse_verdict(answer, first) is not None:  # unparseable answers are asked again on a rerun
+                append_jsonl(cache, {"key": key, "model": args.model, "prompt_version": PROMPT_VERSION,
+                                     "answer": answer})
+            answers[key] = answer
+        return task
+    todo = []  # (item, pair_key, {first: cache key}) for each item to judge; identical outputs: no orders, a tie
+    for item in items:
+        text = (item["instruction"], item["input"])
+        firsts = [] if item["out_a"].strip() == item["out_b"].strip() else ["a", "b"]  # the model shown first
+        pair_key = digest(args.model, PROMPT_VERSION, *text, item["out_a"], item["out_b"], firsts)
+        if done.get(item["id"], {}).get("pair_key") != pair_key:
+            todo.append((item, pair_key, {f: digest(args.model, PROMPT_VERSION, *text, item[f"out_{f}"],
+                                                    item[f"out_{OTHER[f]}"]) for f in firsts}))
+    keys = [k for _, _, ks in todo for k in ks.values()]
+    to_ask = set(keys) - answers.keys()
+    # --concurrency items at a time, each asked in its orders; judgments are written in the items' order.
+    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+        try:
+            for item, pair_key, ks in pool.map(ask_judge, todo):
+                if any(k not in answers for k in ks.values()):
+                    continue  # the budget ran out
+                orders = [{"first": f, "verdict": parse_verdict(answers[k], f), "answer": answers[k], "key": k}
+                          for f, k in ks.items()]
+                verdicts = {o["verdict"] for o in orders}
+                if None in verdicts:
+                    failures.append(item["id"])
+                else:  # two orders that disagree mean the judge followed the position, not the content: a tie
+                    append_jsonl(file, judgment(annotator, item, names, next(iter(ks), None),
+                                                verdicts.pop() if len(verdicts) == 1 else "tie",
+                                                prompt_version=PROMPT_VERSION, pair_key=pair_key, orders=orders))
+        finally:
+            stop.set()  # after an error or Ctrl-C too: the items still queued ask nothing
+    file.close()
+    cache.close()
+    print(f"{annotator}: {len(items)} items; {len(items) - len(todo)} already judged, "
+          f"{sum(not ks for _, _, ks in todo)} identical outputs (tie, no call), {len(keys) - len(to_ask)} answers "
+          f"from the cache, {len(tokens)} API calls; {sum(t for t, _ in tokens)} tokens in, "
+          f"{sum(t for _, t in tokens)} out; cost ${usd():.4f} (at ${args.price_in}/${args.price_out} per 1M tokens)")
+    unasked = to_ask - answers.keys()
+    if unasked:
+        raise SystemExit(f"budget --max_usd={args.max_usd} reached: {len(unasked)} calls not made, "
+                         f"{sum(not unasked.isdisjoint(ks.values()) for _, _, ks in todo)} items not judged; "
+                         "rerun with a larger budget to continue")
+    if failures:
+        message = (f"{len(failures)} item(s) with an unparseable judge answer (no [[1]], [[2]] or [[T]]), not "
+                   f"recorded: {', '.join(failures[:20])}{' ...' if len(failures) > 20 else ''}; a rerun asks again")
+        if not args.allow_failures:
+            raise SystemExit(message)
+        print(message)
+
+
+# 7. Files. Inputs are read whole and checked first; judgments and the judge's cache are append-only JSONL.
+
+def read_records(path):
+    """The objects of a JSON array or JSONL file, each with its `where` for errors; a torn last line is read past."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            records = [(f"{path}: item {i}", r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
+    else:
+        records, lines = [], text.split("\n")  # the last one is "" when the file ends with a newline
+        for n, line in enumerate(lines, 1):
+            try:
+                records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
+            except json.JSONDecodeError as e:
+                if n < len(lines):
+                    raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg})")
+                print(f"{path}:{n}: ignoring a torn last line (an interrupted write)", file=sys.stderr)
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise SystemExit(f"{where}: expected a JSON object")
+    return [dict(r, where=where) for where, r in records]
+
+
+def resume_jsonl(path):
+    """The records of an append-only JSONL file about to be appended to ([] if absent). A last line with no newline
+    is the torn write of a killed process: it is cut off, and we say so."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.lstrip().startswith(b"["):
+            raise SystemExit(f"{path}: a JSON array cannot be appended to; judge into a JSONL file")
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            print(f"{path}: cut off a torn last line (the write of a killed process)", file=sys.stderr)
+    return read_records(path)
+
+
+def append_jsonl(file, record):
+    # The file is open unbuffered for appending: one write() of a whole line, on disk at once, and annotators
+    # sharing a file never interleave.
+    file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    file.flush()
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def load_judgments(paths, name_a=None, name_b=None, resume=False):
+    """The checked judgments of the files; all must compare name_a with name_b (default: the first record's)."""
+    records = [r for path in paths for r in (resume_jsonl if resume else read_records)(path)]
+    for r in records:
+        for field in ("annotator", "item", "model_a", "model_b", "verdict"):
+            if not string(r, field):
+                raise SystemExit(f"{r['where']}: field '{field}' is empty")
+        if r["verdict"] not in VERDICTS:
+            raise SystemExit(f"{r['where']}: field 'verdict' is {r['verdict']!r}, not one of {', '.join(VERDICTS)}")
+        if r.get("first") not in ("a", "b", None):
+            raise SystemExit(f"{r['where']}: field 'first' is {r['first']!r}, not 'a' or 'b'")
+        name_a, name_b = name_a or r["model_a"], name_b or r["model_b"]
+        if (r["model_a"], r["model_b"]) != (name_a, name_b):
+            raise SystemExit(f"{r['where']}: this judgment compares {r['model_a']!r} (A) with {r['model_b']!r} (B), "
+                             f"not {name_a!r} with {name_b!r}")
+    return records
+
+
+def digest(*parts):
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8")).hexdigest()[:24]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-
-    def add_inputs(p, required):
-        p.add_argument("--a", required=required, help="outputs of model A (JSONL or JSON array)")
-        p.add_argument("--b", required=required, help="outputs of model B")
+    human = commands.add_parser("human", help="blind judging session in the terminal")
+    judge = commands.add_parser("judge", help="LLM judge through an OpenAI-compatible API, in both orders")
+    report = commands.add_parser("report", help="win rates, confidence intervals, agreement, position and length")
+    for p in (human, judge, report):
+        p.add_argument("--a", required=True, help="outputs of model A (JSONL or JSON array)")
+        p.add_argument("--b", required=True, help="outputs of model B")
         p.add_argument("--name_a", help="name of model A (default: the 'generator' field, else the file name)")
         p.add_argument("--name_b", help="name of model B")
-        p.add_argument("--eval_set", help="self-instruct style eval set that fixes the item list and order")
         p.add_argument("--allow_missing", action="store_true", help="leave out (and list) problem items, not stop")
         p.add_argument("--seed", type=int, default=0, help="seed for the order of responses and the bootstrap")
-
-    def add_session(p):
-        add_inputs(p, True)
-        p.add_argument("--judgments", default="judgments.jsonl", help="append-only judgments file")
-        p.add_argument("--annotations", help="import the verdicts of an alpaca_eval annotations.json instead")
-
-    human = commands.add_parser("human", help="blind judging session in the terminal")
-    add_session(human)
+        p.add_argument("--judgments", nargs="+" if p is report else None, default=["judgments.jsonl"] if p is report
+                       else "judgments.jsonl", help="append-only judgments file (report: one or more)")
     human.add_argument("--annotator", required=True, help="your name; each annotator resumes where they stopped")
-    human.add_argument("--rate", action="store_true", help="also rate each response A-D (self-instruct scale)")
-
-    judge = commands.add_parser("judge", help="LLM judge through an OpenAI-compatible API, in both orders")
-    add_session(judge)
     judge.add_argument("--model", default="gpt-4o-mini", help="judge model (and annotator name: judge:<model>)")
     judge.add_argument("--base_url", default=None, help="OpenAI-compatible API (default OpenAI's; OPENAI_API_KEY)")
+    judge.add_argument("--max_retries", type=int, default=6, help="the client's retries (408, 409, 429, 5xx)")
+    judge.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     judge.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     judge.add_argument("--max_usd", type=float, default=5.0, help="stop sending requests once this much is spent")
     judge.add_argument("--price_in", type=float, default=0.15, help="USD per 1M prompt tokens")
     judge.add_argument("--price_out", type=float, default=0.60, help="USD per 1M completion tokens")
-    judge.add_argument("--temperature", type=float, default=0.0)
     judge.add_argument("--max_new_tokens", type=int, default=512, help="length limit of the judge's answer")
-    judge.add_argument("--single_order", action="store_true", help="ask each pair in one (seeded) order, not both")
-    judge.add_argument("--cache", help="cache of judge answers (default: <judgments>.cache.jsonl)")
     judge.add_argument("--allow_failures", action="store_true", help="exit 0 even if some answers had no verdict")
-
-    report = commands.add_parser("report", help="win rates, confidence intervals, agreement, position and length")
-    report.add_argument("--judgments", nargs="+", default=["judgments.jsonl"], help="one or more judgments files")
-    add_inputs(report, False)
-    report.add_argument("--markdown", help="also write the report here")
     report.add_argument("--json", help="write the numbers here as JSON")
-    report.add_argument("--annotations", help="write alpaca_eval's annotations.json here (needs --a, --b)")
-
+    report.add_argument("--annotations", help="write the verdicts here as alpaca_eval's annotations.json")
     args = parser.parse_args(argv)
     {"human": run_human, "judge": run_judge, "report": run_report}[args.command](args)
 
