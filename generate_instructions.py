@@ -17,17 +17,50 @@ import re
 import string
 import sys
 import threading
-import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from email.utils import parsedate_to_datetime
 
 import numpy as np
 import openai
 from rouge_score.tokenize import tokenize as rouge_tokenize
 from tqdm import tqdm
 
-# The teacher is asked for 20 tasks; with 3 shown it writes tasks 4..19 and stops when it starts task 20.
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed_tasks", default="seed_tasks.jsonl", help="self-instruct seed tasks (JSONL)")
+    p.add_argument("--out", default="regen.jsonl", help="kept instructions, appended; rerun to resume")
+    p.add_argument("--export", default=None, help="also write the {instruction,input,output} JSON array here")
+    p.add_argument("--export_seeds", action="store_true",
+                   help="put the seed tasks in the export too (Alpaca's data has only generated ones)")
+    p.add_argument("--num_instructions", type=int, default=100, help="target number of kept instructions")
+    p.add_argument("--num_prompt_instructions", type=int, default=3, help="seed examples shown per prompt")
+    p.add_argument("--rouge_threshold", type=float, default=0.7, help="drop if ROUGE-L to any kept is above")
+    p.add_argument("--seed", type=int, default=42, help="makes the sampled seed examples reproducible")
+    # The teacher, and how it samples (the original's settings).
+    p.add_argument("--api", choices=["completions", "chat"], default="completions")
+    p.add_argument("--base_url", default=None, help="OpenAI-compatible endpoint (default: OpenAI)")
+    p.add_argument("--model", default="gpt-3.5-turbo-instruct")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=3072)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--max_retries", type=int, default=6, help="the client's retries per request (429, 5xx, network)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    # When to stop spending.
+    p.add_argument("--max_usd", type=float, default=None, help="stop starting requests at this spend")
+    p.add_argument("--max_requests", type=int, default=0, help="stop after this many requests (0: no limit)")
+    p.add_argument("--price_in", type=float, default=0.0, help="USD per 1M prompt tokens")
+    p.add_argument("--price_out", type=float, default=0.0, help="USD per 1M completion tokens")
+    p.add_argument("--dry_run", action="store_true", help="print one prompt and the projected cost")
+    args = p.parse_args(argv)
+    if args.concurrency < 1 or args.max_retries < 0 or args.num_prompt_instructions < 1:
+        p.error("--concurrency and --num_prompt_instructions must be >= 1, --max_retries >= 0")
+    return args
+
+
+# 1. The prompt. The teacher is asked for 20 tasks; with 3 shown it writes tasks 4..19 and stops when it starts
+# task 20.
 NUM_TASKS_PER_PROMPT = 20
 PREAMBLE = f"""\
 Write {NUM_TASKS_PER_PROMPT} new tasks for testing how well a language model follows instructions. \
@@ -46,20 +79,6 @@ piece of code), never a placeholder, and keep it under 100 words. When it needs 
 
 Tasks:
 """
-
-# Filters of the original recipe. Keep instructions of MIN_WORDS < words <= MAX_WORDS.
-MIN_WORDS, MAX_WORDS = 3, 150
-# A text-only model cannot see, draw, play or open anything, so tasks that ask for it are dropped.
-BLOCKED_WORDS = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-                 "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
-BLOCKED_RE = re.compile(r"\b(" + "|".join(BLOCKED_WORDS) + r")\b", re.IGNORECASE)
-TOP_SIMILAR = 10
-MAX_FAILED_IN_A_ROW = 3  # requests that fail for good, back to back, before the run gives up
-MAX_WAIT_S = 600  # longest sleep between attempts, whatever the server asks for
-# A server that cannot give --max_new_tokens gets asked for what it can give, down to this: fewer tokens cannot
-# hold one whole task and the start of the next, so every reply would be cut and dropped.
-MIN_NEW_TOKENS = 256
-LOWERING = threading.Lock()
 
 
 def load_seed_tasks(path):
@@ -86,8 +105,7 @@ def load_seed_tasks(path):
             for field in ("input", "output"):
                 if not isinstance(instances[0].get(field), str):
                     raise SystemExit(f"{where}: field 'instances[0].{field}' missing or not a string")
-            seeds.append({"instruction": task["instruction"], "input": instances[0]["input"],
-                          "output": instances[0]["output"]})
+            seeds.append({"instruction": task["instruction"], **{k: instances[0][k] for k in ("input", "output")}})
     if not seeds:
         raise SystemExit(f"{path}: no seed tasks")
     return seeds
@@ -104,6 +122,7 @@ def encode_prompt(examples):
     return prompt + f"###\n{len(examples) + 1}. Instruction:"
 
 
+# 2. Parsing the reply into tasks.
 TASK_START_RE = re.compile(r"\s*(###\s*)?\d+\s*\.\s*Instruction:")
 TASK_RE = re.compile(r"\A\s*\d+\s*\.\s*Instruction:(.*?)^\s*\d+\s*\.\s*Input:(.*?)^\s*\d+\s*\.\s*Output:(.*)\Z",
                      re.DOTALL | re.MULTILINE)
@@ -133,6 +152,15 @@ def parse_response(text, finish_reason, num_prompt_instructions, rejected):
     return tasks
 
 
+# 3. The filters of the original recipe. Keep instructions of MIN_WORDS < words <= MAX_WORDS.
+MIN_WORDS, MAX_WORDS = 3, 150
+# A text-only model cannot see, draw, play or open anything, so tasks that ask for it are dropped.
+BLOCKED_WORDS = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+                 "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
+BLOCKED_RE = re.compile(r"\b(" + "|".join(BLOCKED_WORDS) + r")\b", re.IGNORECASE)
+TOP_SIMILAR = 10
+
+
 def reject_reason(instruction):
     """The recipe's cheap filters; None when the instruction passes them."""
     num_words = len(instruction.split())
@@ -156,7 +184,7 @@ def filter_task(task, index, texts, rouge_threshold):
     reason = reject_reason(task["instruction"])
     if reason:
         return reason
-    scores = index.scores(task["instruction"])  # against the seeds and everything kept so far
+    scores = index.scores(task["instruction"])  # ROUGE-L against the seeds and everything kept so far
     if scores.max() > rouge_threshold:
         return "too_similar"
     top = np.argsort(-scores, kind="stable")[:TOP_SIMILAR]
@@ -164,6 +192,145 @@ def filter_task(task, index, texts, rouge_threshold):
     task["avg_similarity_score"] = float(np.mean(scores))
     return None
 
+
+# 4. The loop: requests in flight, each reply's tasks filtered and appended as they pass.
+MAX_FAILED_IN_A_ROW = 3  # requests that fail for good (after the client's retries), back to back, before we stop
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    seeds = load_seed_tasks(args.seed_tasks)
+    if args.num_prompt_instructions > len(seeds):
+        raise SystemExit(f"--num_prompt_instructions={args.num_prompt_instructions} but only {len(seeds)} seeds")
+    if args.max_usd is not None and args.price_in <= 0 and args.price_out <= 0:
+        raise SystemExit("--max_usd needs --price_in and --price_out (USD per 1M tokens)")
+    kept = resume_jsonl(args.out)
+    for line_no, record in enumerate(kept, 1):
+        for field in ("instruction", "input", "output"):
+            if not isinstance(record.get(field) if isinstance(record, dict) else None, str):
+                raise SystemExit(f"{args.out}:{line_no}: field '{field}' missing or not a string")
+    # The prompts drawn depend only on --seed and how much was already generated, so reruns are reproducible.
+    rng = random.Random(f"{args.seed}:{len(kept)}")
+    if args.dry_run:
+        return dry_run(args, seeds, rng, len(kept))
+    if not os.environ.get("OPENAI_API_KEY"):
+        raise SystemExit("OPENAI_API_KEY is not set (a local server accepts any value, e.g. OPENAI_API_KEY=none)")
+    # The client retries 408, 409, 429, 5xx and network errors itself, with exponential backoff or as long as
+    # Retry-After asks (up to 2 minutes).
+    client = openai.OpenAI(base_url=args.base_url, max_retries=args.max_retries, timeout=args.timeout)
+
+    texts = [s["instruction"] for s in seeds] + [r["instruction"] for r in kept]
+    index = RougeIndex()
+    for text in texts:
+        index.add(text)
+    stats, rejected, failures, failed_in_a_row = Counter(kept=len(kept)), Counter(), [], 0
+    progress = tqdm(total=args.num_instructions, initial=len(kept), unit="inst", dynamic_ncols=True)
+    pool, pending = ThreadPoolExecutor(args.concurrency), set()
+    try:
+        with open(args.out, "a", encoding="utf-8") as out:
+            while True:
+                while (len(pending) < args.concurrency and stats["kept"] < args.num_instructions
+                       and failed_in_a_row < MAX_FAILED_IN_A_ROW and not 0 < args.max_requests <= stats["requests"]
+                       and within_budget(args, stats, len(pending))):
+                    prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
+                    pending.add(pool.submit(call_api, client, args, prompt))
+                    stats["requests"] += 1
+                if not pending:
+                    break
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        text, finish_reason, prompt_tokens, completion_tokens = future.result()
+                    except (openai.APIError, ValueError) as e:  # still failing after the client's retries
+                        failures.append(f"{type(e).__name__}: {e}"[:300])
+                        failed_in_a_row += 1
+                        progress.write(f"request failed for good: {failures[-1]}", file=sys.stderr)
+                        continue
+                    failed_in_a_row = 0
+                    if args.max_usd is not None and prompt_tokens + completion_tokens == 0:
+                        raise SystemExit(f"{client.base_url}: the server reports no token usage, so --max_usd "
+                                         f"cannot be enforced; run without it")
+                    stats.update(requests_ok=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+                    for task in parse_response(text, finish_reason, args.num_prompt_instructions, rejected):
+                        if stats["kept"] >= args.num_instructions:
+                            break
+                        reason = filter_task(task, index, texts, args.rouge_threshold)
+                        if reason:
+                            rejected[reason] += 1
+                            continue
+                        append_jsonl(out, task)
+                        index.add(task["instruction"])
+                        texts.append(task["instruction"])
+                        kept.append(task)
+                        stats["kept"] += 1
+                        progress.update(1)
+                    progress.set_postfix(requests=stats["requests_ok"], rejected=sum(rejected.values()),
+                                         tokens=f"{stats['prompt_tokens']}+{stats['completion_tokens']}",
+                                         usd=f"{cost_usd(args, stats):.4f}", refresh=False)
+    except KeyboardInterrupt:
+        # Every kept task is already on disk; don't wait for the requests in flight (they would hold the exit).
+        progress.close()
+        print(f"\ninterrupted with {stats['kept']} instructions in {args.out}; rerun the same command to resume",
+              flush=True)
+        os._exit(130)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        progress.close()
+
+    spent = cost_usd(args, stats)
+    print(f"kept {stats['kept']}/{args.num_instructions} instructions in {args.out}; "
+          f"requests: {stats['requests_ok']} ok, {len(failures)} failed; "
+          f"tokens: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion (${spent:.4f})")
+    print("rejected: " + (", ".join(f"{k}={v}" for k, v in rejected.most_common()) or "none"))
+    if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+        raise SystemExit(f"{client.base_url}: giving up after {failed_in_a_row} requests failed in a row "
+                         f"(last: {failures[-1]})")
+    if stats["kept"] < args.num_instructions and args.max_usd is not None:
+        print(f"stopped at the budget: spent ${spent:.4f} of --max_usd ${args.max_usd}")
+    if stats["kept"] < args.num_instructions and stats["requests"] == args.max_requests:
+        print(f"stopped after --max_requests={args.max_requests}")
+    if args.export:
+        records = (seeds if args.export_seeds else []) + kept
+        records = [{k: r[k] for k in ("instruction", "input", "output")} for r in records]
+        write_atomic(args.export, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+        print(f"exported {len(records)} examples to {args.export}"
+              + (f" ({len(seeds)} seed tasks, {len(kept)} generated)" if args.export_seeds else ""))
+    return dict(stats, failed=len(failures), rejected=dict(rejected), usd=spent)
+
+
+def cost_usd(args, stats):
+    return (stats["prompt_tokens"] * args.price_in + stats["completion_tokens"] * args.price_out) / 1e6
+
+
+def within_budget(args, stats, num_pending):
+    """Whether one more request fits --max_usd, counting those in flight at the average price so far."""
+    if args.max_usd is None:
+        return True
+    spent = cost_usd(args, stats)
+    if stats["requests_ok"] == 0:  # no idea of the price of a request yet: learn it from one
+        return num_pending == 0 and spent < args.max_usd
+    return spent + (num_pending + 1) * spent / stats["requests_ok"] <= args.max_usd
+
+
+def dry_run(args, seeds, rng, num_kept):
+    prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
+    print(prompt)
+    # Rough projection: ~4 characters a token, the model writes the rest of the 20 tasks with the seeds'
+    # average length, and about half of them survive the filters.
+    chars_per_token, keep_rate = 4, 0.5
+    tasks_per_request = NUM_TASKS_PER_PROMPT - args.num_prompt_instructions - 1
+    example_chars = np.mean([len(s["instruction"]) + len(s["input"]) + len(s["output"]) + 40 for s in seeds])
+    requests = int(np.ceil(max(args.num_instructions - num_kept, 0) / (tasks_per_request * keep_rate)))
+    tokens = dict(prompt_tokens=requests * len(prompt) / chars_per_token,
+                  completion_tokens=requests * tasks_per_request * example_chars / chars_per_token)
+    print(f"\nprojected for {args.num_instructions - num_kept} more instructions: ~{requests} requests, "
+          f"~{tokens['prompt_tokens'] / 1e6:.2f}M prompt + ~{tokens['completion_tokens'] / 1e6:.2f}M completion "
+          f"tokens, ~${cost_usd(args, tokens):.2f} at ${args.price_in}/${args.price_out} per 1M tokens "
+          f"(assuming {chars_per_token} chars/token and {keep_rate:.0%} of tasks kept)")
+
+
+# Plumbing. ROUGE-L, exact and fast: the filter above compares each new instruction with every one kept so far
+# (1.4G pairs for 52K instructions).
 
 def rouge_tokens(text):
     """rouge_score's own tokenizer without stemming: lowercase, [a-z0-9]+ runs."""
@@ -280,46 +447,58 @@ def _lcs_step(v, match):
         carry = overflow.astype(np.uint64)
 
 
-def load_generated(path):
-    """Records kept by earlier runs. A torn last line (a kill during a write) is cut off the file."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    records, good_bytes = [], 0
-    for line_no, line in enumerate(lines[:-1], 1):
-        good_bytes += len(line) + 1
-        if not line.strip():
-            continue
+# The API: one request, and what to do when the server cannot give as many tokens as asked.
+# A server that cannot give --max_new_tokens gets asked for what it can give, down to this: fewer tokens cannot
+# hold one whole task and the start of the next, so every reply would be cut and dropped.
+MIN_NEW_TOKENS = 256
+LOWERING = threading.Lock()
+
+
+def call_api(client, args, prompt):
+    """One request (the client retries 408/409/429/5xx and network errors); returns (text, finish_reason,
+    prompt_tokens, completion_tokens). A server that cannot give max_tokens tokens says so with a 400 (a local one
+    has a cap and a short context); then, as the original recipe did on "reduce your prompt", we ask for what it
+    can give, from then on. Any other refusal (a wrong key, model or request) stops the run."""
+    stop = [f"\n{NUM_TASKS_PER_PROMPT}", f"{NUM_TASKS_PER_PROMPT}."]
+    while True:
+        asked = args.max_new_tokens
+        sampling = dict(model=args.model, max_tokens=asked, temperature=args.temperature, top_p=args.top_p,
+                        stop=stop, n=1)
         try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SystemExit(f"{path}:{line_no}: not valid JSON ({e})")
-        for field in ("instruction", "input", "output"):
-            if not isinstance(record.get(field) if isinstance(record, dict) else None, str):
-                raise SystemExit(f"{path}:{line_no}: field '{field}' missing or not a string")
-        records.append(record)
-    if lines[-1]:
-        print(f"{path}: cutting off a torn last line ({len(lines[-1])} bytes) left by an interrupted run")
-        os.truncate(path, good_bytes)
-    return records
-
-
-def write_json_atomic(path, value):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-class RequestFailed(Exception):
-    pass
-
-
-class FatalAPIError(Exception):
-    pass
+            if args.api == "completions":
+                response = client.completions.create(prompt=prompt, **sampling)
+            else:
+                response = client.chat.completions.create(messages=[{"role": "user", "content": prompt}],
+                                                          **sampling)
+            break
+        except openai.APIStatusError as e:
+            if e.status_code in (408, 409, 429) or e.status_code >= 500:
+                raise  # the client has retried it --max_retries times: this request failed
+            allowed = tokens_allowed(e, asked)
+            if allowed is None:
+                raise SystemExit(f"{client.base_url}: the server refused the request ({e.message}); check "
+                                 "OPENAI_API_KEY, --base_url, --model and --api")
+            allowed = allowed if allowed < asked else asked // 2
+            if allowed < MIN_NEW_TOKENS:
+                raise SystemExit(f"{client.base_url}: the server gives at most {allowed} tokens per reply (it "
+                                 f"refused {asked}), fewer than the {MIN_NEW_TOKENS} a reply needs to hold a whole "
+                                 "task; serve a model with a longer context, or a shorter prompt "
+                                 "(--num_prompt_instructions)")
+            with LOWERING:  # requests in flight may all hit the limit at once: lower (and say so) once
+                if allowed < args.max_new_tokens:
+                    args.max_new_tokens = allowed
+                    tqdm.write(f"the server gives at most {allowed} tokens per reply (it refused {asked}): "
+                               f"asking for {allowed} from now on", file=sys.stderr)
+    try:
+        choice = response.choices[0]
+        text = choice.text if args.api == "completions" else choice.message.content
+        usage = response.usage
+    except (AttributeError, IndexError, TypeError):
+        raise ValueError(f"malformed response: {str(response)[:200]!r}")
+    if not isinstance(text, str):
+        raise ValueError("response has no text")
+    return text, choice.finish_reason, getattr(usage, "prompt_tokens", 0) or 0, \
+        getattr(usage, "completion_tokens", 0) or 0
 
 
 def tokens_allowed(error, asked):
@@ -339,247 +518,41 @@ def tokens_allowed(error, asked):
     return asked // 2
 
 
-def call_api(client, args, prompt):
-    """One request; returns (text, finish_reason, prompt_tokens, completion_tokens). A server that cannot give
-    max_tokens tokens says so with a 400 (a local one has a cap and a short context); then, as the original
-    recipe did on "reduce your prompt", we ask for what it can give, from then on."""
-    stop = [f"\n{NUM_TASKS_PER_PROMPT}", f"{NUM_TASKS_PER_PROMPT}."]
-    while True:
-        asked = args.max_new_tokens
-        sampling = dict(model=args.model, max_tokens=asked, temperature=args.temperature, top_p=args.top_p,
-                        stop=stop, n=1)
+# Files: --out is append-only (one kept task a line, flushed), so a killed run loses at most the line it was
+# writing; --export is written whole or not at all.
+
+def resume_jsonl(path):
+    """The records of an append-only JSONL file; [] if there is none. A last line without its newline is the torn
+    write of a killed process: it is cut off the file. A complete line that does not parse is an error."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    whole = data.rfind(b"\n") + 1
+    records = []
+    for line_no, line in enumerate(data[:whole].split(b"\n")[:-1], 1):
         try:
-            if args.api == "completions":
-                response = client.completions.create(prompt=prompt, **sampling)
-            else:
-                response = client.chat.completions.create(messages=[{"role": "user", "content": prompt}],
-                                                          **sampling)
-            break
-        except openai.BadRequestError as e:
-            allowed = tokens_allowed(e, asked)
-            if allowed is None:
-                raise
-            allowed = allowed if allowed < asked else asked // 2
-            if allowed < MIN_NEW_TOKENS:
-                raise FatalAPIError(f"the server gives at most {allowed} tokens per reply (it refused {asked}), "
-                                    f"fewer than the {MIN_NEW_TOKENS} a reply needs to hold a whole task; serve a "
-                                    "model with a longer context, or a shorter prompt (--num_prompt_instructions)")
-            with LOWERING:  # requests in flight may all hit the limit at once: lower (and say so) once
-                if allowed < args.max_new_tokens:
-                    args.max_new_tokens = allowed
-                    tqdm.write(f"the server gives at most {args.max_new_tokens} tokens per reply (it refused "
-                               f"{asked}): asking for {args.max_new_tokens} from now on", file=sys.stderr)
-    try:
-        choice = response.choices[0]
-        text = choice.text if args.api == "completions" else choice.message.content
-        usage = response.usage
-    except (AttributeError, IndexError, TypeError):
-        raise ValueError(f"malformed response: {str(response)[:200]!r}")
-    if not isinstance(text, str):
-        raise ValueError("response has no text")
-    return text, choice.finish_reason, getattr(usage, "prompt_tokens", 0) or 0, \
-        getattr(usage, "completion_tokens", 0) or 0
+            records.append(json.loads(line))
+        except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
+            raise SystemExit(f"{path}:{line_no}: not valid JSON ({e})")
+    if whole < len(data):
+        print(f"{path}: cutting off a torn last line ({len(data) - whole} bytes) left by a killed process")
+        os.truncate(path, whole)
+    return records
 
 
-def retry_delay(error, attempt, backoff_base):
-    """What the server asked for (Retry-After), else exponential backoff with jitter."""
-    response = getattr(error, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    try:
-        if "retry-after-ms" in headers:
-            return min(float(headers["retry-after-ms"]) / 1000, MAX_WAIT_S)
-        if "retry-after" in headers:
-            value = headers["retry-after"]
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = parsedate_to_datetime(value).timestamp() - time.time()
-            return min(max(seconds, 0.0), MAX_WAIT_S)
-    except (TypeError, ValueError):
-        pass
-    return min(backoff_base * 2 ** attempt * random.uniform(0.5, 1.5), MAX_WAIT_S)
+def append_jsonl(file, record):
+    file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    file.flush()
 
 
-def request_with_retries(client, args, prompt):
-    for attempt in range(args.max_retries + 1):
-        try:
-            return call_api(client, args, prompt)
-        except openai.APIStatusError as e:
-            if e.status_code not in (408, 409, 429) and e.status_code < 500:  # a wrong key, model or request
-                raise FatalAPIError(f"the server refused the request ({e.message}); check OPENAI_API_KEY, "
-                                    "--base_url, --model and --api")
-            error = e
-        except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as e:
-            error = e
-        if attempt < args.max_retries:
-            time.sleep(retry_delay(error, attempt, args.backoff_base))
-    raise RequestFailed(f"{type(error).__name__}: {error}"[:300])
-
-
-def cost_usd(args, prompt_tokens, completion_tokens):
-    return (prompt_tokens * args.price_in + completion_tokens * args.price_out) / 1e6
-
-
-def dry_run(args, seeds, rng, num_kept):
-    prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
-    print(prompt)
-    # Rough projection: ~4 characters a token, the model writes the rest of the 20 tasks with the seeds'
-    # average length, and about half of them survive the filters.
-    chars_per_token, keep_rate = 4, 0.5
-    tasks_per_request = NUM_TASKS_PER_PROMPT - args.num_prompt_instructions - 1
-    example_chars = np.mean([len(s["instruction"]) + len(s["input"]) + len(s["output"]) + 40 for s in seeds])
-    requests = int(np.ceil(max(args.num_instructions - num_kept, 0) / (tasks_per_request * keep_rate)))
-    prompt_tokens = requests * len(prompt) / chars_per_token
-    completion_tokens = requests * tasks_per_request * example_chars / chars_per_token
-    print(f"\nprojected for {args.num_instructions - num_kept} more instructions: ~{requests} requests, "
-          f"~{prompt_tokens / 1e6:.2f}M prompt + ~{completion_tokens / 1e6:.2f}M completion tokens, "
-          f"~${cost_usd(args, prompt_tokens, completion_tokens):.2f} at ${args.price_in}/${args.price_out} "
-          f"per 1M tokens (assuming {chars_per_token} chars/token and {keep_rate:.0%} of tasks kept)")
-
-
-def generate(args):
-    seeds = load_seed_tasks(args.seed_tasks)
-    if args.num_prompt_instructions > len(seeds):
-        raise SystemExit(f"--num_prompt_instructions={args.num_prompt_instructions} but only {len(seeds)} seeds")
-    if args.max_usd is not None and args.price_in <= 0 and args.price_out <= 0:
-        raise SystemExit("--max_usd needs --price_in and --price_out (USD per 1M tokens)")
-    kept = load_generated(args.out)
-    # The prompts drawn depend only on --seed and how much was already generated, so reruns are reproducible.
-    rng = random.Random(f"{args.seed}:{len(kept)}")
-    if args.dry_run:
-        return dry_run(args, seeds, rng, len(kept))
-    if not os.environ.get("OPENAI_API_KEY"):
-        raise SystemExit("OPENAI_API_KEY is not set (a local server accepts any value, e.g. OPENAI_API_KEY=none)")
-    client = openai.OpenAI(base_url=args.base_url, max_retries=0, timeout=args.timeout)  # we do the retrying
-
-    texts = [s["instruction"] for s in seeds] + [r["instruction"] for r in kept]
-    index = RougeIndex()
-    for text in texts:
-        index.add(text)
-    stats = Counter(kept=len(kept))
-    rejected = Counter()
-    failures = []
-    failed_in_a_row = 0
-    progress = tqdm(total=args.num_instructions, initial=len(kept), unit="inst", dynamic_ncols=True)
-
-    def can_start(num_pending):
-        if stats["kept"] >= args.num_instructions or failed_in_a_row >= MAX_FAILED_IN_A_ROW or \
-                0 < args.max_requests <= stats["requests"]:
-            return False
-        if args.max_usd is None:
-            return True
-        spent = cost_usd(args, stats["prompt_tokens"], stats["completion_tokens"])
-        if stats["requests_ok"] == 0:  # no idea of the price of a request yet: learn it from one
-            return num_pending == 0 and spent < args.max_usd
-        per_request = spent / stats["requests_ok"]
-        return spent + (num_pending + 1) * per_request <= args.max_usd
-
-    pool = ThreadPoolExecutor(args.concurrency)
-    pending = set()
-    try:
-        with open(args.out, "a", encoding="utf-8") as out:
-            while True:
-                while len(pending) < args.concurrency and can_start(len(pending)):
-                    prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
-                    pending.add(pool.submit(request_with_retries, client, args, prompt))
-                    stats["requests"] += 1
-                if not pending:
-                    break
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    try:
-                        text, finish_reason, prompt_tokens, completion_tokens = future.result()
-                    except RequestFailed as e:
-                        failures.append(str(e))
-                        failed_in_a_row += 1
-                        progress.write(f"request failed for good: {e}", file=sys.stderr)
-                        continue
-                    failed_in_a_row = 0
-                    if args.max_usd is not None and prompt_tokens + completion_tokens == 0:
-                        raise SystemExit(f"{client.base_url}: the server reports no token usage, so --max_usd "
-                                         f"cannot be enforced; run without it")
-                    stats.update(requests_ok=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-                    for task in parse_response(text, finish_reason, args.num_prompt_instructions, rejected):
-                        if stats["kept"] >= args.num_instructions:
-                            break
-                        reason = filter_task(task, index, texts, args.rouge_threshold)
-                        if reason:
-                            rejected[reason] += 1
-                            continue
-                        out.write(json.dumps(task, ensure_ascii=False) + "\n")
-                        out.flush()
-                        index.add(task["instruction"])
-                        texts.append(task["instruction"])
-                        kept.append(task)
-                        stats["kept"] += 1
-                        progress.update(1)
-                    spent = cost_usd(args, stats["prompt_tokens"], stats["completion_tokens"])
-                    progress.set_postfix(requests=stats["requests_ok"], rejected=sum(rejected.values()),
-                                         tokens=f"{stats['prompt_tokens']}+{stats['completion_tokens']}",
-                                         usd=f"{spent:.4f}", refresh=False)
-    except KeyboardInterrupt:
-        # Every kept task is already on disk; don't wait for the requests in flight (they would hold the exit).
-        progress.close()
-        print(f"\ninterrupted with {stats['kept']} instructions in {args.out}; rerun the same command to resume",
-              flush=True)
-        os._exit(130)
-    except FatalAPIError as e:
-        raise SystemExit(f"{client.base_url}: {e}")
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        progress.close()
-
-    spent = cost_usd(args, stats["prompt_tokens"], stats["completion_tokens"])
-    print(f"kept {stats['kept']}/{args.num_instructions} instructions in {args.out}; "
-          f"requests: {stats['requests_ok']} ok, {len(failures)} failed; "
-          f"tokens: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion (${spent:.4f})")
-    print("rejected: " + (", ".join(f"{k}={v}" for k, v in rejected.most_common()) or "none"))
-    if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
-        raise SystemExit(f"{client.base_url}: giving up after {failed_in_a_row} requests failed in a row "
-                         f"(last: {failures[-1]})")
-    if stats["kept"] < args.num_instructions and args.max_usd is not None:
-        print(f"stopped at the budget: spent ${spent:.4f} of --max_usd ${args.max_usd}")
-    if stats["kept"] < args.num_instructions and stats["requests"] == args.max_requests:
-        print(f"stopped after --max_requests={args.max_requests}")
-    if args.export:
-        records = (seeds if args.export_seeds else []) + kept
-        write_json_atomic(args.export, [{k: r[k] for k in ("instruction", "input", "output")} for r in records])
-        print(f"exported {len(records)} examples to {args.export}"
-              + (f" ({len(seeds)} seed tasks, {len(kept)} generated)" if args.export_seeds else ""))
-    return dict(stats, failed=len(failures), rejected=dict(rejected), usd=spent)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed_tasks", default="seed_tasks.jsonl", help="self-instruct seed tasks (JSONL)")
-    p.add_argument("--out", default="regen.jsonl", help="kept instructions, appended; rerun to resume")
-    p.add_argument("--export", default=None, help="also write the {instruction,input,output} JSON array here")
-    p.add_argument("--export_seeds", action="store_true",
-                   help="put the seed tasks in the export too (Alpaca's data has only generated ones)")
-    p.add_argument("--num_instructions", type=int, default=100, help="target number of kept instructions")
-    p.add_argument("--num_prompt_instructions", type=int, default=3, help="seed examples shown per prompt")
-    p.add_argument("--api", choices=["completions", "chat"], default="completions")
-    p.add_argument("--base_url", default=None, help="OpenAI-compatible endpoint (default: OpenAI)")
-    p.add_argument("--model", default="gpt-3.5-turbo-instruct")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--max_new_tokens", type=int, default=3072)
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    p.add_argument("--max_retries", type=int, default=6, help="retries per request (429, 5xx, network)")
-    p.add_argument("--backoff_base", type=float, default=1.0, help="first retry wait in seconds, doubling")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--max_usd", type=float, default=None, help="stop starting requests at this spend")
-    p.add_argument("--max_requests", type=int, default=0, help="stop after this many requests (0: no limit)")
-    p.add_argument("--price_in", type=float, default=0.0, help="USD per 1M prompt tokens")
-    p.add_argument("--price_out", type=float, default=0.0, help="USD per 1M completion tokens")
-    p.add_argument("--rouge_threshold", type=float, default=0.7, help="drop if ROUGE-L to any kept is above")
-    p.add_argument("--seed", type=int, default=42, help="makes the sampled seed examples reproducible")
-    p.add_argument("--dry_run", action="store_true", help="print one prompt and the projected cost")
-    args = p.parse_args(argv)
-    if args.concurrency < 1 or args.max_retries < 0 or args.num_prompt_instructions < 1:
-        p.error("--concurrency and --num_prompt_instructions must be >= 1, --max_retries >= 0")
-    return args
+def write_atomic(path, text):
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
 
 
 if __name__ == "__main__":
-    generate(parse_args())
+    main()

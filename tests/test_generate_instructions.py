@@ -170,8 +170,8 @@ def run(tmp_path, server_url, *flags):
     if not seeds.exists():
         write_seeds(seeds)
     argv = ["--seed_tasks", str(seeds), "--out", str(tmp_path / "out.jsonl"), "--base_url", server_url,
-            "--model", "teacher", "--backoff_base", "0.01", "--max_retries", "3", "--concurrency", "1", *flags]
-    return gi.generate(gi.parse_args(argv))
+            "--model", "teacher", "--max_retries", "3", "--concurrency", "1", *flags]
+    return gi.main(argv)
 
 
 def read_jsonl(path):
@@ -350,14 +350,22 @@ def test_generate_chat_api(tmp_path, make_server):
     assert read_jsonl(tmp_path / "out.jsonl")[0]["input"] == "The dog chased the ball."
 
 
-def test_retries_honour_retry_after_and_recover(tmp_path, make_server):
-    server = make_server([("error", 429, {"Retry-After": "1"}), ("error", 500, {}), ("raw", b'{"choices": [{"te'),
-                          ("raw", b"<html>bad gateway</html>"), ("error", 503, {"retry-after-ms": "50"})],
-                         tasks_per_response=2)
+def test_the_client_retries_429_and_5xx_as_retry_after_asks(tmp_path, make_server):
+    server = make_server([("error", 429, {"Retry-After": "1"}), ("error", 500, {}), ("error", 503, {}),
+                          ("error", 503, {"retry-after-ms": "50"})], tasks_per_response=2)
+    stats = run(tmp_path, server.url, "--num_instructions", "2", "--max_retries", "4")
+    assert len(server.requests) == 5 and stats["failed"] == 0 and stats["kept"] == 2 and stats["requests"] == 1
+    assert server.times[1] - server.times[0] >= 0.95  # waited as the 429 asked, not the client's 0.5 s backoff
+    assert server.times[4] - server.times[3] >= 0.05
+
+
+def test_a_malformed_reply_is_a_failed_request_and_the_run_goes_on(tmp_path, make_server, capsys):
+    server = make_server([("raw", b'{"choices": [{"te'), ("raw", b"<html>bad gateway</html>"),
+                          ok(completion_text([(unique_instruction(),)])), ("raw", b"{}")], tasks_per_response=2)
     stats = run(tmp_path, server.url, "--num_instructions", "2", "--max_retries", "5")
-    assert len(server.requests) == 6 and stats["failed"] == 0 and stats["kept"] == 2
-    assert server.times[1] - server.times[0] >= 0.95  # waited as the 429 asked, not the 0.01 s backoff
-    assert server.times[5] - server.times[4] >= 0.05
+    assert len(server.requests) == 5 and stats["failed"] == 3 and stats["kept"] == 2  # none retried by the client
+    err = capsys.readouterr().err
+    assert err.count("request failed for good: JSONDecodeError") == 2 and "malformed response" in err
 
 
 def test_failed_request_is_counted_and_the_run_goes_on(tmp_path, make_server, capsys):
@@ -390,7 +398,7 @@ def test_missing_key_and_unreachable_server_from_the_command_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, SCRIPT, "--seed_tasks", str(tmp_path / "seeds.jsonl"), "--out", str(tmp_path / "o.jsonl"),
-           "--base_url", f"http://127.0.0.1:{port}/v1", "--max_retries", "1", "--backoff_base", "0.01"]
+           "--base_url", f"http://127.0.0.1:{port}/v1", "--max_retries", "1"]
     env = dict(os.environ, OPENAI_API_KEY="test")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -576,4 +584,4 @@ def test_bad_seed_file_names_line_and_field(tmp_path, content, message):
     if content is not None:
         seeds.write_text(content)
     with pytest.raises(SystemExit, match=message):
-        gi.generate(gi.parse_args(["--seed_tasks", str(seeds), "--out", str(tmp_path / "o.jsonl"), "--dry_run"]))
+        gi.main(["--seed_tasks", str(seeds), "--out", str(tmp_path / "o.jsonl"), "--dry_run"])
