@@ -337,20 +337,6 @@ def rouge_tokens(text):
     return rouge_tokenize(text, None)
 
 
-def _grow(array, needed):
-    """`array` with room for `needed` entries along its last axis (doubling, so appends are amortized O(1))."""
-    if array.shape[-1] >= needed:
-        return array
-    bigger = np.zeros(array.shape[:-1] + (max(needed, 2 * array.shape[-1]),), array.dtype)
-    bigger[..., :array.shape[-1]] = array
-    return bigger
-
-
-def _words(bits, num_words):
-    """A Python int bit set as `num_words` uint64 words, lowest first."""
-    return [(bits >> (64 * w)) & 0xFFFFFFFFFFFFFFFF for w in range(num_words)]
-
-
 class RougeIndex:
     """ROUGE-L F-measures of one text against every text added so far, identical to rouge_score's.
 
@@ -361,40 +347,30 @@ class RougeIndex:
     """
 
     def __init__(self):
-        self.size = 0
-        self.vocab = {}
-        self.groups = {}  # num_words -> dict(n, rows, lengths, valid, postings: token id -> [rows, masks, count])
+        self.size, self.vocab = 0, {}
+        # num_words -> n texts, their "rows" (order added) and "lengths", and "postings": token id -> (the
+        # group's texts holding it, its positions in each as a mask of num_words words, count)
+        self.groups = {}
 
     def add(self, text):
         tokens = rouge_tokens(text)
-        row_global = self.size
         self.size += 1
         if not tokens:  # scores 0 against everything, like rouge_score
             return
         num_words = (len(tokens) + 63) // 64
-        group = self.groups.setdefault(num_words, {
-            "n": 0, "rows": np.zeros(16, np.int64), "lengths": np.zeros(16, np.int64),
-            "valid": np.zeros((num_words, 16), np.uint64), "postings": {}})
-        row = group["n"]
-        group["n"] += 1
-        for key in ("rows", "lengths", "valid"):
-            group[key] = _grow(group[key], row + 1)
-        group["rows"][row] = row_global
-        group["lengths"][row] = len(tokens)
-        group["valid"][:, row] = _words((1 << len(tokens)) - 1, num_words)
+        g = self.groups.setdefault(num_words, {"n": 0, "rows": np.zeros(1, np.int64),
+                                               "lengths": np.zeros(1, np.int64), "postings": {}})
+        row, g["n"] = g["n"], g["n"] + 1
+        g["rows"], g["lengths"] = _put(g["rows"], row, self.size - 1), _put(g["lengths"], row, len(tokens))
         positions = {}
         for j, token in enumerate(tokens):
             token_id = self.vocab.setdefault(token, len(self.vocab))
             positions[token_id] = positions.get(token_id, 0) | (1 << j)
         for token_id, bits in positions.items():
-            posting = group["postings"].setdefault(
-                token_id, [np.zeros(4, np.int64), np.zeros((num_words, 4), np.uint64), 0])
-            count = posting[2]
-            posting[0] = _grow(posting[0], count + 1)
-            posting[1] = _grow(posting[1], count + 1)
-            posting[0][count] = row
-            posting[1][:, count] = _words(bits, num_words)
-            posting[2] = count + 1
+            rows, masks, count = g["postings"].get(token_id) or (np.zeros(1, np.int64),
+                                                                 np.zeros((num_words, 1), np.uint64), 0)
+            words = [(bits >> (64 * w)) & 0xFFFFFFFFFFFFFFFF for w in range(num_words)]
+            g["postings"][token_id] = (_put(rows, count, row), _put(masks, count, words), count + 1)
 
     def scores(self, text):
         """F-measure against each added text, in the order they were added (as rouge_score's _score_lcs)."""
@@ -403,36 +379,34 @@ class RougeIndex:
         if not tokens:
             return result
         token_ids = [self.vocab.get(token) for token in tokens]
-        for num_words, group in self.groups.items():
-            n = group["n"]
-            # v: one bit vector per stored text; after the last step its zero bits count the LCS length.
+        for num_words, g in self.groups.items():
+            n = g["n"]
+            # v: one bit vector per stored text. Bits past a text's length stay 1 (its masks are 0 there, and a
+            # carry into them is undone by the | below), so after the last step v's zero bits count the LCS.
             v = np.full((num_words, n), np.iinfo(np.uint64).max, np.uint64)
             matches = {}
             for token_id in token_ids:
-                posting = group["postings"].get(token_id)
-                if posting is None:  # the token occurs in no stored text of this group: nothing changes
+                if token_id not in g["postings"]:  # in no stored text of this group: nothing changes
                     continue
                 if token_id not in matches:
-                    rows, masks, count = posting
-                    match = np.zeros((num_words, n), np.uint64)
-                    match[:, rows[:count]] = masks[:, :count]
-                    matches[token_id] = match
+                    rows, masks, count = g["postings"][token_id]
+                    matches[token_id] = np.zeros((num_words, n), np.uint64)
+                    matches[token_id][:, rows[:count]] = masks[:, :count]
                 _lcs_step(v, matches[token_id])
-            lcs = np.bitwise_count(~v & group["valid"][:, :n]).sum(axis=0, dtype=np.int64)
+            lcs = np.bitwise_count(~v).sum(axis=0, dtype=np.int64)
             # Same float operations, in the same order, as rouge_score (target = new text, prediction = stored).
-            precision = lcs / group["lengths"][:n]
-            recall = lcs / len(tokens)
+            precision, recall = lcs / g["lengths"][:n], lcs / len(tokens)
             f = np.zeros(n)
             hit = lcs > 0
             f[hit] = 2 * precision[hit] * recall[hit] / (precision[hit] + recall[hit])
-            result[group["rows"][:n]] = f
+            result[g["rows"][:n]] = f
         return result
 
 
 def _lcs_step(v, match):
     """v = (v + (v & match)) | (v & ~match), with v a multi-word integer per column (carries between words)."""
     u = v & match
-    if len(v) == 1:
+    if len(v) == 1:  # most texts: one word, no carries
         rest = v ^ u
         np.add(v, u, out=v)
         np.bitwise_or(v, rest, out=v)
@@ -445,6 +419,14 @@ def _lcs_step(v, match):
         overflow |= total < carry
         v[w] = total | (v[w] ^ u[w])
         carry = overflow.astype(np.uint64)
+
+
+def _put(array, i, value):
+    """array[..., i] = value, doubling the last axis when it is full (so appends are amortized O(1))."""
+    if i == array.shape[-1]:
+        array = np.concatenate([array, np.zeros_like(array)], axis=-1)
+    array[..., i] = value
+    return array
 
 
 # The API: one request, and what to do when the server cannot give as many tokens as asked.
