@@ -1,9 +1,7 @@
 """
-Generate instruction-following data the Alpaca way: a simplified self-instruct.
-
-A teacher model is shown 3 human-written seed tasks and asked to continue the numbered list up to 20 tasks.
-The new tasks are parsed, filtered (length, blocked words, near-duplicates by ROUGE-L) and appended to a
-JSONL file as soon as they are accepted. Rerunning resumes from that file.
+Generate instruction-following data the Alpaca way (a simplified self-instruct): a teacher model is shown 3
+human-written seed tasks and continues the numbered list up to task 20; the new tasks are parsed, filtered
+(length, blocked words, near-duplicates by ROUGE-L) and appended to a JSONL file as they pass. Rerun to resume.
 
     OPENAI_API_KEY=... python generate_instructions.py --num_instructions=52000 --export=alpaca_data.json
     OPENAI_API_KEY=none python generate_instructions.py --base_url=http://localhost:8000/v1 --model=M --api=chat
@@ -37,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--num_prompt_instructions", type=int, default=3, help="seed examples shown per prompt")
     p.add_argument("--rouge_threshold", type=float, default=0.7, help="drop if ROUGE-L to any kept is above")
     p.add_argument("--seed", type=int, default=42, help="makes the sampled seed examples reproducible")
-    # The teacher, and how it samples (the original's settings).
+    # The teacher, sampled as in the original.
     p.add_argument("--api", choices=["completions", "chat"], default="completions")
     p.add_argument("--base_url", default=None, help="OpenAI-compatible endpoint (default: OpenAI)")
     p.add_argument("--model", default="gpt-3.5-turbo-instruct")
@@ -59,8 +57,7 @@ def parse_args(argv=None):
     return args
 
 
-# 1. The prompt. The teacher is asked for 20 tasks; with 3 shown it writes tasks 4..19 and stops when it starts
-# task 20.
+# 1. The prompt: asked for 20 tasks and shown 3, the teacher writes tasks 4..19 and stops when it starts task 20.
 NUM_TASKS_PER_PROMPT = 20
 PREAMBLE = f"""\
 Write {NUM_TASKS_PER_PROMPT} new tasks for testing how well a language model follows instructions. \
@@ -134,21 +131,16 @@ def parse_response(text, finish_reason, num_prompt_instructions, rejected):
     if not TASK_START_RE.match(text):
         text = f"{num_prompt_instructions + 1}. Instruction:" + text
     blocks = re.split(r"###|\n(?=\s*\d+\s*\.\s*Instruction:)", text)
-    if finish_reason == "length":  # the model was cut off: its last task is likely unfinished
-        if blocks.pop().strip():
-            rejected["truncated"] += 1
+    if finish_reason == "length" and blocks.pop().strip():  # the model was cut off in the middle of its last task
+        rejected["truncated"] += 1
     tasks = []
-    for block in blocks:
-        if not block.strip():
-            continue
-        match = TASK_RE.match(block)
-        if not match:
+    for block in filter(str.strip, blocks):
+        if not (match := TASK_RE.match(block)):
             rejected["unparseable"] += 1
             continue
         instruction, task_input, output = (part.strip() for part in match.groups())
-        if task_input.lower() == "<noinput>":
-            task_input = ""
-        tasks.append({"instruction": instruction, "input": task_input, "output": output})
+        tasks.append({"instruction": instruction, "input": "" if task_input.lower() == "<noinput>" else task_input,
+                      "output": output})
     return tasks
 
 
@@ -179,21 +171,20 @@ def reject_reason(instruction):
     return None
 
 
-def filter_task(task, index, texts, rouge_threshold):
+def filter_task(task, index, rouge_threshold):
     """Why the task is rejected, or None after adding the recipe's similarity fields to it."""
-    reason = reject_reason(task["instruction"])
-    if reason:
+    if reason := reject_reason(task["instruction"]):
         return reason
     scores = index.scores(task["instruction"])  # ROUGE-L against the seeds and everything kept so far
     if scores.max() > rouge_threshold:
         return "too_similar"
     top = np.argsort(-scores, kind="stable")[:TOP_SIMILAR]
-    task["most_similar_instructions"] = {texts[i]: float(scores[i]) for i in top}
+    task["most_similar_instructions"] = {index.texts[i]: float(scores[i]) for i in top}
     task["avg_similarity_score"] = float(np.mean(scores))
     return None
 
 
-# 4. The loop: requests in flight, each reply's tasks filtered and appended as they pass.
+# 4. The loop: requests in flight; each reply's tasks filtered, and appended to --out as they pass.
 MAX_FAILED_IN_A_ROW = 3  # requests that fail for good (after the client's retries), back to back, before we stop
 
 
@@ -215,21 +206,19 @@ def main(argv=None):
         return dry_run(args, seeds, rng, len(kept))
     if not os.environ.get("OPENAI_API_KEY"):
         raise SystemExit("OPENAI_API_KEY is not set (a local server accepts any value, e.g. OPENAI_API_KEY=none)")
-    # The client retries 408, 409, 429, 5xx and network errors itself, with exponential backoff or as long as
-    # Retry-After asks (up to 2 minutes).
+    # The client retries 408, 409, 429, 5xx and network errors, with exponential backoff or as Retry-After asks.
     client = openai.OpenAI(base_url=args.base_url, max_retries=args.max_retries, timeout=args.timeout)
 
-    texts = [s["instruction"] for s in seeds] + [r["instruction"] for r in kept]
     index = RougeIndex()
-    for text in texts:
+    for text in [s["instruction"] for s in seeds] + [r["instruction"] for r in kept]:
         index.add(text)
-    stats, rejected, failures, failed_in_a_row = Counter(kept=len(kept)), Counter(), [], 0
+    stats, rejected, failures, failed_in_a_row = Counter(), Counter(), [], 0
     progress = tqdm(total=args.num_instructions, initial=len(kept), unit="inst", dynamic_ncols=True)
     pool, pending = ThreadPoolExecutor(args.concurrency), set()
     try:
         with open(args.out, "a", encoding="utf-8") as out:
             while True:
-                while (len(pending) < args.concurrency and stats["kept"] < args.num_instructions
+                while (len(pending) < args.concurrency and len(kept) < args.num_instructions
                        and failed_in_a_row < MAX_FAILED_IN_A_ROW and not 0 < args.max_requests <= stats["requests"]
                        and within_budget(args, stats, len(pending))):
                     prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
@@ -252,25 +241,21 @@ def main(argv=None):
                                          f"cannot be enforced; run without it")
                     stats.update(requests_ok=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
                     for task in parse_response(text, finish_reason, args.num_prompt_instructions, rejected):
-                        if stats["kept"] >= args.num_instructions:
+                        if len(kept) >= args.num_instructions:
                             break
-                        reason = filter_task(task, index, texts, args.rouge_threshold)
-                        if reason:
+                        if reason := filter_task(task, index, args.rouge_threshold):
                             rejected[reason] += 1
                             continue
                         append_jsonl(out, task)
                         index.add(task["instruction"])
-                        texts.append(task["instruction"])
                         kept.append(task)
-                        stats["kept"] += 1
                         progress.update(1)
                     progress.set_postfix(requests=stats["requests_ok"], rejected=sum(rejected.values()),
                                          tokens=f"{stats['prompt_tokens']}+{stats['completion_tokens']}",
                                          usd=f"{cost_usd(args, stats):.4f}", refresh=False)
-    except KeyboardInterrupt:
-        # Every kept task is already on disk; don't wait for the requests in flight (they would hold the exit).
+    except KeyboardInterrupt:  # every kept task is on disk: don't wait for the requests in flight to exit
         progress.close()
-        print(f"\ninterrupted with {stats['kept']} instructions in {args.out}; rerun the same command to resume",
+        print(f"\ninterrupted with {len(kept)} instructions in {args.out}; rerun the same command to resume",
               flush=True)
         os._exit(130)
     finally:
@@ -278,24 +263,24 @@ def main(argv=None):
         progress.close()
 
     spent = cost_usd(args, stats)
-    print(f"kept {stats['kept']}/{args.num_instructions} instructions in {args.out}; "
+    print(f"kept {len(kept)}/{args.num_instructions} instructions in {args.out}; "
           f"requests: {stats['requests_ok']} ok, {len(failures)} failed; "
           f"tokens: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion (${spent:.4f})")
     print("rejected: " + (", ".join(f"{k}={v}" for k, v in rejected.most_common()) or "none"))
     if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
         raise SystemExit(f"{client.base_url}: giving up after {failed_in_a_row} requests failed in a row "
                          f"(last: {failures[-1]})")
-    if stats["kept"] < args.num_instructions and args.max_usd is not None:
+    if len(kept) < args.num_instructions and args.max_usd is not None:
         print(f"stopped at the budget: spent ${spent:.4f} of --max_usd ${args.max_usd}")
-    if stats["kept"] < args.num_instructions and stats["requests"] == args.max_requests:
+    if len(kept) < args.num_instructions and stats["requests"] == args.max_requests:
         print(f"stopped after --max_requests={args.max_requests}")
     if args.export:
-        records = (seeds if args.export_seeds else []) + kept
-        records = [{k: r[k] for k in ("instruction", "input", "output")} for r in records]
+        records = [{k: r[k] for k in ("instruction", "input", "output")}
+                   for r in (seeds if args.export_seeds else []) + kept]
         write_atomic(args.export, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
         print(f"exported {len(records)} examples to {args.export}"
               + (f" ({len(seeds)} seed tasks, {len(kept)} generated)" if args.export_seeds else ""))
-    return dict(stats, failed=len(failures), rejected=dict(rejected), usd=spent)
+    return dict(stats, kept=len(kept), failed=len(failures), rejected=dict(rejected), usd=spent)
 
 
 def cost_usd(args, stats):
@@ -313,23 +298,21 @@ def within_budget(args, stats, num_pending):
 
 
 def dry_run(args, seeds, rng, num_kept):
+    """Print one prompt, and a rough projection of the run: ~4 characters a token, the teacher writes the rest of
+    the 20 tasks at the seeds' average length, and about half of them pass the filters."""
     prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
-    print(prompt)
-    # Rough projection: ~4 characters a token, the model writes the rest of the 20 tasks with the seeds'
-    # average length, and about half of them survive the filters.
-    chars_per_token, keep_rate = 4, 0.5
-    tasks_per_request = NUM_TASKS_PER_PROMPT - args.num_prompt_instructions - 1
-    example_chars = np.mean([len(s["instruction"]) + len(s["input"]) + len(s["output"]) + 40 for s in seeds])
-    requests = int(np.ceil(max(args.num_instructions - num_kept, 0) / (tasks_per_request * keep_rate)))
-    tokens = dict(prompt_tokens=requests * len(prompt) / chars_per_token,
-                  completion_tokens=requests * tasks_per_request * example_chars / chars_per_token)
-    print(f"\nprojected for {args.num_instructions - num_kept} more instructions: ~{requests} requests, "
+    todo = max(args.num_instructions - num_kept, 0)
+    per_request = NUM_TASKS_PER_PROMPT - args.num_prompt_instructions - 1
+    requests = int(np.ceil(todo / (per_request * 0.5)))
+    task_chars = np.mean([len(s["instruction"]) + len(s["input"]) + len(s["output"]) + 40 for s in seeds])
+    tokens = dict(prompt_tokens=requests * len(prompt) / 4, completion_tokens=requests * per_request * task_chars / 4)
+    print(f"{prompt}\n\nprojected for {todo} more instructions: ~{requests} requests, "
           f"~{tokens['prompt_tokens'] / 1e6:.2f}M prompt + ~{tokens['completion_tokens'] / 1e6:.2f}M completion "
-          f"tokens, ~${cost_usd(args, tokens):.2f} at ${args.price_in}/${args.price_out} per 1M tokens "
-          f"(assuming {chars_per_token} chars/token and {keep_rate:.0%} of tasks kept)")
+          f"tokens, ~${cost_usd(args, tokens):.2f} at "
+          f"${args.price_in}/${args.price_out} per 1M tokens (assuming 4 chars/token and 50% of tasks kept)")
 
 
-# Plumbing. ROUGE-L, exact and fast: the filter above compares each new instruction with every one kept so far
+# Plumbing. ROUGE-L, exact and fast: the filter compares every new instruction with all those kept so far
 # (1.4G pairs for 52K instructions).
 
 def rouge_tokens(text):
@@ -347,7 +330,7 @@ class RougeIndex:
     """
 
     def __init__(self):
-        self.size, self.vocab = 0, {}
+        self.size, self.vocab, self.texts = 0, {}, []
         # num_words -> n texts, their "rows" (order added) and "lengths", and "postings": token id -> (the
         # group's texts holding it, its positions in each as a mask of num_words words, count)
         self.groups = {}
@@ -355,6 +338,7 @@ class RougeIndex:
     def add(self, text):
         tokens = rouge_tokens(text)
         self.size += 1
+        self.texts.append(text)
         if not tokens:  # scores 0 against everything, like rouge_score
             return
         num_words = (len(tokens) + 63) // 64
@@ -380,11 +364,10 @@ class RougeIndex:
             return result
         token_ids = [self.vocab.get(token) for token in tokens]
         for num_words, g in self.groups.items():
-            n = g["n"]
+            n, matches = g["n"], {}
             # v: one bit vector per stored text. Bits past a text's length stay 1 (its masks are 0 there, and a
             # carry into them is undone by the | below), so after the last step v's zero bits count the LCS.
             v = np.full((num_words, n), np.iinfo(np.uint64).max, np.uint64)
-            matches = {}
             for token_id in token_ids:
                 if token_id not in g["postings"]:  # in no stored text of this group: nothing changes
                     continue
@@ -396,9 +379,7 @@ class RougeIndex:
             lcs = np.bitwise_count(~v).sum(axis=0, dtype=np.int64)
             # Same float operations, in the same order, as rouge_score (target = new text, prediction = stored).
             precision, recall = lcs / g["lengths"][:n], lcs / len(tokens)
-            f = np.zeros(n)
-            hit = lcs > 0
-            f[hit] = 2 * precision[hit] * recall[hit] / (precision[hit] + recall[hit])
+            f = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n), where=lcs > 0)
             result[g["rows"][:n]] = f
         return result
 
@@ -429,23 +410,21 @@ def _put(array, i, value):
     return array
 
 
-# The API: one request, and what to do when the server cannot give as many tokens as asked.
-# A server that cannot give --max_new_tokens gets asked for what it can give, down to this: fewer tokens cannot
-# hold one whole task and the start of the next, so every reply would be cut and dropped.
+# The API. A server that cannot give --max_new_tokens gets asked for what it can give, down to MIN_NEW_TOKENS:
+# fewer cannot hold one whole task and the start of the next, so every reply would be cut and dropped.
 MIN_NEW_TOKENS = 256
 LOWERING = threading.Lock()
 
 
 def call_api(client, args, prompt):
-    """One request (the client retries 408/409/429/5xx and network errors); returns (text, finish_reason,
-    prompt_tokens, completion_tokens). A server that cannot give max_tokens tokens says so with a 400 (a local one
-    has a cap and a short context); then, as the original recipe did on "reduce your prompt", we ask for what it
-    can give, from then on. Any other refusal (a wrong key, model or request) stops the run."""
-    stop = [f"\n{NUM_TASKS_PER_PROMPT}", f"{NUM_TASKS_PER_PROMPT}."]
+    """One request (the client retries 408/409/429/5xx and network errors): (text, finish_reason, prompt_tokens,
+    completion_tokens). A server that cannot give max_tokens says so with a 400 (a local one has a cap and a short
+    context); then, as the original recipe did on "reduce your prompt", we ask for what it can give, from then on.
+    Any other refusal (a wrong key, model or request) stops the run."""
     while True:
         asked = args.max_new_tokens
         sampling = dict(model=args.model, max_tokens=asked, temperature=args.temperature, top_p=args.top_p,
-                        stop=stop, n=1)
+                        stop=[f"\n{NUM_TASKS_PER_PROMPT}", f"{NUM_TASKS_PER_PROMPT}."], n=1)
         try:
             if args.api == "completions":
                 response = client.completions.create(prompt=prompt, **sampling)
@@ -456,8 +435,7 @@ def call_api(client, args, prompt):
         except openai.APIStatusError as e:
             if e.status_code in (408, 409, 429) or e.status_code >= 500:
                 raise  # the client has retried it --max_retries times: this request failed
-            allowed = tokens_allowed(e, asked)
-            if allowed is None:
+            if (allowed := tokens_allowed(e, asked)) is None:
                 raise SystemExit(f"{client.base_url}: the server refused the request ({e.message}); check "
                                  "OPENAI_API_KEY, --base_url, --model and --api")
             allowed = allowed if allowed < asked else asked // 2
@@ -471,14 +449,13 @@ def call_api(client, args, prompt):
                     args.max_new_tokens = allowed
                     tqdm.write(f"the server gives at most {allowed} tokens per reply (it refused {asked}): "
                                f"asking for {allowed} from now on", file=sys.stderr)
-    try:
-        choice = response.choices[0]
+    try:  # a server may answer 200 with something that is not a completion
+        choice, usage = response.choices[0], response.usage
         text = choice.text if args.api == "completions" else choice.message.content
-        usage = response.usage
+        if not isinstance(text, str):
+            raise TypeError
     except (AttributeError, IndexError, TypeError):
         raise ValueError(f"malformed response: {str(response)[:200]!r}")
-    if not isinstance(text, str):
-        raise ValueError("response has no text")
     return text, choice.finish_reason, getattr(usage, "prompt_tokens", 0) or 0, \
         getattr(usage, "completion_tokens", 0) or 0
 
@@ -500,8 +477,7 @@ def tokens_allowed(error, asked):
     return asked // 2
 
 
-# Files: --out is append-only (one kept task a line, flushed), so a killed run loses at most the line it was
-# writing; --export is written whole or not at all.
+# Files. --out is append-only, one kept task a line, flushed: a killed run loses at most the line it was writing.
 
 def resume_jsonl(path):
     """The records of an append-only JSONL file; [] if there is none. A last line without its newline is the torn
@@ -529,6 +505,7 @@ def append_jsonl(file, record):
 
 
 def write_atomic(path, text):
+    """Write to path.tmp, then rename: a crash leaves the old file or the new one, never half of one."""
     with open(f"{path}.tmp", "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
