@@ -350,13 +350,14 @@ def test_generate_chat_api(tmp_path, make_server):
     assert read_jsonl(tmp_path / "out.jsonl")[0]["input"] == "The dog chased the ball."
 
 
-def test_the_client_retries_429_and_5xx_as_retry_after_asks(tmp_path, make_server):
-    server = make_server([("error", 429, {"Retry-After": "1"}), ("error", 500, {}), ("error", 503, {}),
-                          ("error", 503, {"retry-after-ms": "50"})], tasks_per_response=2)
-    stats = run(tmp_path, server.url, "--num_instructions", "2", "--max_retries", "4")
-    assert len(server.requests) == 5 and stats["failed"] == 0 and stats["kept"] == 2 and stats["requests"] == 1
+def test_the_client_retries_429_5xx_408_409_as_retry_after_asks(tmp_path, make_server):
+    later = {"retry-after-ms": "50"}
+    server = make_server([("error", 429, {"Retry-After": "1"}), ("error", 500, later), ("error", 503, later),
+                          ("error", 408, later), ("error", 409, later)], tasks_per_response=2)
+    stats = run(tmp_path, server.url, "--num_instructions", "2", "--max_retries", "5")
+    assert len(server.requests) == 6 and stats["failed"] == 0 and stats["kept"] == 2 and stats["requests"] == 1
     assert server.times[1] - server.times[0] >= 0.95  # waited as the 429 asked, not the client's 0.5 s backoff
-    assert server.times[4] - server.times[3] >= 0.05
+    assert all(b - a >= 0.05 for a, b in zip(server.times[1:], server.times[2:]))
 
 
 def test_a_malformed_reply_is_a_failed_request_and_the_run_goes_on(tmp_path, make_server, capsys):
