@@ -499,13 +499,17 @@ def test_torn_last_line_is_repaired_on_resume(tmp_path, make_server, capsys):
     with open(out, "a") as f:
         f.write('{"instruction": "Half writ')
     run(tmp_path, server.url, "--num_instructions", "4")
-    assert "cutting off a torn last line" in capsys.readouterr().out
+    assert "out.jsonl: cutting off a torn last line (26 bytes)" in capsys.readouterr().err
     records = read_jsonl(out)
     assert out.read_text().startswith(before) and len(records) == 4
     with open(out, "a") as f:
         f.write("not json\n" + json.dumps(records[0]) + "\n")
     with pytest.raises(SystemExit, match=r"out.jsonl:5: not valid JSON"):
         run(tmp_path, server.url, "--num_instructions", "8")
+    out.write_text(before + '{"instruction": "Name a task here.", "output": "x"}\n')
+    with pytest.raises(SystemExit, match=r"out.jsonl:3: field 'input' missing or not a string"):
+        run(tmp_path, server.url, "--num_instructions", "8")
+    assert len(server.requests) == 2 + 2  # a file that cannot be resumed stops the run before any request
 
 
 def test_resume_after_kill_9(tmp_path, make_server):
