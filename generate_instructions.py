@@ -253,11 +253,6 @@ def main(argv=None):
                     progress.set_postfix(requests=stats["requests_ok"], rejected=sum(rejected.values()),
                                          tokens=f"{stats['prompt_tokens']}+{stats['completion_tokens']}",
                                          usd=f"{cost_usd(args, stats):.4f}", refresh=False)
-    except KeyboardInterrupt:  # every kept task is on disk: don't wait for the requests in flight to exit
-        progress.close()
-        print(f"\ninterrupted with {len(kept)} instructions in {args.out}; rerun the same command to resume",
-              flush=True)
-        os._exit(130)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         progress.close()
@@ -515,4 +510,8 @@ def write_atomic(path, text):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # every kept task is on disk: exit now, not after the requests in flight
+        print("\ninterrupted; rerun the same command to resume", flush=True)
+        os._exit(130)
