@@ -416,16 +416,13 @@ def call_api(client, args, prompt):
     completion_tokens). A server that cannot give max_tokens says so with a 400 (a local one has a cap and a short
     context); then, as the original recipe did on "reduce your prompt", we ask for what it can give, from then on.
     Any other refusal (a wrong key, model or request) stops the run."""
+    create = client.chat.completions.create if args.api == "chat" else client.completions.create
+    payload = {"messages": [{"role": "user", "content": prompt}]} if args.api == "chat" else {"prompt": prompt}
     while True:
         asked = args.max_new_tokens
-        sampling = dict(model=args.model, max_tokens=asked, temperature=args.temperature, top_p=args.top_p,
-                        stop=[f"\n{NUM_TASKS_PER_PROMPT}", f"{NUM_TASKS_PER_PROMPT}."], n=1)
         try:
-            if args.api == "completions":
-                response = client.completions.create(prompt=prompt, **sampling)
-            else:
-                response = client.chat.completions.create(messages=[{"role": "user", "content": prompt}],
-                                                          **sampling)
+            response = create(model=args.model, max_tokens=asked, temperature=args.temperature, top_p=args.top_p,
+                              stop=[f"\n{NUM_TASKS_PER_PROMPT}", f"{NUM_TASKS_PER_PROMPT}."], n=1, **payload)
             break
         except openai.APIStatusError as e:
             if e.status_code in (408, 409, 429) or e.status_code >= 500:
@@ -446,7 +443,7 @@ def call_api(client, args, prompt):
                                f"asking for {allowed} from now on", file=sys.stderr)
     try:  # a server may answer 200 with something that is not a completion
         choice, usage = response.choices[0], response.usage
-        text = choice.text if args.api == "completions" else choice.message.content
+        text = choice.message.content if args.api == "chat" else choice.text
         if not isinstance(text, str):
             raise TypeError
     except (AttributeError, IndexError, TypeError):
