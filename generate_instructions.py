@@ -29,8 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--seed_tasks", default="seed_tasks.jsonl", help="self-instruct seed tasks (JSONL)")
     p.add_argument("--out", default="regen.jsonl", help="kept instructions, appended; rerun to resume")
     p.add_argument("--export", default=None, help="also write the {instruction,input,output} JSON array here")
-    p.add_argument("--export_seeds", action="store_true",
-                   help="put the seed tasks in the export too (Alpaca's data has only generated ones)")
+    p.add_argument("--export_seeds", action="store_true", help="export the seeds too (Alpaca's data has none)")
     p.add_argument("--num_instructions", type=int, default=100, help="target number of kept instructions")
     p.add_argument("--num_prompt_instructions", type=int, default=3, help="seed examples shown per prompt")
     p.add_argument("--rouge_threshold", type=float, default=0.7, help="drop if ROUGE-L to any kept is above")
@@ -76,10 +75,8 @@ piece of code), never a placeholder, and keep it under 100 words. When it needs 
 
 Tasks:
 """
-
-
 def load_seed_tasks(path):
-    """Read self-instruct seed tasks: one JSON object a line with an instruction and instances[0].input/output."""
+    """Self-instruct seed tasks, one JSON object a line, as {instruction, input, output} (from instances[0])."""
     if not os.path.exists(path):
         raise SystemExit(f"{path}: seed file not found (set --seed_tasks)")
     seeds = []
@@ -102,7 +99,8 @@ def load_seed_tasks(path):
             for field in ("input", "output"):
                 if not isinstance(instances[0].get(field), str):
                     raise SystemExit(f"{where}: field 'instances[0].{field}' missing or not a string")
-            seeds.append({"instruction": task["instruction"], **{k: instances[0][k] for k in ("input", "output")}})
+            seeds.append({"instruction": task["instruction"], "input": instances[0]["input"],
+                          "output": instances[0]["output"]})
     if not seeds:
         raise SystemExit(f"{path}: no seed tasks")
     return seeds
@@ -154,21 +152,14 @@ TOP_SIMILAR = 10
 
 
 def reject_reason(instruction):
-    """The recipe's cheap filters; None when the instruction passes them."""
-    num_words = len(instruction.split())
-    if num_words <= MIN_WORDS:
-        return "too_short"
-    if num_words > MAX_WORDS:
-        return "too_long"
-    if BLOCKED_RE.search(instruction):
-        return "blocked_word"
-    if instruction.startswith("Write a program"):  # the teacher overuses it, and it is unclear what to output
-        return "write_a_program"
-    if instruction[0] in string.punctuation:
-        return "starts_with_punctuation"
-    if not instruction[0].isascii():
-        return "non_ascii_start"
-    return None
+    """The recipe's cheap filters, the first that fails; None when the instruction passes them all."""
+    num_words, first = len(instruction.split()), instruction[:1]  # too_short comes first: "" never gets further
+    failed = {"too_short": num_words <= MIN_WORDS, "too_long": num_words > MAX_WORDS,
+              "blocked_word": BLOCKED_RE.search(instruction),
+              # the teacher overuses it, and it is unclear what to output
+              "write_a_program": instruction.startswith("Write a program"),
+              "starts_with_punctuation": first in string.punctuation, "non_ascii_start": not first.isascii()}
+    return next((reason for reason, fails in failed.items() if fails), None)
 
 
 def filter_task(task, index, rouge_threshold):
@@ -202,8 +193,19 @@ def main(argv=None):
                 raise SystemExit(f"{args.out}:{line_no}: field '{field}' missing or not a string")
     # The prompts drawn depend only on --seed and how much was already generated, so reruns are reproducible.
     rng = random.Random(f"{args.seed}:{len(kept)}")
-    if args.dry_run:
-        return dry_run(args, seeds, rng, len(kept))
+    if args.dry_run:  # one prompt, and a projection: the teacher writes the rest of the 20 tasks at the seeds' length
+        prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
+        todo = max(args.num_instructions - len(kept), 0)
+        per_request = NUM_TASKS_PER_PROMPT - args.num_prompt_instructions - 1
+        requests = int(np.ceil(todo / (per_request * 0.5)))
+        task_chars = np.mean([len(s["instruction"]) + len(s["input"]) + len(s["output"]) + 40 for s in seeds])
+        tokens = dict(prompt_tokens=requests * len(prompt) / 4,
+                      completion_tokens=requests * per_request * task_chars / 4)
+        print(f"{prompt}\n\nprojected for {todo} more instructions: ~{requests} requests, "
+              f"~{tokens['prompt_tokens'] / 1e6:.2f}M prompt + ~{tokens['completion_tokens'] / 1e6:.2f}M completion "
+              f"tokens, ~${cost_usd(args, tokens):.2f} at ${args.price_in}/${args.price_out} per 1M tokens "
+              "(assuming 4 chars/token and 50% of tasks kept)")
+        return
     if not os.environ.get("OPENAI_API_KEY"):
         raise SystemExit("OPENAI_API_KEY is not set (a local server accepts any value, e.g. OPENAI_API_KEY=none)")
     # The client retries 408, 409, 429, 5xx and network errors, with exponential backoff or as Retry-After asks.
@@ -292,37 +294,18 @@ def within_budget(args, stats, num_pending):
     return spent + (num_pending + 1) * spent / stats["requests_ok"] <= args.max_usd
 
 
-def dry_run(args, seeds, rng, num_kept):
-    """Print one prompt, and a rough projection of the run: ~4 characters a token, the teacher writes the rest of
-    the 20 tasks at the seeds' average length, and about half of them pass the filters."""
-    prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
-    todo = max(args.num_instructions - num_kept, 0)
-    per_request = NUM_TASKS_PER_PROMPT - args.num_prompt_instructions - 1
-    requests = int(np.ceil(todo / (per_request * 0.5)))
-    task_chars = np.mean([len(s["instruction"]) + len(s["input"]) + len(s["output"]) + 40 for s in seeds])
-    tokens = dict(prompt_tokens=requests * len(prompt) / 4, completion_tokens=requests * per_request * task_chars / 4)
-    print(f"{prompt}\n\nprojected for {todo} more instructions: ~{requests} requests, "
-          f"~{tokens['prompt_tokens'] / 1e6:.2f}M prompt + ~{tokens['completion_tokens'] / 1e6:.2f}M completion "
-          f"tokens, ~${cost_usd(args, tokens):.2f} at "
-          f"${args.price_in}/${args.price_out} per 1M tokens (assuming 4 chars/token and 50% of tasks kept)")
-
-
 # Plumbing. ROUGE-L, exact and fast: the filter compares every new instruction with all those kept so far
 # (1.4G pairs for 52K instructions).
-
-def rouge_tokens(text):
-    """rouge_score's own tokenizer without stemming: lowercase, [a-z0-9]+ runs."""
+def rouge_tokens(text):  # rouge_score's own tokenizer without stemming: lowercase, [a-z0-9]+ runs
     return rouge_tokenize(text, None)
 
 
 class RougeIndex:
-    """ROUGE-L F-measures of one text against every text added so far, identical to rouge_score's.
-
-    The original recipe runs rouge_score's Python LCS table for every pair, in a process pool. Here each stored
-    text is kept as bit masks (bit j set where token j is a given word), and the LCS of a new text with all
-    stored texts is computed at once by the bit-parallel LCS recurrence (Hyyro 2004), one numpy step per token
-    of the new text. Texts are grouped by how many 64-bit words their masks need.
-    """
+    """ROUGE-L F-measures of one text against every text added so far, identical to rouge_score's. The original
+    recipe runs rouge_score's Python LCS table for every pair, in a process pool. Here each stored text is kept as
+    bit masks (bit j set where token j is a given word), and the LCS of a new text with all of them is computed at
+    once by the bit-parallel LCS recurrence (Hyyro 2004), one numpy step per token of the new text. Texts are
+    grouped by how many 64-bit words their masks need."""
 
     def __init__(self):
         self.size, self.vocab, self.texts = 0, {}, []
@@ -370,31 +353,25 @@ class RougeIndex:
                     rows, masks, count = g["postings"][token_id]
                     matches[token_id] = np.zeros((num_words, n), np.uint64)
                     matches[token_id][:, rows[:count]] = masks[:, :count]
-                _lcs_step(v, matches[token_id])
+                # v = (v + u) | (v & ~match) with u = v & match, v a multi-word integer per column
+                u = v & matches[token_id]
+                if num_words == 1:  # most texts: one word, no carries
+                    rest = v ^ u
+                    np.add(v, u, out=v)
+                    np.bitwise_or(v, rest, out=v)
+                    continue
+                carry = np.zeros(n, np.uint64)
+                for w in range(num_words):
+                    total = v[w] + u[w]
+                    next_carry = (total < v[w]) | (total + carry < carry)
+                    v[w] = (total + carry) | (v[w] ^ u[w])
+                    carry = next_carry.astype(np.uint64)
             lcs = np.bitwise_count(~v).sum(axis=0, dtype=np.int64)
             # Same float operations, in the same order, as rouge_score (target = new text, prediction = stored).
             precision, recall = lcs / g["lengths"][:n], lcs / len(tokens)
             f = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n), where=lcs > 0)
             result[g["rows"][:n]] = f
         return result
-
-
-def _lcs_step(v, match):
-    """v = (v + (v & match)) | (v & ~match), with v a multi-word integer per column (carries between words)."""
-    u = v & match
-    if len(v) == 1:  # most texts: one word, no carries
-        rest = v ^ u
-        np.add(v, u, out=v)
-        np.bitwise_or(v, rest, out=v)
-        return
-    carry = np.zeros(v.shape[1], np.uint64)
-    for w in range(len(v)):
-        total = v[w] + u[w]
-        overflow = total < v[w]
-        total += carry
-        overflow |= total < carry
-        v[w] = total | (v[w] ^ u[w])
-        carry = overflow.astype(np.uint64)
 
 
 def _put(array, i, value):
@@ -405,17 +382,16 @@ def _put(array, i, value):
     return array
 
 
-# The API. A server that cannot give --max_new_tokens gets asked for what it can give, down to MIN_NEW_TOKENS:
-# fewer cannot hold one whole task and the start of the next, so every reply would be cut and dropped.
+# The API. The client retries 408/409/429/5xx and network errors. A server that cannot give --max_new_tokens says
+# so with a 400 (a local one has a cap and a short context); then, as the original recipe did on "reduce your
+# prompt", we ask for what it can give from then on, down to MIN_NEW_TOKENS: fewer cannot hold one whole task and
+# the start of the next, so every reply would be cut and dropped. Any other refusal (key, model, request) stops.
 MIN_NEW_TOKENS = 256
 LOWERING = threading.Lock()
 
 
 def call_api(client, args, prompt):
-    """One request (the client retries 408/409/429/5xx and network errors): (text, finish_reason, prompt_tokens,
-    completion_tokens). A server that cannot give max_tokens says so with a 400 (a local one has a cap and a short
-    context); then, as the original recipe did on "reduce your prompt", we ask for what it can give, from then on.
-    Any other refusal (a wrong key, model or request) stops the run."""
+    """One request: (text, finish_reason, prompt_tokens, completion_tokens)."""
     create = client.chat.completions.create if args.api == "chat" else client.completions.create
     payload = {"messages": [{"role": "user", "content": prompt}]} if args.api == "chat" else {"prompt": prompt}
     while True:
@@ -448,8 +424,7 @@ def call_api(client, args, prompt):
             raise TypeError
     except (AttributeError, IndexError, TypeError):
         raise ValueError(f"malformed response: {str(response)[:200]!r}")
-    return text, choice.finish_reason, getattr(usage, "prompt_tokens", 0) or 0, \
-        getattr(usage, "completion_tokens", 0) or 0
+    return text, choice.finish_reason, *(getattr(usage, k, 0) or 0 for k in ("prompt_tokens", "completion_tokens"))
 
 
 def tokens_allowed(error, asked):
@@ -470,10 +445,9 @@ def tokens_allowed(error, asked):
 
 
 # Files. --out is append-only, one kept task a line, flushed: a killed run loses at most the line it was writing.
-
 def resume_jsonl(path):
-    """The records of an append-only JSONL file; [] if there is none. A last line without its newline is the torn
-    write of a killed process: it is cut off the file. A complete line that does not parse is an error."""
+    """The records of an append-only JSONL file ([] if none). A last line without its newline is the torn write of a
+    killed process: it is cut off the file. A complete line that does not parse is an error."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
