@@ -34,7 +34,6 @@ def parse_args(argv=None):
     p.add_argument("--num_prompt_instructions", type=int, default=3, help="seed examples shown per prompt")
     p.add_argument("--rouge_threshold", type=float, default=0.7, help="drop if ROUGE-L to any kept is above")
     p.add_argument("--seed", type=int, default=42, help="makes the sampled seed examples reproducible")
-    # The teacher, sampled as in the original.
     p.add_argument("--api", choices=["completions", "chat"], default="completions")
     p.add_argument("--base_url", default=None, help="OpenAI-compatible endpoint (default: OpenAI)")
     p.add_argument("--model", default="gpt-3.5-turbo-instruct")
@@ -44,7 +43,6 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--max_retries", type=int, default=6, help="the client's retries per request (429, 5xx, network)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    # When to stop spending.
     p.add_argument("--max_usd", type=float, default=None, help="stop starting requests at this spend")
     p.add_argument("--max_requests", type=int, default=0, help="stop after this many requests (0: no limit)")
     p.add_argument("--price_in", type=float, default=0.0, help="USD per 1M prompt tokens")
@@ -99,15 +97,13 @@ def load_seed_tasks(path):
             for field in ("input", "output"):
                 if not isinstance(instances[0].get(field), str):
                     raise SystemExit(f"{where}: field 'instances[0].{field}' missing or not a string")
-            seeds.append({"instruction": task["instruction"], "input": instances[0]["input"],
-                          "output": instances[0]["output"]})
+            seeds.append({"instruction": task["instruction"], **{k: instances[0][k] for k in ("input", "output")}})
     if not seeds:
         raise SystemExit(f"{path}: no seed tasks")
     return seeds
 
 
 def encode_prompt(examples):
-    """Preamble, then the examples as a numbered list separated by ###, ending where the model should continue."""
     prompt = PREAMBLE
     for i, example in enumerate(examples, 1):
         instruction = re.sub(r"\s+", " ", example["instruction"]).strip().rstrip(":")
@@ -148,7 +144,6 @@ MIN_WORDS, MAX_WORDS = 3, 150
 BLOCKED_WORDS = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
                  "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
 BLOCKED_RE = re.compile(r"\b(" + "|".join(BLOCKED_WORDS) + r")\b", re.IGNORECASE)
-TOP_SIMILAR = 10
 
 
 def reject_reason(instruction):
@@ -169,7 +164,7 @@ def filter_task(task, index, rouge_threshold):
     scores = index.scores(task["instruction"])  # ROUGE-L against the seeds and everything kept so far
     if scores.max() > rouge_threshold:
         return "too_similar"
-    top = np.argsort(-scores, kind="stable")[:TOP_SIMILAR]
+    top = np.argsort(-scores, kind="stable")[:10]  # the recipe keeps the 10 most similar
     task["most_similar_instructions"] = {index.texts[i]: float(scores[i]) for i in top}
     task["avg_similarity_score"] = float(np.mean(scores))
     return None
@@ -208,21 +203,19 @@ def main(argv=None):
         return
     if not os.environ.get("OPENAI_API_KEY"):
         raise SystemExit("OPENAI_API_KEY is not set (a local server accepts any value, e.g. OPENAI_API_KEY=none)")
-    # The client retries 408, 409, 429, 5xx and network errors, with exponential backoff or as Retry-After asks.
     client = openai.OpenAI(base_url=args.base_url, max_retries=args.max_retries, timeout=args.timeout)
-
     index = RougeIndex()
     for text in [s["instruction"] for s in seeds] + [r["instruction"] for r in kept]:
         index.add(text)
     stats, rejected, failures, failed_in_a_row = Counter(), Counter(), [], 0
-    progress = tqdm(total=args.num_instructions, initial=len(kept), unit="inst", dynamic_ncols=True)
     pool, pending = ThreadPoolExecutor(args.concurrency), set()
     try:
-        with open(args.out, "a", encoding="utf-8") as out:
+        with (open(args.out, "a", encoding="utf-8") as out,
+              tqdm(total=args.num_instructions, initial=len(kept), unit="inst", dynamic_ncols=True) as progress):
             while True:
                 while (len(pending) < args.concurrency and len(kept) < args.num_instructions
                        and failed_in_a_row < MAX_FAILED_IN_A_ROW and not 0 < args.max_requests <= stats["requests"]
-                       and within_budget(args, stats, len(pending))):
+                       and (args.max_usd is None or within_budget(args, stats, len(pending)))):
                     prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
                     pending.add(pool.submit(call_api, client, args, prompt))
                     stats["requests"] += 1
@@ -257,12 +250,11 @@ def main(argv=None):
                                          usd=f"{cost_usd(args, stats):.4f}", refresh=False)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        progress.close()
 
     spent = cost_usd(args, stats)
-    print(f"kept {len(kept)}/{args.num_instructions} instructions in {args.out}; "
-          f"requests: {stats['requests_ok']} ok, {len(failures)} failed; "
-          f"tokens: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion (${spent:.4f})")
+    print(f"kept {len(kept)}/{args.num_instructions} instructions in {args.out}; requests: {stats['requests_ok']} ok, "
+          f"{len(failures)} failed; tokens: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion "
+          f"(${spent:.4f})")
     print("rejected: " + (", ".join(f"{k}={v}" for k, v in rejected.most_common()) or "none"))
     if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
         raise SystemExit(f"{client.base_url}: giving up after {failed_in_a_row} requests failed in a row "
@@ -286,8 +278,6 @@ def cost_usd(args, stats):
 
 def within_budget(args, stats, num_pending):
     """Whether one more request fits --max_usd, counting those in flight at the average price so far."""
-    if args.max_usd is None:
-        return True
     spent = cost_usd(args, stats)
     if stats["requests_ok"] == 0:  # no idea of the price of a request yet: learn it from one
         return num_pending == 0 and spent < args.max_usd
@@ -308,10 +298,9 @@ class RougeIndex:
     grouped by how many 64-bit words their masks need."""
 
     def __init__(self):
-        self.size, self.vocab, self.texts = 0, {}, []
-        # num_words -> n texts, their "rows" (order added) and "lengths", and "postings": token id -> (the
+        # groups: num_words -> n texts, their "rows" (order added) and "lengths", and "postings": token id -> (the
         # group's texts holding it, its positions in each as a mask of num_words words, count)
-        self.groups = {}
+        self.size, self.vocab, self.texts, self.groups = 0, {}, [], {}
 
     def add(self, text):
         tokens = rouge_tokens(text)
@@ -343,8 +332,9 @@ class RougeIndex:
         token_ids = [self.vocab.get(token) for token in tokens]
         for num_words, g in self.groups.items():
             n, matches = g["n"], {}
-            # v: one bit vector per stored text. Bits past a text's length stay 1 (its masks are 0 there, and a
-            # carry into them is undone by the | below), so after the last step v's zero bits count the LCS.
+            # v: one bit vector per stored text; each token of the new text does v = (v + u) | (v & ~match), u =
+            # v & match. Bits past a text's length stay 1 (its masks are 0 there, and a carry into them is undone by
+            # the |), so after the last step v's zero bits count the LCS.
             v = np.full((num_words, n), np.iinfo(np.uint64).max, np.uint64)
             for token_id in token_ids:
                 if token_id not in g["postings"]:  # in no stored text of this group: nothing changes
@@ -353,7 +343,6 @@ class RougeIndex:
                     rows, masks, count = g["postings"][token_id]
                     matches[token_id] = np.zeros((num_words, n), np.uint64)
                     matches[token_id][:, rows[:count]] = masks[:, :count]
-                # v = (v + u) | (v & ~match) with u = v & match, v a multi-word integer per column
                 u = v & matches[token_id]
                 if num_words == 1:  # most texts: one word, no carries
                     rest = v ^ u
@@ -374,49 +363,45 @@ class RougeIndex:
         return result
 
 
-def _put(array, i, value):
-    """array[..., i] = value, doubling the last axis when it is full (so appends are amortized O(1))."""
+def _put(array, i, value):  # array[..., i] = value, doubling the last axis when it is full: amortized O(1) appends
     if i == array.shape[-1]:
         array = np.concatenate([array, np.zeros_like(array)], axis=-1)
     array[..., i] = value
     return array
 
 
-# The API. The client retries 408/409/429/5xx and network errors. A server that cannot give --max_new_tokens says
-# so with a 400 (a local one has a cap and a short context); then, as the original recipe did on "reduce your
-# prompt", we ask for what it can give from then on, down to MIN_NEW_TOKENS: fewer cannot hold one whole task and
-# the start of the next, so every reply would be cut and dropped. Any other refusal (key, model, request) stops.
-MIN_NEW_TOKENS = 256
-LOWERING = threading.Lock()
+# The API. The client retries 408/409/429/5xx and network errors, backing off or as Retry-After asks. A server that
+# cannot give --max_new_tokens says so with a 400 (a local one has a cap and a short context); then, as the original
+# recipe did on "reduce your prompt", we ask for what it can give from then on, down to MIN_NEW_TOKENS: fewer cannot
+# hold one whole task and the start of the next, so every reply would be cut and dropped. Other refusals stop the run.
+MIN_NEW_TOKENS, LOWERING = 256, threading.Lock()
 
 
 def call_api(client, args, prompt):
     """One request: (text, finish_reason, prompt_tokens, completion_tokens)."""
     create = client.chat.completions.create if args.api == "chat" else client.completions.create
     payload = {"messages": [{"role": "user", "content": prompt}]} if args.api == "chat" else {"prompt": prompt}
-    while True:
-        asked = args.max_new_tokens
-        try:
-            response = create(model=args.model, max_tokens=asked, temperature=args.temperature, top_p=args.top_p,
-                              stop=[f"\n{NUM_TASKS_PER_PROMPT}", f"{NUM_TASKS_PER_PROMPT}."], n=1, **payload)
-            break
-        except openai.APIStatusError as e:
-            if e.status_code in (408, 409, 429) or e.status_code >= 500:
-                raise  # the client has retried it --max_retries times: this request failed
-            if (allowed := tokens_allowed(e, asked)) is None:
-                raise SystemExit(f"{client.base_url}: the server refused the request ({e.message}); check "
-                                 "OPENAI_API_KEY, --base_url, --model and --api")
-            allowed = allowed if allowed < asked else asked // 2
-            if allowed < MIN_NEW_TOKENS:
-                raise SystemExit(f"{client.base_url}: the server gives at most {allowed} tokens per reply (it "
-                                 f"refused {asked}), fewer than the {MIN_NEW_TOKENS} a reply needs to hold a whole "
-                                 "task; serve a model with a longer context, or a shorter prompt "
-                                 "(--num_prompt_instructions)")
-            with LOWERING:  # requests in flight may all hit the limit at once: lower (and say so) once
-                if allowed < args.max_new_tokens:
-                    args.max_new_tokens = allowed
-                    tqdm.write(f"the server gives at most {allowed} tokens per reply (it refused {asked}): "
-                               f"asking for {allowed} from now on", file=sys.stderr)
+    asked = args.max_new_tokens
+    try:
+        response = create(model=args.model, max_tokens=asked, temperature=args.temperature, top_p=args.top_p,
+                          stop=[f"\n{NUM_TASKS_PER_PROMPT}", f"{NUM_TASKS_PER_PROMPT}."], n=1, **payload)
+    except openai.APIStatusError as e:
+        if e.status_code in (408, 409, 429) or e.status_code >= 500:
+            raise  # the client has retried it --max_retries times: this request failed
+        if (allowed := tokens_allowed(e, asked)) is None:
+            raise SystemExit(f"{client.base_url}: the server refused the request ({e.message}); check "
+                             "OPENAI_API_KEY, --base_url, --model and --api")
+        allowed = allowed if allowed < asked else asked // 2
+        if allowed < MIN_NEW_TOKENS:
+            raise SystemExit(f"{client.base_url}: the server gives at most {allowed} tokens per reply (it refused "
+                             f"{asked}), fewer than the {MIN_NEW_TOKENS} a reply needs to hold a whole task; serve a "
+                             "model with a longer context, or a shorter prompt (--num_prompt_instructions)")
+        with LOWERING:  # requests in flight may all hit the limit at once: lower (and say so) once
+            if allowed < args.max_new_tokens:
+                args.max_new_tokens = allowed
+                tqdm.write(f"the server gives at most {allowed} tokens per reply (it refused {asked}): "
+                           f"asking for {allowed} from now on", file=sys.stderr)
+        return call_api(client, args, prompt)  # again, asking for what the server can give
     try:  # a server may answer 200 with something that is not a completion
         choice, usage = response.choices[0], response.usage
         text = choice.message.content if args.api == "chat" else choice.text
@@ -431,9 +416,8 @@ def tokens_allowed(error, asked):
     """The most completion tokens a server says it can give, when it refused `asked` as too many (OpenAI's,
     vLLM's and sample.py --serve's wordings; half of `asked` when it gives no number); None for other errors."""
     body = error.body if isinstance(error.body, dict) else {}
-    text, param = str(body.get("message") or error.message), body.get("param")
-    if error.status_code != 400 or not (param in ("max_tokens", "max_completion_tokens") or re.search(
-            r"max_(completion_)?tokens|in the completion", text)):
+    text = f"{body.get('param')}: {body.get('message') or error.message}"  # which parameter, and why
+    if error.status_code != 400 or not re.search(r"max_(completion_)?tokens|in the completion", text):
         return None  # not about max_tokens (e.g. the prompt alone is too long): fewer tokens would not help
     if most := re.search(r"at most (\d+) completion tokens|expected a value <= (\d+)", text, re.IGNORECASE):
         return int(most.group(1) or most.group(2))
