@@ -146,22 +146,18 @@ BLOCKED_WORDS = ["image", "images", "graph", "graphs", "picture", "pictures", "f
 BLOCKED_RE = re.compile(r"\b(" + "|".join(BLOCKED_WORDS) + r")\b", re.IGNORECASE)
 
 
-def reject_reason(instruction):
-    """The recipe's cheap filters, the first that fails; None when the instruction passes them all."""
+def filter_task(task, index, rouge_threshold):
+    """Why the task is rejected, the first filter that fails; or None after adding the recipe's similarity fields."""
+    instruction = task["instruction"]
     num_words, first = len(instruction.split()), instruction[:1]  # too_short comes first: "" never gets further
     failed = {"too_short": num_words <= MIN_WORDS, "too_long": num_words > MAX_WORDS,
               "blocked_word": BLOCKED_RE.search(instruction),
               # the teacher overuses it, and it is unclear what to output
               "write_a_program": instruction.startswith("Write a program"),
               "starts_with_punctuation": first in string.punctuation, "non_ascii_start": not first.isascii()}
-    return next((reason for reason, fails in failed.items() if fails), None)
-
-
-def filter_task(task, index, rouge_threshold):
-    """Why the task is rejected, or None after adding the recipe's similarity fields to it."""
-    if reason := reject_reason(task["instruction"]):
+    if reason := next((reason for reason, fails in failed.items() if fails), None):
         return reason
-    scores = index.scores(task["instruction"])  # ROUGE-L against the seeds and everything kept so far
+    scores = index.scores(instruction)  # ROUGE-L against the seeds and everything kept so far
     if scores.max() > rouge_threshold:
         return "too_similar"
     top = np.argsort(-scores, kind="stable")[:10]  # the recipe keeps the 10 most similar

@@ -297,8 +297,10 @@ def test_parse_drops_task_cut_off_by_length():
     ("Éxplique la frase en inglés, por favor.", "non_ascii_start"),
     ("3 reasons to learn a language?", None),
 ])
-def test_reject_reason(instruction, reason):
-    assert gi.reject_reason(instruction) == reason
+def test_filters_before_rouge(instruction, reason):
+    index = gi.RougeIndex()
+    index.add("zzz")  # shares no word with any of them: only the cheap filters can reject
+    assert gi.filter_task({"instruction": instruction}, index, 0.7) == reason
 
 
 # End to end against the fake server
