@@ -1,7 +1,6 @@
-"""
-Generate instruction-following data the Alpaca way (a simplified self-instruct): a teacher model is shown 3
-human-written seed tasks and continues the numbered list up to task 20; the new tasks are parsed, filtered
-(length, blocked words, near-duplicates by ROUGE-L) and appended to a JSONL file as they pass. Rerun to resume.
+"""Generate instruction-following data the Alpaca way (a simplified self-instruct): a teacher model is shown 3
+human-written seed tasks and continues the numbered list up to task 20; the new tasks are parsed, filtered (length,
+blocked words, near-duplicates by ROUGE-L) and appended to a JSONL file as they pass. Rerun to resume.
 
     OPENAI_API_KEY=... python generate_instructions.py --num_instructions=52000 --export=alpaca_data.json
     OPENAI_API_KEY=none python generate_instructions.py --base_url=http://localhost:8000/v1 --model=M --api=chat
@@ -82,21 +81,20 @@ def load_seed_tasks(path):
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 task = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{where}: not valid JSON ({e})")
+                raise SystemExit(f"{path}:{line_no}: not valid JSON ({e})")
             if not isinstance(task, dict):
-                raise SystemExit(f"{where}: expected a JSON object")
+                raise SystemExit(f"{path}:{line_no}: expected a JSON object")
             if not isinstance(task.get("instruction"), str) or not task["instruction"].strip():
-                raise SystemExit(f"{where}: field 'instruction' missing or not a non-empty string")
+                raise SystemExit(f"{path}:{line_no}: field 'instruction' missing or not a non-empty string")
             instances = task.get("instances")
             if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
-                raise SystemExit(f"{where}: field 'instances' missing or not a non-empty list of objects")
+                raise SystemExit(f"{path}:{line_no}: field 'instances' missing or not a non-empty list of objects")
             for field in ("input", "output"):
                 if not isinstance(instances[0].get(field), str):
-                    raise SystemExit(f"{where}: field 'instances[0].{field}' missing or not a string")
+                    raise SystemExit(f"{path}:{line_no}: field 'instances[0].{field}' missing or not a string")
             seeds.append({"instruction": task["instruction"], **{k: instances[0][k] for k in ("input", "output")}})
     if not seeds:
         raise SystemExit(f"{path}: no seed tasks")
@@ -107,8 +105,7 @@ def encode_prompt(examples):
     prompt = PREAMBLE
     for i, example in enumerate(examples, 1):
         instruction = re.sub(r"\s+", " ", example["instruction"]).strip().rstrip(":")
-        task_input = example["input"].strip() or "<noinput>"
-        prompt += f"###\n{i}. Instruction: {instruction}\n{i}. Input:\n{task_input}\n"
+        prompt += f"###\n{i}. Instruction: {instruction}\n{i}. Input:\n{example['input'].strip() or '<noinput>'}\n"
         prompt += f"{i}. Output:\n{example['output']}\n"
     return prompt + f"###\n{len(examples) + 1}. Instruction:"
 
@@ -182,8 +179,7 @@ def main(argv=None):
         for field in ("instruction", "input", "output"):
             if not isinstance(record.get(field) if isinstance(record, dict) else None, str):
                 raise SystemExit(f"{args.out}:{line_no}: field '{field}' missing or not a string")
-    # The prompts drawn depend only on --seed and how much was already generated, so reruns are reproducible.
-    rng = random.Random(f"{args.seed}:{len(kept)}")
+    rng = random.Random(f"{args.seed}:{len(kept)}")  # the prompts depend only on --seed and how much is kept
     if args.dry_run:  # one prompt, and a projection: the teacher writes the rest of the 20 tasks at the seeds' length
         prompt = encode_prompt(rng.sample(seeds, args.num_prompt_instructions))
         todo = max(args.num_instructions - len(kept), 0)
@@ -280,8 +276,7 @@ def within_budget(args, stats, num_pending):
     return spent + (num_pending + 1) * spent / stats["requests_ok"] <= args.max_usd
 
 
-# Plumbing. ROUGE-L, exact and fast: the filter compares every new instruction with all those kept so far
-# (1.4G pairs for 52K instructions).
+# Plumbing. ROUGE-L, exact and fast: every new instruction is compared with all kept so far (1.4G pairs for 52K).
 def rouge_tokens(text):  # rouge_score's own tokenizer without stemming: lowercase, [a-z0-9]+ runs
     return rouge_tokenize(text, None)
 
@@ -321,8 +316,7 @@ class RougeIndex:
 
     def scores(self, text):
         """F-measure against each added text, in the order they were added (as rouge_score's _score_lcs)."""
-        result = np.zeros(self.size)
-        tokens = rouge_tokens(text)
+        result, tokens = np.zeros(self.size), rouge_tokens(text)
         if not tokens:
             return result
         token_ids = [self.vocab.get(token) for token in tokens]
@@ -432,8 +426,7 @@ def resume_jsonl(path):
         return []
     with open(path, "rb") as f:
         data = f.read()
-    whole = data.rfind(b"\n") + 1
-    records = []
+    whole, records = data.rfind(b"\n") + 1, []  # whole: the bytes up to the last newline
     for line_no, line in enumerate(data[:whole].split(b"\n")[:-1], 1):
         try:
             records.append(json.loads(line))
