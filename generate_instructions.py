@@ -339,12 +339,10 @@ class RougeIndex:
                     np.add(v, u, out=v)
                     np.bitwise_or(v, rest, out=v)
                     continue
-                carry = np.zeros(n, np.uint64)
-                for w in range(num_words):
+                carry = np.zeros(n, bool)
+                for w in range(num_words):  # v[w] + u[w] + carry: it carries out if either addition wraps around
                     total = v[w] + u[w]
-                    next_carry = (total < v[w]) | (total + carry < carry)
-                    v[w] = (total + carry) | (v[w] ^ u[w])
-                    carry = next_carry.astype(np.uint64)
+                    v[w], carry = (total + carry) | (v[w] ^ u[w]), (total < v[w]) | (total + carry < carry)
             lcs = np.bitwise_count(~v).sum(axis=0, dtype=np.int64)
             # Same float operations, in the same order, as rouge_score (target = new text, prediction = stored).
             precision, recall = lcs / g["lengths"][:n], lcs / len(tokens)
