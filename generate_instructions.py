@@ -3,7 +3,6 @@ human-written seed tasks and continues the numbered list up to task 20; the new 
 blocked words, near-duplicates by ROUGE-L) and appended to a JSONL file as they pass. Rerun to resume.
 
     OPENAI_API_KEY=... python generate_instructions.py --num_instructions=52000 --export=alpaca_data.json
-    OPENAI_API_KEY=none python generate_instructions.py --base_url=http://localhost:8000/v1 --model=M --api=chat
     python generate_instructions.py --dry_run --price_in=1.5 --price_out=2
 """
 import argparse
@@ -89,8 +88,7 @@ def load_seed_tasks(path):
                 raise SystemExit(f"{path}:{line_no}: expected a JSON object")
             if not isinstance(task.get("instruction"), str) or not task["instruction"].strip():
                 raise SystemExit(f"{path}:{line_no}: field 'instruction' missing or not a non-empty string")
-            instances = task.get("instances")
-            if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+            if not isinstance(instances := task.get("instances") or [None], list) or not isinstance(instances[0], dict):
                 raise SystemExit(f"{path}:{line_no}: field 'instances' missing or not a non-empty list of objects")
             for field in ("input", "output"):
                 if not isinstance(instances[0].get(field), str):
@@ -111,7 +109,6 @@ def encode_prompt(examples):
 
 
 # 2. Parsing the reply into tasks.
-TASK_START_RE = re.compile(r"\s*(###\s*)?\d+\s*\.\s*Instruction:")
 TASK_RE = re.compile(r"\A\s*\d+\s*\.\s*Instruction:(.*?)^\s*\d+\s*\.\s*Input:(.*?)^\s*\d+\s*\.\s*Output:(.*)\Z",
                      re.DOTALL | re.MULTILINE)
 
@@ -119,7 +116,7 @@ TASK_RE = re.compile(r"\A\s*\d+\s*\.\s*Instruction:(.*?)^\s*\d+\s*\.\s*Input:(.*
 def parse_response(text, finish_reason, num_prompt_instructions, rejected):
     """Split a continuation into {instruction, input, output} tasks; count what cannot be used in `rejected`."""
     # A completion continues right after "N. Instruction:"; a chat reply usually restates the header itself.
-    if not TASK_START_RE.match(text):
+    if not re.match(r"\s*(###\s*)?\d+\s*\.\s*Instruction:", text):
         text = f"{num_prompt_instructions + 1}. Instruction:" + text
     blocks = re.split(r"###|\n(?=\s*\d+\s*\.\s*Instruction:)", text)
     if finish_reason == "length" and blocks.pop().strip():  # the model was cut off in the middle of its last task
@@ -149,8 +146,7 @@ def filter_task(task, index, rouge_threshold):
     num_words, first = len(instruction.split()), instruction[:1]  # too_short comes first: "" never gets further
     failed = {"too_short": num_words <= MIN_WORDS, "too_long": num_words > MAX_WORDS,
               "blocked_word": BLOCKED_RE.search(instruction),
-              # the teacher overuses it, and it is unclear what to output
-              "write_a_program": instruction.startswith("Write a program"),
+              "write_a_program": instruction.startswith("Write a program"),  # overused, and unclear what to output
               "starts_with_punctuation": first in string.punctuation, "non_ascii_start": not first.isascii()}
     if reason := next((reason for reason, fails in failed.items() if fails), None):
         return reason
@@ -185,9 +181,8 @@ def main(argv=None):
         todo = max(args.num_instructions - len(kept), 0)
         per_request = NUM_TASKS_PER_PROMPT - args.num_prompt_instructions - 1
         requests = int(np.ceil(todo / (per_request * 0.5)))
-        task_chars = np.mean([len(s["instruction"]) + len(s["input"]) + len(s["output"]) + 40 for s in seeds])
-        tokens = dict(prompt_tokens=requests * len(prompt) / 4,
-                      completion_tokens=requests * per_request * task_chars / 4)
+        task_tokens = np.mean([len(s["instruction"]) + len(s["input"]) + len(s["output"]) + 40 for s in seeds]) / 4
+        tokens = dict(prompt_tokens=requests * len(prompt) / 4, completion_tokens=requests * per_request * task_tokens)
         print(f"{prompt}\n\nprojected for {todo} more instructions: ~{requests} requests, "
               f"~{tokens['prompt_tokens'] / 1e6:.2f}M prompt + ~{tokens['completion_tokens'] / 1e6:.2f}M completion "
               f"tokens, ~${cost_usd(args, tokens):.2f} at ${args.price_in}/${args.price_out} per 1M tokens "
@@ -282,11 +277,10 @@ def rouge_tokens(text):  # rouge_score's own tokenizer without stemming: lowerca
 
 
 class RougeIndex:
-    """ROUGE-L F-measures of one text against every text added so far, identical to rouge_score's. The original
-    recipe runs rouge_score's Python LCS table for every pair, in a process pool. Here each stored text is kept as
-    bit masks (bit j set where token j is a given word), and the LCS of a new text with all of them is computed at
-    once by the bit-parallel LCS recurrence (Hyyro 2004), one numpy step per token of the new text. Texts are
-    grouped by how many 64-bit words their masks need."""
+    """ROUGE-L F-measures of a text against every text added so far, identical to rouge_score's (whose Python LCS
+    table the original recipe runs for every pair, in a process pool). Each stored text is kept as bit masks (bit j
+    set where token j is a given word), and the LCS of a new text with all of them is found at once by the
+    bit-parallel recurrence (Hyyro 2004), one numpy step per token. Texts are grouped by 64-bit words per mask."""
 
     def __init__(self):
         # groups: num_words -> n texts, their "rows" (order added) and "lengths", and "postings": token id -> (the
@@ -322,9 +316,8 @@ class RougeIndex:
         token_ids = [self.vocab.get(token) for token in tokens]
         for num_words, g in self.groups.items():
             n, matches = g["n"], {}
-            # v: one bit vector per stored text; each token of the new text does v = (v + u) | (v & ~match), u =
-            # v & match. Bits past a text's length stay 1 (its masks are 0 there, and a carry into them is undone by
-            # the |), so after the last step v's zero bits count the LCS.
+            # v, a bit vector per stored text: per token, v = (v + u) | (v & ~match) with u = v & match. Bits past a
+            # text's length stay 1 (its masks are 0 there; a carry into them is undone by the |): 0 bits count the LCS.
             v = np.full((num_words, n), np.iinfo(np.uint64).max, np.uint64)
             for token_id in token_ids:
                 if token_id not in g["postings"]:  # in no stored text of this group: nothing changes
@@ -358,15 +351,13 @@ def _put(array, i, value):  # array[..., i] = value, doubling the last axis when
     return array
 
 
-# The API. The client retries 408/409/429/5xx and network errors, backing off or as Retry-After asks. A server that
-# cannot give --max_new_tokens says so with a 400 (a local one has a cap and a short context); then, as the original
-# recipe did on "reduce your prompt", we ask for what it can give from then on, down to MIN_NEW_TOKENS: fewer cannot
-# hold one whole task and the start of the next, so every reply would be cut and dropped. Other refusals stop the run.
+# The API. The client retries 408/409/429/5xx and network errors (with backoff, or as Retry-After asks). A server
+# that cannot give --max_new_tokens (a local one has a cap and a short context) says so with a 400; then, as the
+# original did on "reduce your prompt", we ask for what it can give, down to MIN_NEW_TOKENS: fewer hold no whole task.
 MIN_NEW_TOKENS, LOWERING = 256, threading.Lock()
 
 
-def call_api(client, args, prompt):
-    """One request: (text, finish_reason, prompt_tokens, completion_tokens)."""
+def call_api(client, args, prompt):  # -> text, finish_reason, prompt_tokens, completion_tokens
     create = client.chat.completions.create if args.api == "chat" else client.completions.create
     payload = {"messages": [{"role": "user", "content": prompt}]} if args.api == "chat" else {"prompt": prompt}
     asked = args.max_new_tokens
