@@ -71,6 +71,8 @@ piece of code), never a placeholder, and keep it under 100 words. When it needs 
 
 Tasks:
 """
+
+
 def load_seed_tasks(path):
     """Self-instruct seed tasks, one JSON object a line, as {instruction, input, output} (from instances[0])."""
     if not os.path.exists(path):
@@ -148,7 +150,7 @@ def filter_task(task, index, rouge_threshold):
               "blocked_word": BLOCKED_RE.search(instruction),
               "write_a_program": instruction.startswith("Write a program"),  # overused, and unclear what to output
               "starts_with_punctuation": first in string.punctuation, "non_ascii_start": not first.isascii()}
-    if reason := next((reason for reason, fails in failed.items() if fails), None):
+    if reason := next((name for name, fails in failed.items() if fails), None):
         return reason
     scores = index.scores(instruction)  # ROUGE-L against the seeds and everything kept so far
     if scores.max() > rouge_threshold:
@@ -313,13 +315,12 @@ class RougeIndex:
         result, tokens = np.zeros(self.size), rouge_tokens(text)
         if not tokens:
             return result
-        token_ids = [self.vocab.get(token) for token in tokens]
         for num_words, g in self.groups.items():
             n, matches = g["n"], {}
             # v, a bit vector per stored text: per token, v = (v + u) | (v & ~match) with u = v & match. Bits past a
             # text's length stay 1 (its masks are 0 there; a carry into them is undone by the |): 0 bits count the LCS.
             v = np.full((num_words, n), np.iinfo(np.uint64).max, np.uint64)
-            for token_id in token_ids:
+            for token_id in map(self.vocab.get, tokens):
                 if token_id not in g["postings"]:  # in no stored text of this group: nothing changes
                     continue
                 if token_id not in matches:
@@ -402,9 +403,7 @@ def tokens_allowed(error, asked):
         return int(most.group(1) or most.group(2))
     context = re.search(r"maximum context length is (\d+) tokens", text)
     prompt = re.search(r"(\d+) in (?:the|your) (?:messages|prompt)|request has (\d+) input tokens", text)
-    if context and prompt:
-        return int(context.group(1)) - int(prompt.group(1) or prompt.group(2))
-    return asked // 2
+    return int(context.group(1)) - int(prompt.group(1) or prompt.group(2)) if context and prompt else asked // 2
 
 
 # Files. --out is append-only, one kept task a line, flushed: a killed run loses at most the line it was writing.
