@@ -354,7 +354,7 @@ def _put(array, i, value):  # array[..., i] = value, doubling the last axis when
 
 # The API. The client retries 408/409/429/5xx and network errors (with backoff, or as Retry-After asks). A server
 # that cannot give --max_new_tokens (a local one has a cap and a short context) says so with a 400; then, as the
-# original did on "reduce your prompt", we ask for what it can give, down to MIN_NEW_TOKENS: fewer hold no whole task.
+# original did on "reduce your prompt", we ask for what it can give; below MIN_NEW_TOKENS no whole task fits: stop.
 MIN_NEW_TOKENS, LOWERING = 256, threading.Lock()
 
 
