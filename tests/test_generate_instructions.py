@@ -170,8 +170,8 @@ def run(tmp_path, server_url, *flags):
     if not seeds.exists():
         write_seeds(seeds)
     argv = ["--seed_tasks", str(seeds), "--out", str(tmp_path / "out.jsonl"), "--base_url", server_url,
-            "--model", "teacher", "--backoff_base", "0.01", "--max_retries", "3", "--concurrency", "1", *flags]
-    return gi.generate(gi.parse_args(argv))
+            "--model", "teacher", "--max_retries", "3", "--concurrency", "1", *flags]
+    return gi.main(argv)
 
 
 def read_jsonl(path):
@@ -297,8 +297,10 @@ def test_parse_drops_task_cut_off_by_length():
     ("Éxplique la frase en inglés, por favor.", "non_ascii_start"),
     ("3 reasons to learn a language?", None),
 ])
-def test_reject_reason(instruction, reason):
-    assert gi.reject_reason(instruction) == reason
+def test_filters_before_rouge(instruction, reason):
+    index = gi.RougeIndex()
+    index.add("zzz")  # shares no word with any of them: only the cheap filters can reject
+    assert gi.filter_task({"instruction": instruction}, index, 0.7) == reason
 
 
 # End to end against the fake server
@@ -350,14 +352,23 @@ def test_generate_chat_api(tmp_path, make_server):
     assert read_jsonl(tmp_path / "out.jsonl")[0]["input"] == "The dog chased the ball."
 
 
-def test_retries_honour_retry_after_and_recover(tmp_path, make_server):
-    server = make_server([("error", 429, {"Retry-After": "1"}), ("error", 500, {}), ("raw", b'{"choices": [{"te'),
-                          ("raw", b"<html>bad gateway</html>"), ("error", 503, {"retry-after-ms": "50"})],
-                         tasks_per_response=2)
+def test_the_client_retries_429_5xx_408_409_as_retry_after_asks(tmp_path, make_server):
+    later = {"retry-after-ms": "50"}
+    server = make_server([("error", 429, {"Retry-After": "1"}), ("error", 500, later), ("error", 503, later),
+                          ("error", 408, later), ("error", 409, later)], tasks_per_response=2)
     stats = run(tmp_path, server.url, "--num_instructions", "2", "--max_retries", "5")
-    assert len(server.requests) == 6 and stats["failed"] == 0 and stats["kept"] == 2
-    assert server.times[1] - server.times[0] >= 0.95  # waited as the 429 asked, not the 0.01 s backoff
-    assert server.times[5] - server.times[4] >= 0.05
+    assert len(server.requests) == 6 and stats["failed"] == 0 and stats["kept"] == 2 and stats["requests"] == 1
+    assert server.times[1] - server.times[0] >= 0.95  # waited as the 429 asked, not the client's 0.5 s backoff
+    assert all(b - a >= 0.05 for a, b in zip(server.times[1:], server.times[2:]))
+
+
+def test_a_malformed_reply_is_a_failed_request_and_the_run_goes_on(tmp_path, make_server, capsys):
+    server = make_server([("raw", b'{"choices": [{"te'), ("raw", b"<html>bad gateway</html>"),
+                          ok(completion_text([(unique_instruction(),)])), ("raw", b"{}")], tasks_per_response=2)
+    stats = run(tmp_path, server.url, "--num_instructions", "2", "--max_retries", "5")
+    assert len(server.requests) == 5 and stats["failed"] == 3 and stats["kept"] == 2  # none retried by the client
+    err = capsys.readouterr().err
+    assert err.count("request failed for good: JSONDecodeError") == 2 and "malformed response" in err
 
 
 def test_failed_request_is_counted_and_the_run_goes_on(tmp_path, make_server, capsys):
@@ -390,7 +401,7 @@ def test_missing_key_and_unreachable_server_from_the_command_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, SCRIPT, "--seed_tasks", str(tmp_path / "seeds.jsonl"), "--out", str(tmp_path / "o.jsonl"),
-           "--base_url", f"http://127.0.0.1:{port}/v1", "--max_retries", "1", "--backoff_base", "0.01"]
+           "--base_url", f"http://127.0.0.1:{port}/v1", "--max_retries", "1"]
     env = dict(os.environ, OPENAI_API_KEY="test")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -490,13 +501,17 @@ def test_torn_last_line_is_repaired_on_resume(tmp_path, make_server, capsys):
     with open(out, "a") as f:
         f.write('{"instruction": "Half writ')
     run(tmp_path, server.url, "--num_instructions", "4")
-    assert "cutting off a torn last line" in capsys.readouterr().out
+    assert "out.jsonl: cutting off a torn last line (26 bytes)" in capsys.readouterr().err
     records = read_jsonl(out)
     assert out.read_text().startswith(before) and len(records) == 4
     with open(out, "a") as f:
         f.write("not json\n" + json.dumps(records[0]) + "\n")
     with pytest.raises(SystemExit, match=r"out.jsonl:5: not valid JSON"):
         run(tmp_path, server.url, "--num_instructions", "8")
+    out.write_text(before + '{"instruction": "Name a task here.", "output": "x"}\n')
+    with pytest.raises(SystemExit, match=r"out.jsonl:3: field 'input' missing or not a string"):
+        run(tmp_path, server.url, "--num_instructions", "8")
+    assert len(server.requests) == 2 + 2  # a file that cannot be resumed stops the run before any request
 
 
 def test_resume_after_kill_9(tmp_path, make_server):
@@ -576,4 +591,4 @@ def test_bad_seed_file_names_line_and_field(tmp_path, content, message):
     if content is not None:
         seeds.write_text(content)
     with pytest.raises(SystemExit, match=message):
-        gi.generate(gi.parse_args(["--seed_tasks", str(seeds), "--out", str(tmp_path / "o.jsonl"), "--dry_run"]))
+        gi.main(["--seed_tasks", str(seeds), "--out", str(tmp_path / "o.jsonl"), "--dry_run"])
