@@ -7,33 +7,20 @@ Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a who
     python sample.py --checkpoint=out/tiny --serve                           # web demo + OpenAI-compatible API
 
 Reads top to bottom: decoding settings, choosing the next token, the generation engine (KV cache, batches of
-prompts of different lengths), then the ways to use it, the web demo last. The model and the Alpaca prompt come
-from train.py, so sampling sees exactly the text and the model that training did.
+prompts of different lengths), answering a prompt or a whole file, main; then the plumbing (resumable files,
+several processes) and the web demo. The model and the Alpaca prompt come from train.py, so sampling sees exactly
+the text and the model that training did.
 """
-import argparse
-import base64
-import hashlib
-import html
-import json
-import math
-import os
-import queue
-import re
-import secrets
-import socket
-import sys
-import threading
-import time
-import uuid
-import zlib
-from datetime import datetime, timezone
+import argparse, json, math, os, sys, time, zlib  # noqa: E401
+import base64, hashlib, html, queue, re, secrets, select, socket, threading, uuid  # noqa: E401  (the web demo's)
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import torch
 
-from train import Tokenizer, Transformer, find_tokenizer, format_prompt, read_records, write_atomic
+from train import Tokenizer, Transformer, find_tokenizer, format_prompt, read_records
 
 # Decoding defaults. Greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off.
 max_new_tokens = 256
@@ -79,16 +66,15 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     logits_processor(prev_tokens, logits) may rewrite each step's (B, V) logits (the watermark's hook);
     prev_tokens[i] is row i's prompt and generated ids so far. on_token(i, id) is called for each new id of
     row i as it is produced, for streaming. Holds no state between calls: serialize calls that share a model."""
-    param = next(model.parameters())
-    args = model.args
-    stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
+    config, param = model.args, next(model.parameters())
     device, dtype = param.device, param.dtype
+    stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
     B, lengths = len(prompts), [len(p) for p in prompts]
     if B == 0:
         return []
-    if min(lengths) == 0 or max(lengths) >= args.max_seq_len:
-        raise ValueError(f"prompts must have 1 to {args.max_seq_len - 1} tokens, got {min(lengths)}..{max(lengths)}")
-    budget = [min(max_new_tokens, args.max_seq_len - n) for n in lengths]
+    if min(lengths) == 0 or max(lengths) >= config.max_seq_len:
+        raise ValueError(f"prompts must have 1 to {config.max_seq_len - 1} tokens, got {min(lengths)}..{max(lengths)}")
+    budget = [min(max_new_tokens, config.max_seq_len - n) for n in lengths]
     steps, L = max(budget), max(lengths)
     if steps <= 0:
         return [[] for _ in prompts]
@@ -104,16 +90,13 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     # A pad query sees only itself: one that sees nothing gives NaN on some backends, and NaN would reach the cache.
     prefill_mask = (causal & real[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
     decode_mask = real[:, None, None, :] if L > min(lengths) else None
-    n_kv_heads, head_dim = args.n_kv_heads or args.n_heads, args.head_dim
-    cache = [(torch.zeros(B, n_kv_heads, S, head_dim, device=device, dtype=dtype),
-              torch.zeros(B, n_kv_heads, S, head_dim, device=device, dtype=dtype)) for _ in range(args.n_layers)]
-
+    n_kv_heads = config.n_kv_heads or config.n_heads
+    cache = [tuple(torch.zeros(B, n_kv_heads, S, config.head_dim, device=device, dtype=dtype) for _ in "kv")
+             for _ in range(config.n_layers)]
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
     uniforms = torch.stack([1 - torch.rand(steps, generator=torch.Generator().manual_seed(s)) for s in seeds])
     uniforms = uniforms.to(device)
-    history = [list(p) for p in prompts]
-    new_ids = [[] for _ in prompts]
-    running = [True] * B
+    history, new_ids, running = [list(p) for p in prompts], [[] for _ in prompts], [True] * B
 
     tokens = torch.tensor([[0] * (L - n) + list(p) for n, p in zip(lengths, prompts)], device=device)
     logits = model(tokens, positions[:, :L], prefill_mask[:, None], cache=cache, last_only=True)[:, -1]
@@ -140,24 +123,50 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     return new_ids
 
 
-def stream_printer(tokenizer):
-    """An on_token callback that prints a response as it grows. Pieces are decoded as a whole and only the new
-    suffix printed, since sentencepiece joins pieces (spaces, bytes of one character) across token boundaries."""
-    ids, shown = [], [""]
+def settled(text, shown, holdback=0):
+    """How much of a growing decoded text can be shown: not half a character (the ids so far are decoded as a
+    whole, since sentencepiece joins pieces across token boundaries), nor the last `holdback` characters."""
+    end = len(text.rstrip("\ufffd")) - holdback
+    return end if end > len(shown) and text.startswith(shown) else len(shown)
+
+
+def print_answer(model, tokenizer, args, instruction, input, logits_processor, seed):
+    """Answer one instruction, printing the response as it grows; (tokens, seconds)."""
+    ids, shown = [], ""
 
     def on_token(row, token):
+        nonlocal shown
         ids.append(token)
         text = tokenizer.decode(ids)
-        if text.startswith(shown[0]) and not text.endswith("\ufffd"):  # hold back a half-decoded character
-            print(text[len(shown[0]):], end="", flush=True)
-            shown[0] = text
+        print(text[len(shown):settled(text, shown)], end="", flush=True)
+        shown = text[:settled(text, shown)]
 
-    def finish():
-        text = tokenizer.decode(ids)
-        print(text[len(shown[0]):] if text.startswith(shown[0]) else "", flush=True)
-        return ids
+    start = time.time()
+    try:
+        generate(model, [tokenizer.encode(format_prompt(instruction, input), bos=True)], args.max_new_tokens,
+                 args.temperature, args.top_k, args.top_p, seed, logits_processor, tokenizer.stop_ids, on_token)
+    except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+        pass
+    text = tokenizer.decode(ids)
+    print(text[len(shown):] if text.startswith(shown) else "", flush=True)
+    return len(ids), time.time() - start
 
-    return on_token, finish
+
+def interact(model, tokenizer, args, logits_processor):
+    print("Type an instruction (and, when asked, an optional input). Ctrl-D or 'quit' ends.")
+    turn = 0
+    while True:
+        try:
+            instruction = input("\nInstruction: ").strip()
+            if instruction in ("quit", "exit"):
+                return
+            input_text = input("Input (Enter for none): ").strip() if instruction else None
+        except EOFError:
+            return print()
+        if instruction:
+            print("Response: ", end="", flush=True)
+            print_answer(model, tokenizer, args, instruction, input_text, logits_processor, args.seed + turn)
+            turn += 1
 
 
 def read_items(path):
@@ -167,92 +176,30 @@ def read_items(path):
     instance, k from 0, when it has several), else its line number in a JSONL file or its index in a JSON array.
     Its dataset is its record's 'dataset' (as in alpaca_eval's set), else the file's name without extension."""
     items, seen = [], {}
-    stem = os.path.splitext(os.path.basename(path))[0]
     for where, number, record in read_records(path):
         if not isinstance(record, dict):
             raise SystemExit(f"{where}: expected a JSON object")
-        instruction = record.get("instruction")
+        instruction, instances = record.get("instruction"), record.get("instances", [record])
         if not isinstance(instruction, str) or not instruction.strip():
-            problem = "missing" if instruction is None else "must be a string" if not isinstance(
-                instruction, str) else "is empty"
+            problem = "missing" if instruction is None else "is empty" if isinstance(instruction, str) else \
+                "must be a string"
             raise SystemExit(f"{where}: field 'instruction' {problem}")
-        instances = record.get("instances", [record])
         if not isinstance(instances, list) or not instances:
             raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
-        dataset = record.get("dataset", stem)
+        dataset = record.get("dataset", os.path.splitext(os.path.basename(path))[0])
         if not isinstance(dataset, str):
             raise SystemExit(f"{where}: field 'dataset' must be a string")
-        base_id = str(record["id"]) if "id" in record else str(number)
         for k, instance in enumerate(instances):
             input = instance.get("input", "") if isinstance(instance, dict) else None
             if not isinstance(input, str):
-                raise SystemExit(f"{where}: field 'input' must be a string" + (f" (instance {k})" if
-                                                                                 "instances" in record else ""))
-            item_id = base_id if len(instances) == 1 else f"{base_id}#{k}"
+                raise SystemExit(f"{where}: field 'input' must be a string" + f" (instance {k})" * ("instances" in
+                                                                                                 record))
+            item_id = str(record.get("id", number)) + (f"#{k}" if len(instances) > 1 else "")
             if item_id in seen:
                 raise SystemExit(f"{where}: duplicate id '{item_id}' (first at {seen[item_id]})")
             seen[item_id] = where
-            items.append({"id": item_id, "dataset": dataset, "instruction": instruction, "input": input,
-                          "where": where})
+            items.append(dict(id=item_id, dataset=dataset, instruction=instruction, input=input, where=where))
     return items
-
-
-def join_processes(args):
-    """(rank, number of processes, barrier). Under torchrun each process holds the whole model on its own device
-    (one GPU each) and answers its share of the items. They meet only before and after the work, so a barrier
-    over gloo is all they share: no tensor crosses, generate() runs no collective."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1, lambda: None
-    if not getattr(args, "in"):
-        raise SystemExit("several processes (torchrun) are for answering an --in file")
-    import torch.distributed as dist
-    from datetime import timedelta
-    dist.init_process_group("gloo", timeout=timedelta(hours=24))  # waiting for the slowest share is no failure
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
-    return dist.get_rank(), world_size, dist.barrier
-
-
-def whole_lines(path, cut):
-    """The whole lines of an append-only file. A kill mid-write can leave a torn last line: ignored, and cut off
-    the file when it is this process's to append to."""
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if cut and end < len(data):
-        print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return data[:end]
-
-
-def read_outputs(work, own, settings):
-    """{id: (record, line)} of every whole line already written to the working JSONL and to the shards of any
-    run's processes, and those shards. A kill mid-write can leave a torn last line: ignored, and cut off this
-    process's own file (its item is redone). Lines written with other settings stop the run, since mixing them
-    in one file would silently spoil an evaluation."""
-    folder, name = os.path.dirname(work) or ".", os.path.basename(work)
-    shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".rank"))
-    lines = {}
-    for path in ([work] if os.path.exists(work) else []) + shards:
-        text = whole_lines(path, cut=path == own).decode("utf-8")
-        for lineno, line in enumerate(text.splitlines(keepends=True), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line")
-            if not isinstance(record, dict) or "id" not in record:
-                raise SystemExit(f"{path}:{lineno}: not an output line of sample.py (no 'id')")
-            for key, value in {"watermark": None, **settings}.items():
-                if record.get(key) != value:
-                    raise SystemExit(f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run has "
-                                     f"{value!r}; use another --out")
-            lines.setdefault(record["id"], (record, line))
-    return lines, shards
 
 
 def run_batches(model, tokenizer, items, args, settings, logits_processor, processes):
@@ -266,9 +213,8 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
             raise SystemExit(f"{item['where']}: the prompt is {len(item['prompt_ids'])} tokens, the model's "
                              f"context is {model.args.max_seq_len}")
     work = args.out[:-len(".json")] + ".jsonl" if args.out.endswith(".json") else args.out
-    own = work if world_size == 1 else f"{work}.rank{rank}-of-{world_size}"
     os.makedirs(os.path.dirname(work) or ".", exist_ok=True)
-    finished, _ = read_outputs(work, own, settings)
+    finished, _ = read_outputs(work, settings)
     barrier()  # every process has read the files before any writes to them, so all split the same list
     # Prompts of similar length share a batch, so little compute goes to padding; dealing the sorted list out
     # in turn gives every process a like share of long and short prompts.
@@ -276,7 +222,7 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
     if rank == 0:
         print(f"{len(items)} items, {len(items) - len(todo)} already in {work}, {len(todo)} to generate"
               + (f" by {world_size} processes" if world_size > 1 else ""))
-    todo = todo[rank::world_size]
+    todo, own = todo[rank::world_size], work if world_size == 1 else f"{work}.rank{rank}-of-{world_size}"
     from tqdm import tqdm
     with open(own, "a", encoding="utf-8") as out, tqdm(total=len(todo), unit="item", disable=rank > 0) as progress:
         for start in range(0, len(todo), args.batch_size):
@@ -284,60 +230,26 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
             # Each item samples from its own stream, keyed by its id: its output does not depend on which
             # batch or process it lands in, so a resumed or split run gives the outputs of an uninterrupted one.
             seeds = [zlib.crc32(f"{args.seed}/{item['id']}".encode()) for item in batch]
-            outputs = generate(model, [item["prompt_ids"] for item in batch], args.max_new_tokens,
-                               args.temperature, args.top_k, args.top_p, seeds, logits_processor,
-                               tokenizer.stop_ids)
-            out.write("".join(json.dumps({"id": item["id"], "dataset": item["dataset"], "instruction":
-                                          item["instruction"], "input": item["input"], "output":
-                                          tokenizer.decode(ids), **settings}, ensure_ascii=False) + "\n"
-                              for item, ids in zip(batch, outputs)))  # one write per batch: few torn lines
-            out.flush()
-            os.fsync(out.fileno())
+            outputs = generate(model, [item["prompt_ids"] for item in batch], args.max_new_tokens, args.temperature,
+                               args.top_k, args.top_p, seeds, logits_processor, tokenizer.stop_ids)
+            for item, ids in zip(batch, outputs):
+                append_jsonl(out, {**{k: item[k] for k in ("id", "dataset", "instruction", "input")},
+                                   "output": tokenizer.decode(ids), **settings})
+            os.fsync(out.fileno())  # a finished batch survives a crash of the machine, not only of the process
             progress.update(len(batch))
     barrier()  # every shard is complete
     if rank > 0:
         return
-    lines, shards = read_outputs(work, own, settings)
+    finished, shards = read_outputs(work, settings)
     order = {item["id"]: i for i, item in enumerate(items)}
-    ordered = sorted(lines.values(), key=lambda record_line: order.get(record_line[0]["id"], len(order)))
-    write_atomic(work, "".join(line for _, line in ordered).encode())
+    records = sorted(finished.values(), key=lambda record: order.get(record["id"], len(order)))
+    write_atomic(work, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     if work != args.out:  # alpaca_eval's outputs: a JSON array of records with instruction, output, generator
-        records = [record for record, _ in ordered if record["id"] in order]
-        write_atomic(args.out, (json.dumps(records, ensure_ascii=False, indent=2) + "\n").encode())
+        records = [record for record in records if record["id"] in order]
+        write_atomic(args.out, json.dumps(records, ensure_ascii=False, indent=2) + "\n")
     for path in shards:  # last: a kill before this leaves lines twice, which the rerun reads once
         os.remove(path)
     print(f"wrote {args.out}" + (f" and {work}" if work != args.out else ""))
-
-
-def answer(model, tokenizer, args, instruction, input, logits_processor, seed):
-    prompt_ids = tokenizer.encode(format_prompt(instruction, input), bos=True)
-    on_token, finish = stream_printer(tokenizer)
-    start = time.time()
-    try:
-        generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed,
-                 logits_processor, tokenizer.stop_ids, on_token)
-    except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
-        pass
-    return len(finish()), time.time() - start
-
-
-def interact(model, tokenizer, args, logits_processor):
-    print("Type an instruction (and, when asked, an optional input). Ctrl-D or 'quit' ends.")
-    turn = 0
-    while True:
-        try:
-            instruction = input("\nInstruction: ").strip()
-            if instruction in ("quit", "exit"):
-                return
-            if not instruction:
-                continue
-            input_text = input("Input (Enter for none): ").strip()
-        except EOFError:
-            print()
-            return
-        print("Response: ", end="", flush=True)
-        answer(model, tokenizer, args, instruction, input_text, logits_processor, args.seed + turn)
-        turn += 1
 
 
 def load(args):
@@ -356,14 +268,13 @@ def load(args):
 
 
 def make_logits_processor(args, model, tokenizer):
-    """The watermark, if asked for, and a ban on ids the tokenizer cannot decode (a model's vocabulary can be
-    padded past its tokenizer's, and an untrained model may pick those ids)."""
-    watermark = None
+    """(hook, watermark): the watermark, if asked for, and a ban on ids the tokenizer cannot decode (a model's
+    vocabulary can be padded past its tokenizer's, and an untrained model may pick those ids)."""
+    watermark, n_tokens = None, tokenizer.vocab_size
     if args.watermark:
         import watermark as wm  # only needed here, so sample.py runs without it
         watermark = wm.WatermarkProcessor(model.args.vocab_size, gamma=args.gamma, delta=args.delta,
                                           scheme=args.scheme, key=args.key)
-    n_tokens = tokenizer.vocab_size
     if watermark is None and n_tokens == model.args.vocab_size:
         return None, None
 
@@ -376,33 +287,175 @@ def make_logits_processor(args, model, tokenizer):
     return process, watermark
 
 
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--checkpoint", default="out/tiny", help="a Meta or Hugging Face LLaMA folder")
+    add("--tokenizer", default="", help="tokenizer.model (default: the checkpoint's)")
+    add("--prompt", default=None, help="one instruction; without it (and --in), an interactive loop")
+    add("--input", default="", help="the optional input that goes with --prompt")
+    add("--in", dest="inp", default=None, help="an evaluation file (JSONL or JSON array) to answer in batches")
+    add("--out", default="outputs.jsonl", help="answers to --in: JSONL, resumable; x.json: also alpaca_eval's array")
+    add("--generator", default="", help="the model's name in --out (default: the checkpoint's)")
+    add("--batch_size", type=int, default=batch_size, help="with --serve: most requests at once")
+    add("--max_new_tokens", type=int, default=max_new_tokens, help="with --serve: the default")
+    add("--temperature", type=float, default=temperature, help="0 for greedy")
+    add("--top_k", type=int, default=top_k, help="0 for no cut")
+    add("--top_p", type=float, default=top_p, help="1 for no cut")
+    add("--seed", type=int, default=seed)
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+        help="default: bfloat16 on a GPU that has it, else float32")
+    add("--compile", action="store_true", help="torch.compile the model (slow start, fast steps)")
+    add("--watermark", action="store_true", help="watermark the outputs (see watermark.py)")
+    add("--gamma", type=float, default=0.25, help="watermark: fraction of green tokens")
+    add("--delta", type=float, default=2.0, help="watermark: logit bonus of green tokens")
+    add("--scheme", default="lefthash", help="watermark: how the green list is seeded")
+    add("--key", type=int, default=15485863, help="watermark: secret key")
+    add = parser.add_argument_group("web demo").add_argument
+    add("--serve", action="store_true", help="serve the demo page and an OpenAI-compatible API")
+    add("--host", default="127.0.0.1", help="0.0.0.0 to let other machines in")
+    add("--port", type=int, default=8000, help="0 for any free port")
+    add("--no_watermark", action="store_true", help="the demo watermarks every output unless this")
+    add("--moderation_base_url", default=None,
+        help="content filter endpoint (default: OpenAI's when OPENAI_API_KEY is set; else no filter)")
+    add("--flags", default="flags.jsonl", help="JSONL that flagged outputs are appended to")
+    add("--max_body_bytes", type=int, default=256 * 1024)
+    add("--max_prompt_tokens", type=int, default=0, help="0: the model's context")
+    add("--max_tokens_cap", type=int, default=512, help="the most tokens one request may ask for")
+    add("--max_queue", type=int, default=64, help="requests waiting beyond this get a 503")
+    args = parser.parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1 \
+            or args.batch_size < 1:
+        parser.error("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1")
+    args.watermark = not args.no_watermark if args.serve else args.watermark
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    items = read_items(args.inp) if args.inp else None  # bad input stops us here, before any loading
+    processes = join_processes(args)  # under torchrun: this process's rank and device
+    model, tokenizer = load(args)
+    if args.compile:
+        if args.device == "cpu":
+            # Freezing lets inductor pack the weights for the CPU's matmul kernels once, not at every step.
+            import torch._inductor.config as inductor_config
+            inductor_config.freezing = True
+        model = torch.compile(model, dynamic=True)
+    if args.serve:
+        return serve(model, tokenizer, args)
+    logits_processor, watermark = make_logits_processor(args, model, tokenizer)
+    settings = {"generator": args.generator or os.path.basename(os.path.normpath(args.checkpoint)), "temperature":
+                args.temperature, "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed, **({"watermark": watermark.params} if watermark else {})}
+    if items is not None:
+        run_batches(model, tokenizer, items, args, settings, logits_processor, processes)
+        if processes[1] > 1:
+            torch.distributed.destroy_process_group()
+    elif args.prompt is not None:
+        n_tokens, seconds = print_answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
+        print(f"({n_tokens} tokens in {seconds:.1f}s)", file=sys.stderr)
+    else:
+        interact(model, tokenizer, args, logits_processor)
+
+
+# Plumbing: append-only files that survive a kill, and several processes.
+
+def resume_jsonl(path):
+    """The records of an append-only JSONL file ([] if there is none). A last line with no newline is the torn
+    write of a killed process: it is cut off, saying so. Any other line that does not parse stops the run."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    records = []
+    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line")
+    return records
+
+
+def append_jsonl(file, record):
+    file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    file.flush()
+
+
+def write_atomic(path, text):
+    """Write path via a temp file and a rename: a kill never leaves half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def read_outputs(work, settings):
+    """({id: record}, shards) of the lines already in the working JSONL and in the shards of any run's processes.
+    Lines written with other settings stop the run, since mixing them in one file would spoil an evaluation."""
+    folder, name = os.path.dirname(work) or ".", os.path.basename(work)
+    shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".rank"))
+    finished = {}
+    for path in [work] + shards:
+        for lineno, record in enumerate(resume_jsonl(path), 1):
+            if not isinstance(record, dict) or "id" not in record:
+                raise SystemExit(f"{path}:{lineno}: not an output line of sample.py (no 'id')")
+            for key, value in {"watermark": None, **settings}.items():
+                if record.get(key) != value:
+                    raise SystemExit(f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run has "
+                                     f"{value!r}; use another --out")
+            finished.setdefault(record["id"], record)
+    return finished, shards
+
+
+def join_processes(args):
+    """(rank, number of processes, barrier). Under torchrun each process holds the whole model on its own device
+    (one GPU each) and answers its share of the items. They meet only before and after the work, so a barrier
+    over gloo is all they share: no tensor crosses, generate() runs no collective."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, lambda: None
+    if not args.inp:
+        raise SystemExit("several processes (torchrun) are for answering an --in file")
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=timedelta(hours=24))  # waiting for the slowest share is no failure
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    return dist.get_rank(), world_size, dist.barrier
+
+
 # The web demo (--serve). Alpaca was released with one: outputs went through OpenAI's content filter, every output
 # was watermarked, and users were asked to flag what worried them. The page talks to our OpenAI-compatible API, so
 # the same server can also stand in for OpenAI as the teacher of generate_instructions.py or the judge of
 # eval_pairwise.py. Everything the model or a user wrote reaches the page as text (textContent), never as HTML.
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Alpaca demo: {{model}}</title>
-<style>
+<title>Alpaca demo: {{model}}</title><style>
 body { font: 16px/1.45 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem; color: #222 }
-h1 { font-size: 1.5rem } h2 { font-size: 1.1rem; margin-bottom: .3rem } #status { color: #555; font-size: .9rem }
 .notice { background: #fff8e1; border: 1px solid #e0c060; border-radius: 6px; padding: .6rem .9rem; font-size: .9rem }
 label { display: block; margin-top: .7rem; font-weight: 600 } .row { display: flex; gap: 1rem } .row label { flex: 1 }
 textarea, input { font: inherit; font-weight: 400; width: 100%; box-sizing: border-box; padding: .4rem }
-button { font: inherit; margin: .8rem .5rem 0 0; padding: .4rem 1.1rem }
+button { font: inherit; margin: .8rem .5rem 0 0; padding: .4rem 1.1rem } #status { color: #555; font-size: .9rem }
 #output { white-space: pre-wrap; border: 1px solid #ccc; border-radius: 6px; padding: .7rem; min-height: 3rem }
-</style></head><body>
-<h1>Alpaca demo: {{model}}</h1>
+</style></head><body><h1>Alpaca demo: {{model}}</h1>
 <p class="notice"><b>Terms of use:</b> research use only, not for commercial use. The model's answers can be wrong,
 biased or offensive; do not rely on them and do not enter personal information. Flagged outputs are saved for the
 researchers running this demo.<br><b>Content filter:</b> {{filter}}.<br><b>Watermark:</b> {{watermark}}.</p>
 <label for="instruction">Instruction</label><textarea id="instruction" rows="3"></textarea>
-<label for="input">Input (optional)</label><textarea id="input" rows="2"></textarea>
-<div class="row">
+<label for="input">Input (optional)</label><textarea id="input" rows="2"></textarea><div class="row">
 <label>Temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="{{temperature}}"></label>
 <label>Top-p <input id="top_p" type="number" min="0.01" max="1" step="0.05" value="{{top_p}}"></label>
-<label>Max tokens <input id="max_tokens" type="number" min="1" max="{{cap}}" value="{{max_tokens}}"></label>
-</div>
+<label>Max tokens <input id="max_tokens" type="number" min="1" max="{{cap}}" value="{{max_tokens}}"></label></div>
 <button id="generate">Generate</button><button id="stop" disabled>Stop</button>
 <h2>Response</h2><div id="output"></div><p id="status"></p>
 <label for="reason">Reason for flagging (optional)</label><input id="reason">
@@ -410,7 +463,6 @@ researchers running this demo.<br><b>Content filter:</b> {{filter}}.<br><b>Water
 <script>
 const $ = id => document.getElementById(id);
 let controller = null, last = null;
-const done = {stop: "Done.", length: "Stopped at the token limit."};
 
 async function generate() {
   const instruction = $("instruction").value.trim(), input = $("input").value.trim();
@@ -430,20 +482,16 @@ async function generate() {
     const reader = response.body.getReader(), decoder = new TextDecoder();
     let buffer = "";
     for (let read = await reader.read(); !read.done; read = await reader.read()) {
-      buffer += decoder.decode(read.value, {stream: true});
-      const events = buffer.split("\\n\\n");
+      const events = (buffer += decoder.decode(read.value, {stream: true})).split("\\n\\n");
       buffer = events.pop();
-      for (const event of events) {
-        if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
-        const chunk = JSON.parse(event.slice(6));
+      for (const event of events.filter(e => e.startsWith("data: {"))) {  // not the closing "data: [DONE]"
+        const chunk = JSON.parse(event.slice(6)), choice = (chunk.choices || [])[0];
         if (chunk.error) throw new Error(chunk.error.message);
-        const choice = chunk.choices[0];
         if (!choice) continue;
-        text += choice.delta.content || "";
-        $("output").textContent = text;
+        $("output").textContent = text += choice.delta.content || "";
         if (choice.finish_reason === "content_filter")
           status = `Withheld: the content filter flagged this output (${chunk.content_filter.categories.join(", ")}).`;
-        else if (choice.finish_reason) status = done[choice.finish_reason] || "Done.";
+        else if (choice.finish_reason) status = choice.finish_reason === "length" ? "Stopped at the token limit." : "Done.";
       }
     }
   } catch (e) {
@@ -451,28 +499,25 @@ async function generate() {
   }
   last = {instruction, input, output: text};
   $("status").textContent = status;
-  $("generate").disabled = false; $("stop").disabled = true; $("flag").disabled = false;
+  $("generate").disabled = $("flag").disabled = false; $("stop").disabled = true;
 }
 
-async function flag() {
+$("generate").onclick = generate;
+$("stop").onclick = () => controller.abort();
+$("instruction").onkeydown = e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); };
+$("flag").onclick = async () => {
   $("flag").disabled = true;
   const response = await fetch("/flag", {method: "POST", headers: {"Content-Type": "application/json"},
                                          body: JSON.stringify({...last, reason: $("reason").value})});
   $("status").textContent = response.ok ? "Thank you: the output is flagged for the researchers."
                                         : "Flagging failed: " + (await response.json()).error.message;
-}
-
-$("generate").onclick = generate;
-$("stop").onclick = () => controller.abort();
-$("flag").onclick = flag;
-$("instruction").onkeydown = e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); };
+};
 </script></body></html>
 """
 # Only the page's own script may run: even text that slipped into the page as HTML could not execute.
-PAGE_SCRIPT_HASH = base64.b64encode(hashlib.sha256(
-    re.search(r"<script>(.*)</script>", PAGE, re.S).group(1).encode()).digest()).decode()
-PAGE_POLICY = (f"default-src 'none'; script-src 'sha256-{PAGE_SCRIPT_HASH}'; style-src 'unsafe-inline'; "
-               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inline'; connect-src 'self'; " \
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'".format(base64.b64encode(hashlib.sha256(
+        re.search(r"<script>(.*)</script>", PAGE, re.S).group(1).encode()).digest()).decode())
 MAX_DISCARD_BYTES = 64 << 20  # an oversized body is read and dropped up to this, so its client gets the 413
 ENDPOINTS = {"/": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST",
              "/flag": "POST"}
@@ -487,7 +532,7 @@ class ApiError(Exception):
 
 
 class Stop(Exception):
-    """Raised from a job's on_token to end generate() early: a stop string appeared, or the client left."""
+    """Raised from on_token to end generate() early, once every job of the batch has its answer."""
 
 
 def number(body, name, default, low, high, integer=False):
@@ -495,9 +540,9 @@ def number(body, name, default, low, high, integer=False):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
         bounds = f"from {low} to {high}" if high < math.inf else f"of at least {low}"
-        raise ApiError(400, f"'{name}' must be {kind} {bounds}, got {json.dumps(value)[:40]}", name)
+        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'} {bounds}, got "
+                       f"{json.dumps(value)[:40]}", name)
     return value
 
 
@@ -521,9 +566,8 @@ def chat_to_alpaca(messages):
         turns.append((role, content))
     if turns[-1][0] != "user" or not turns[-1][1].strip():
         raise ApiError(400, "the last message must be the user's, and not empty", "messages")
-    earlier = [content if role in ("system", "developer") else f"{role.title()}: {content}"
-               for role, content in turns[:-1]]
-    return turns[-1][1], "\n\n".join(earlier)
+    return turns[-1][1], "\n\n".join(content if role in ("system", "developer") else f"{role.title()}: {content}"
+                                     for role, content in turns[:-1])
 
 
 def read_request(body, chat, demo):
@@ -531,29 +575,26 @@ def read_request(body, chat, demo):
     prompt as raw text; /v1/chat/completions turns the messages into the Alpaca prompt."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
+    where, prompt = ("messages", None) if chat else ("prompt", body.get("prompt"))
     if chat:
         instruction, input = chat_to_alpaca(body.get("messages"))
         prompt = format_prompt(instruction, input)
+    elif not isinstance(prompt := prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt, str) \
+            or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
         instruction, input = prompt, ""
     if body.get("n") not in (None, 1):
         raise ApiError(400, "this server gives one choice per request: 'n' must be 1", "n")
     for name in ("echo", "logprobs", "suffix", "tools"):
         if body.get(name):
             raise ApiError(400, f"'{name}' is not supported by this server", name)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
+    stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
+    if not isinstance(stream := body.get("stream") or False, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
-    prompt_ids, where = demo.tokenizer.encode(prompt, bos=True), "messages" if chat else "prompt"
+    prompt_ids = demo.tokenizer.encode(prompt, bos=True)
     if len(prompt_ids) > demo.max_prompt_tokens:
         raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server takes at most "
                        f"{demo.max_prompt_tokens}", where, "context_length_exceeded")
@@ -565,96 +606,76 @@ def read_request(body, chat, demo):
     max_tokens = min(demo.args.max_new_tokens, cap, room)
     for name in ("max_tokens", "max_completion_tokens"):
         asked = number(body, name, None, 1, math.inf, integer=True)
-        if asked is not None and asked > min(cap, room):
-            if room < cap:
-                raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you "
-                               f"requested {len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the {where}, "
-                               f"{asked} in the completion): after this {where} it gives at most {room} completion "
-                               f"tokens. Please reduce the length of the {where} or completion.", name,
-                               "context_length_exceeded")
+        if asked is not None and asked > min(cap, room) and room < cap:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                           f"{len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the {where}, {asked} in the "
+                           f"completion): after this {where} it gives at most {room} completion tokens. Please "
+                           f"reduce the length of the {where} or completion.", name, "context_length_exceeded")
+        if asked is not None and asked > cap:
             raise ApiError(400, f"{name} is too large: {asked}. This server gives at most {cap} completion tokens "
                            f"per request, whereas you provided {asked}.", name, "integer_above_max_value")
         max_tokens = max_tokens if asked is None else asked
     options, seed = body.get("stream_options"), number(body, "seed", None, 0, 2**63 - 1, integer=True)
     return SimpleNamespace(
-        chat=chat, instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop,
+        instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop,
         temperature=number(body, "temperature", demo.args.temperature, 0, 2),
         top_p=max(number(body, "top_p", demo.args.top_p, 0, 1), 1e-6), stream=stream,  # 0: the likeliest only
         seed=secrets.randbelow(2**63) if seed is None else seed,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-        events=queue.Queue(), cancelled=threading.Event())
-
-
-def next_batch(demo):
-    """The oldest waiting job and up to --batch_size - 1 later ones that sample alike; None once closing."""
-    with demo.waiting:
-        while True:
-            demo.queue = [job for job in demo.queue if not job.cancelled.is_set()]  # their clients left
-            if demo.closing:
-                return None
-            if demo.queue:
-                break
-            demo.waiting.wait()
-        alike = (demo.queue[0].temperature, demo.queue[0].top_p)
-        batch = [job for job in demo.queue if (job.temperature, job.top_p) == alike][:demo.args.batch_size]
-        demo.queue = [job for job in demo.queue if all(job is not taken for taken in batch)]
-        demo.current = batch
-        return batch
+        events=queue.Queue(), cancelled=threading.Event(), ids=[], shown="", finish_reason=None,
+        holdback=max(map(len, stop), default=1) - 1)  # text that may start a stop string waits until it cannot
 
 
 def run_jobs(demo):
-    """The one thread that uses the model. Jobs waiting together are generated as one batch: generate() gives
-    each row what it would give alone (its own seed and random stream), so batching changes throughput, not
-    outputs. Each job's text goes to its own queue as it is produced, so a slow reader slows only its own
-    connection, and a job is answered as soon as its own row ends."""
-    model, tokenizer = demo.model, demo.tokenizer
-
+    """The one thread that uses the model. It takes the oldest waiting job and up to --batch_size - 1 later ones
+    that sample alike, and generates them as one batch: generate() gives each row what it would give alone (own
+    seed, own random stream), so batching changes throughput, not outputs. Each job's text goes to its own queue
+    as it is produced, so a slow reader slows only its own connection, and a job is answered when its row ends."""
     def finish(job, reason):
-        text = tokenizer.decode(job.ids)
+        text = demo.tokenizer.decode(job.ids)
         cut = min((text.find(s) for s in job.stop if s in text), default=None)
         job.finish_reason, text = "stop" if cut is not None else reason, text[:cut]
-        if text.startswith(job.shown) and len(text) > len(job.shown):
-            job.events.put(("text", text[len(job.shown):]))
+        job.events.put(("text", text[len(job.shown):] if text.startswith(job.shown) else ""))
         job.events.put(("done", {"text": text, "finish_reason": job.finish_reason, "completion_tokens": len(job.ids)}))
 
-    while (batch := next_batch(demo)) is not None:
-        for job in batch:
-            job.ids, job.shown, job.finish_reason = [], "", None
-            # Text that may be the start of a stop string is held back until we know it is not.
-            job.holdback = max(map(len, job.stop), default=1) - 1
+    def on_token(row, token):
+        job = batch[row]
+        if job.finish_reason is None:
+            if job.cancelled.is_set() or token in demo.tokenizer.stop_ids:
+                finish(job, "stop")
+            else:
+                job.ids.append(token)
+                text = demo.tokenizer.decode(job.ids)
+                if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
+                    finish(job, "length")
+                elif (end := settled(text, job.shown, job.holdback)) > len(job.shown):
+                    job.events.put(("text", text[len(job.shown):end]))
+                    job.shown = text[:end]
+        if all(job.finish_reason for job in batch):
+            raise Stop
 
-        def on_token(row, token):
-            job = batch[row]
-            if job.finish_reason is None:
-                if job.cancelled.is_set() or token in tokenizer.stop_ids:
-                    finish(job, "stop")
-                else:
-                    job.ids.append(token)
-                    text = tokenizer.decode(job.ids)
-                    if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
-                        finish(job, "length")
-                    # Show what is settled: not half a character, as in stream_printer, nor a possible stop.
-                    elif (end := len(text.rstrip("\ufffd")) - job.holdback) > len(job.shown) and \
-                            text.startswith(job.shown):
-                        job.events.put(("text", text[len(job.shown):end]))
-                        job.shown = text[:end]
-            if all(job.finish_reason for job in batch):
-                raise Stop
-
-        try:
-            # EOS is left to on_token, which ends each row on its own terms.
-            generate(model, [job.prompt_ids for job in batch], max(job.max_tokens for job in batch),
+    while True:
+        with demo.waiting:
+            while not demo.closing and not any(not job.cancelled.is_set() for job in demo.queue):
+                demo.waiting.wait()
+            if demo.closing:
+                return
+            demo.queue = [job for job in demo.queue if not job.cancelled.is_set()]  # their clients left
+            alike = (demo.queue[0].temperature, demo.queue[0].top_p)
+            batch = [job for job in demo.queue if (job.temperature, job.top_p) == alike][:demo.args.batch_size]
+            demo.queue, demo.current = [job for job in demo.queue if all(job is not b for b in batch)], batch
+        try:  # EOS is left to on_token, which ends each row on its own terms
+            generate(demo.model, [job.prompt_ids for job in batch], max(job.max_tokens for job in batch),
                      batch[0].temperature, demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
                      logits_processor=demo.logits_processor, on_token=on_token)
+            for job in batch:
+                if job.finish_reason is None:
+                    finish(job, "length")
         except Stop:
             pass
         except Exception as e:  # one failed batch must not take the demo down
             for job in batch:
                 job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
-        else:
-            for job in batch:
-                if job.finish_reason is None:
-                    finish(job, "length")
 
 
 def moderate(demo, text):
@@ -672,12 +693,10 @@ def moderate(demo, text):
 
 
 def log_flag(demo, instruction, input, output, reason, flagged_by):
-    record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "instruction": instruction,
-              "input": input, "output": output, "reason": reason, "flagged_by": flagged_by,
-              "watermark": demo.watermark_params}
     with demo.flags_lock, open(demo.args.flags, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
+        append_jsonl(f, {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "instruction": instruction,
+                         "input": input, "output": output, "reason": reason, "flagged_by": flagged_by,
+                         "watermark": demo.watermark_params})
         os.fsync(f.fileno())
 
 
@@ -688,31 +707,27 @@ class DemoHandler(BaseHTTPRequestHandler):
     timeout = 60
 
     def do_GET(self):
-        self.route("GET")
-
-    def do_POST(self):
-        self.route("POST")
-
-    def route(self, method):
         path, demo = urlsplit(self.path).path, self.server.demo
         try:
             if path not in ENDPOINTS:
                 raise ApiError(404, f"no such page or endpoint: {path}")
-            if ENDPOINTS[path] != method:
+            if ENDPOINTS[path] != self.command:
                 raise ApiError(405, f"use {ENDPOINTS[path]} for {path}")
             if path == "/":
                 self.send(200, demo.page.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})
             elif path == "/v1/models":
-                self.send_json(200, {"object": "list", "data": [{"id": demo.model_name, "object": "model",
-                                                                 "created": demo.started, "owned_by": "sample.py"}]})
+                self.send(200, {"object": "list", "data": [{"id": demo.model_name, "object": "model",
+                                                            "created": demo.started, "owned_by": "sample.py"}]})
             elif path == "/flag":
                 self.flag(self.read_json())
             else:
                 self.complete(self.read_json(), chat=path == "/v1/chat/completions")
         except ApiError as e:
-            self.send_json(e.status, e.body)
+            self.send(e.status, e.body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left; its job was cancelled in complete()
+
+    do_POST = do_GET
 
     def read_json(self):
         length, limit = self.headers.get("Content-Length", ""), self.server.demo.args.max_body_bytes
@@ -743,18 +758,17 @@ class DemoHandler(BaseHTTPRequestHandler):
         for name in ("instruction", "input", "reason"):
             if not isinstance(body.get(name, ""), str):
                 raise ApiError(400, f"'{name}' must be a string", name)
-        demo = self.server.demo
-        log_flag(demo, body.get("instruction", ""), body.get("input", ""), body["output"], body.get("reason", ""),
+        log_flag(self.server.demo, *(body.get(name, "") for name in ("instruction", "input", "output", "reason")),
                  "user")
-        self.send_json(200, {"flagged": True})
+        self.send(200, {"flagged": True})
 
     def complete(self, body, chat):
         demo = self.server.demo
         job = read_request(body, chat, demo)
-        categories = moderate(demo, "\n\n".join(filter(None, [job.instruction, job.input])))
+        categories = ", ".join(moderate(demo, "\n\n".join(filter(None, [job.instruction, job.input]))))
         if categories:
-            log_flag(demo, job.instruction, job.input, "", f"prompt flagged: {', '.join(categories)}", "content_filter")
-            raise ApiError(400, f"the content filter flagged this prompt ({', '.join(categories)}), so it was refused",
+            log_flag(demo, job.instruction, job.input, "", f"prompt flagged: {categories}", "content_filter")
+            raise ApiError(400, f"the content filter flagged this prompt ({categories}), so it was refused",
                            "messages" if chat else "prompt", "content_filter")
         with demo.waiting:
             if len(demo.queue) >= demo.args.max_queue:
@@ -767,88 +781,69 @@ class DemoHandler(BaseHTTPRequestHandler):
             job.cancelled.set()  # a job whose client left stops at its next token, or is skipped
 
     def respond(self, job, chat):
-        demo = self.server.demo
-        reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                 "model": demo.model_name}
-        chunk_type = "chat.completion.chunk" if chat else "text_completion"
+        """The job's reply in OpenAI's shape: whole, or streamed as server-sent events as its text comes. With the
+        content filter on, an output is checked whole before any of it is shown, so a stream arrives in one piece."""
+        demo, kind = self.server.demo, "chat.completion" if chat else "text_completion"
+        reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind + ".chunk" * chat,
+                 "created": int(time.time()), "model": demo.model_name}
 
         def chunk(text, finish_reason=None, first=False):  # text None: the last chunk, with the finish_reason
             delta = {} if text is None else {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": text or "", "logprobs": None}
-            return {**reply, "object": chunk_type, "choices": [{**choice, "finish_reason": finish_reason}]}
+            return {**reply, "choices": [{**choice, "finish_reason": finish_reason}]}
 
-        # With the content filter on, an output is checked whole before any of it is shown, so a stream
-        # arrives in one piece.
-        live = job.stream and demo.moderation is None
-        if live:
-            self.start_stream()
-            if chat:
-                self.send_event(chunk("", first=True))
+        if live := job.stream and demo.moderation is None:
+            self.send_event(chunk("", first=True) if chat else None)
         while (event := self.next_event(job))[0] != "done":
-            if event[0] == "text" and live:
+            if event[0] == "error" and not live:
+                raise ApiError(500, event[1], kind="server_error")
+            if event[0] == "error":
+                return self.send_event(ApiError(500, event[1], kind="server_error").body)
+            if live and event[1]:
                 self.send_event(chunk(event[1]))
-            elif event[0] == "error":
-                error = ApiError(500, event[1], kind="server_error")
-                if not live:
-                    raise error
-                return self.send_event(error.body)
-        text, finish_reason = event[1]["text"], event[1]["finish_reason"]
-        extra = {"watermark": demo.watermark_params}
-        categories = moderate(demo, text)
-        if categories:
+        text, finish_reason, extra = event[1]["text"], event[1]["finish_reason"], {"watermark": demo.watermark_params}
+        if categories := moderate(demo, text):
             log_flag(demo, job.instruction, job.input, text, f"output flagged: {', '.join(categories)}",
                      "content_filter")
             text, finish_reason = "", "content_filter"
             extra["content_filter"] = {"flagged": True, "categories": categories}
-        n_completion = event[1]["completion_tokens"]
-        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n_completion,
-                 "total_tokens": len(job.prompt_ids) + n_completion}
+        n_prompt, n_completion = len(job.prompt_ids), event[1]["completion_tokens"]
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
         if not job.stream:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else \
-                {"index": 0, "text": text, "logprobs": None}
-            return self.send_json(200, {**reply, "object": "chat.completion" if chat else "text_completion",
-                                        "choices": [{**choice, "finish_reason": finish_reason}], "usage": usage,
-                                        **extra})
+            choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+            return self.send(200, {**reply, "object": kind, "choices": [{"index": 0, **choice, "finish_reason":
+                                                                          finish_reason}], "usage": usage, **extra})
         if not live:
-            self.start_stream()
             self.send_event(chunk(text, first=True))
         self.send_event({**chunk(None, finish_reason), **extra})
         if job.include_usage:
-            self.send_event({**reply, "object": chunk_type, "choices": [], "usage": usage})
+            self.send_event({**reply, "choices": [], "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
 
     def next_event(self, job):
-        while True:
-            # A client that hung up leaves its socket readable with nothing to read: peek without waiting.
-            self.connection.settimeout(0)
-            try:
-                if not self.connection.recv(1, socket.MSG_PEEK):
-                    raise ConnectionResetError
-            except BlockingIOError:
-                pass
-            finally:
-                self.connection.settimeout(self.timeout)
+        while True:  # a client that hung up leaves its socket readable with nothing to read
+            if select.select([self.connection], [], [], 0)[0] and not self.connection.recv(1, socket.MSG_PEEK):
+                raise ConnectionResetError
             try:
                 return job.events.get(timeout=0.2)
             except queue.Empty:
                 pass
 
-    def start_stream(self):
-        self.send_response(200)
-        for name, value in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-                            ("Connection", "close")):  # the stream ends when the connection does
-            self.send_header(name, value)
-        self.end_headers()
-        self.close_connection = True
-
     def send_event(self, payload):
-        self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+        """One server-sent event (None: none yet), starting the stream first; the stream ends with the connection."""
+        if not self.close_connection:
+            self.send_response(200)
+            for name, value in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+                                ("Connection", "close")):
+                self.send_header(name, value)
+            self.end_headers()
+            self.close_connection = True
+        if payload is not None:
+            self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
         self.wfile.flush()
 
-    def send_json(self, status, payload):
-        self.send(status, json.dumps(payload, ensure_ascii=False).encode(), "application/json")
-
-    def send(self, status, data, content_type, headers={}):
+    def send(self, status, data, content_type="application/json", headers={}):
+        data = data if isinstance(data, bytes) else json.dumps(data, ensure_ascii=False).encode()
         self.send_response(status)
         for name, value in {"Content-Type": content_type, "Content-Length": str(len(data)),
                             "X-Content-Type-Options": "nosniff", **headers}.items():
@@ -867,12 +862,11 @@ def make_server(model, tokenizer, args):
         import openai
         moderation = openai.OpenAI(base_url=args.moderation_base_url or None, max_retries=2, timeout=30,
                                    api_key=os.environ.get("OPENAI_API_KEY") or "none")
-    if os.path.exists(args.flags):
-        whole_lines(args.flags, cut=True)
+    resume_jsonl(args.flags)  # cuts a torn last line a killed demo left, so appends start on a line of their own
     demo = SimpleNamespace(
         model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation,
-        watermark_params=watermark.params if watermark else None, model_name=os.path.basename(
-            os.path.normpath(args.checkpoint)), started=int(time.time()), queue=[], waiting=threading.Condition(),
+        watermark_params=watermark.params if watermark else None, started=int(time.time()), queue=[],
+        model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(),
         closing=False, current=[], flags_lock=threading.Lock(),
         max_prompt_tokens=min(args.max_prompt_tokens or math.inf, model.args.max_seq_len - 1))
     demo.filter_state = f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged " \
@@ -883,12 +877,9 @@ def make_server(model, tokenizer, args):
     fields = {"model": demo.model_name, "filter": demo.filter_state, "watermark": demo.watermark_state,
               "temperature": args.temperature, "top_p": args.top_p, "cap": args.max_tokens_cap,
               "max_tokens": min(args.max_new_tokens, args.max_tokens_cap)}
-    demo.page = PAGE
-    for name, value in fields.items():
-        demo.page = demo.page.replace("{{" + name + "}}", html.escape(str(value)))
+    demo.page = re.sub(r"\{\{(\w+)\}\}", lambda m: html.escape(str(fields[m[1]])), PAGE)
     server = ThreadingHTTPServer((args.host, args.port), DemoHandler)
-    server.demo = demo
-    demo.worker = threading.Thread(target=run_jobs, args=(demo,), daemon=True)
+    server.demo, demo.worker = demo, threading.Thread(target=run_jobs, args=(demo,), daemon=True)
     demo.worker.start()
     return server
 
@@ -906,12 +897,10 @@ def close_server(server):
 
 def serve(model, tokenizer, args):
     server = make_server(model, tokenizer, args)
-    host, port = server.server_address[:2]
-    demo = server.demo
+    (host, port), demo = server.server_address[:2], server.demo
     print(f"Serving {demo.model_name} at http://{host}:{port}/ (OpenAI-compatible API at http://{host}:{port}/v1); "
-          "Ctrl-C stops", flush=True)
-    print(f"content filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\nflags go to {args.flags}",
-          flush=True)
+          f"Ctrl-C stops\ncontent filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\n"
+          f"flags go to {args.flags}", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: bound to {host}, so other machines can reach this demo", flush=True)
     try:
@@ -920,87 +909,6 @@ def serve(model, tokenizer, args):
         print("stopping", flush=True)
     finally:
         close_server(server)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="out/tiny", help="a Meta or Hugging Face LLaMA folder")
-    parser.add_argument("--tokenizer", default="", help="tokenizer.model (default: the checkpoint's)")
-    parser.add_argument("--prompt", default=None, help="one instruction; without it, an interactive loop")
-    parser.add_argument("--input", default="", help="the optional input that goes with --prompt")
-    parser.add_argument("--in", default=None, help="an evaluation file (JSONL or JSON array) to answer in batches")
-    parser.add_argument("--out", default="outputs.jsonl",
-                        help="answers to --in: JSONL, appended and resumable; x.json: also alpaca_eval's array")
-    parser.add_argument("--generator", default="", help="the model's name in --out (default: the checkpoint's)")
-    parser.add_argument("--batch_size", type=int, default=batch_size, help="with --serve: most requests at once")
-    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="with --serve: the default")
-    parser.add_argument("--temperature", type=float, default=temperature, help="0 for greedy")
-    parser.add_argument("--top_k", type=int, default=top_k, help="0 for no cut")
-    parser.add_argument("--top_p", type=float, default=top_p, help="1 for no cut")
-    parser.add_argument("--seed", type=int, default=seed)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="default: bfloat16 on a GPU that has it, else float32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, fast steps)")
-    parser.add_argument("--watermark", action="store_true", help="watermark the outputs (see watermark.py)")
-    parser.add_argument("--gamma", type=float, default=0.25, help="watermark: fraction of green tokens")
-    parser.add_argument("--delta", type=float, default=2.0, help="watermark: logit bonus of green tokens")
-    parser.add_argument("--scheme", default="lefthash", help="watermark: how the green list is seeded")
-    parser.add_argument("--key", type=int, default=15485863, help="watermark: secret key")
-    demo = parser.add_argument_group("web demo")
-    demo.add_argument("--serve", action="store_true", help="serve the demo page and an OpenAI-compatible API")
-    demo.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to let other machines in")
-    demo.add_argument("--port", type=int, default=8000, help="0 for any free port")
-    demo.add_argument("--no_watermark", action="store_true", help="the demo watermarks every output unless this")
-    demo.add_argument("--moderation_base_url", default=None,
-                      help="content filter endpoint (default: OpenAI's when OPENAI_API_KEY is set; else no filter)")
-    demo.add_argument("--flags", default="flags.jsonl", help="JSONL that flagged outputs are appended to")
-    demo.add_argument("--max_body_bytes", type=int, default=256 * 1024)
-    demo.add_argument("--max_prompt_tokens", type=int, default=0, help="0: the model's context")
-    demo.add_argument("--max_tokens_cap", type=int, default=512, help="the most tokens one request may ask for")
-    demo.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond this get a 503")
-    args = parser.parse_args(argv)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1 \
-            or args.batch_size < 1:
-        parser.error("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1")
-    if args.serve:
-        args.watermark = not args.no_watermark
-    if args.dtype is None:
-        gpu_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        args.dtype = "bfloat16" if gpu_bf16 else "float32"
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    items = read_items(getattr(args, "in")) if getattr(args, "in") else None  # bad input stops us here
-    processes = join_processes(args)  # under torchrun: this process's rank and device
-
-    model, tokenizer = load(args)
-    if args.compile:
-        if args.device == "cpu":
-            # Freezing lets inductor pack the weights for the CPU's matmul kernels once, not at every step.
-            import torch._inductor.config as inductor_config
-            inductor_config.freezing = True
-        model = torch.compile(model, dynamic=True)
-    if args.serve:
-        return serve(model, tokenizer, args)
-    logits_processor, watermark = make_logits_processor(args, model, tokenizer)
-    settings = {"generator": args.generator or os.path.basename(os.path.normpath(args.checkpoint)), "temperature":
-                args.temperature, "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
-                "seed": args.seed}
-    if watermark is not None:
-        settings["watermark"] = watermark.params
-
-    if items is not None:
-        run_batches(model, tokenizer, items, args, settings, logits_processor, processes)
-        if processes[1] > 1:
-            torch.distributed.destroy_process_group()
-    elif args.prompt is not None:
-        n_tokens, seconds = answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
-        print(f"({n_tokens} tokens in {seconds:.1f}s)", file=sys.stderr)
-    else:
-        interact(model, tokenizer, args, logits_processor)
 
 
 if __name__ == "__main__":
