@@ -70,7 +70,7 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     device, dtype = param.device, param.dtype
     stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
     B, lengths = len(prompts), [len(p) for p in prompts]
-    if B == 0:
+    if not prompts:
         return []
     if min(lengths) == 0 or max(lengths) >= config.max_seq_len:
         raise ValueError(f"prompts must have 1 to {config.max_seq_len - 1} tokens, got {min(lengths)}..{max(lengths)}")
@@ -106,15 +106,11 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
         next_tokens = sample_next(logits, temperature, top_k, top_p, uniforms[:, step])
         for i, token in enumerate(next_tokens.tolist()):
             history[i].append(token)
-            if not running[i]:
-                continue
-            if token in stop_ids:
-                running[i] = False
-                continue
-            new_ids[i].append(token)
-            if on_token is not None:
-                on_token(i, token)
-            running[i] = len(new_ids[i]) < budget[i]
+            if running[i] and token not in stop_ids:
+                new_ids[i].append(token)
+                if on_token is not None:
+                    on_token(i, token)
+            running[i] = running[i] and token not in stop_ids and len(new_ids[i]) < budget[i]
         if not any(running):
             break
         pos = L + step
@@ -160,13 +156,15 @@ def interact(model, tokenizer, args, logits_processor):
             instruction = input("\nInstruction: ").strip()
             if instruction in ("quit", "exit"):
                 return
-            input_text = input("Input (Enter for none): ").strip() if instruction else None
+            if not instruction:
+                continue
+            input_text = input("Input (Enter for none): ").strip()
         except EOFError:
-            return print()
-        if instruction:
-            print("Response: ", end="", flush=True)
-            print_answer(model, tokenizer, args, instruction, input_text, logits_processor, args.seed + turn)
-            turn += 1
+            print()
+            return
+        print("Response: ", end="", flush=True)
+        print_answer(model, tokenizer, args, instruction, input_text, logits_processor, args.seed + turn)
+        turn += 1
 
 
 def read_items(path):
@@ -192,8 +190,8 @@ def read_items(path):
         for k, instance in enumerate(instances):
             input = instance.get("input", "") if isinstance(instance, dict) else None
             if not isinstance(input, str):
-                raise SystemExit(f"{where}: field 'input' must be a string" + f" (instance {k})" * ("instances" in
-                                                                                                 record))
+                which = f" (instance {k})" if "instances" in record else ""
+                raise SystemExit(f"{where}: field 'input' must be a string{which}")
             item_id = str(record.get("id", number)) + (f"#{k}" if len(instances) > 1 else "")
             if item_id in seen:
                 raise SystemExit(f"{where}: duplicate id '{item_id}' (first at {seen[item_id]})")
@@ -463,8 +461,9 @@ researchers running this demo.<br><b>Content filter:</b> {{filter}}.<br><b>Water
 <script>
 const $ = id => document.getElementById(id);
 let controller = null, last = null;
-
-async function generate() {
+$("stop").onclick = () => controller.abort();
+$("instruction").onkeydown = e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("generate").click(); };
+$("generate").onclick = async () => {
   const instruction = $("instruction").value.trim(), input = $("input").value.trim();
   if (!instruction) { $("status").textContent = "Type an instruction first."; return; }
   // The server's chat rule: the last user message is the instruction, a system message before it the input.
@@ -472,26 +471,24 @@ async function generate() {
   $("output").textContent = ""; $("status").textContent = "Generating...";
   $("generate").disabled = $("flag").disabled = true; $("stop").disabled = false;
   controller = new AbortController();
-  let text = "", status = "";
+  let text = "", status = "", buffer = "";
   try {
     const response = await fetch("/v1/chat/completions", {method: "POST", signal: controller.signal,
-      headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({model: "demo", messages, stream: true, temperature: +$("temperature").value,
-                            top_p: +$("top_p").value, max_tokens: +$("max_tokens").value})});
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({model: "demo", messages, stream: true,
+        temperature: +$("temperature").value, top_p: +$("top_p").value, max_tokens: +$("max_tokens").value})});
     if (!response.ok) throw new Error((await response.json()).error.message);
     const reader = response.body.getReader(), decoder = new TextDecoder();
-    let buffer = "";
     for (let read = await reader.read(); !read.done; read = await reader.read()) {
       const events = (buffer += decoder.decode(read.value, {stream: true})).split("\\n\\n");
       buffer = events.pop();
       for (const event of events.filter(e => e.startsWith("data: {"))) {  // not the closing "data: [DONE]"
-        const chunk = JSON.parse(event.slice(6)), choice = (chunk.choices || [])[0];
+        const chunk = JSON.parse(event.slice(6)), choice = (chunk.choices || [])[0] || {delta: {}};
         if (chunk.error) throw new Error(chunk.error.message);
-        if (!choice) continue;
         $("output").textContent = text += choice.delta.content || "";
         if (choice.finish_reason === "content_filter")
           status = `Withheld: the content filter flagged this output (${chunk.content_filter.categories.join(", ")}).`;
-        else if (choice.finish_reason) status = choice.finish_reason === "length" ? "Stopped at the token limit." : "Done.";
+        else if (choice.finish_reason)
+          status = choice.finish_reason === "length" ? "Stopped at the token limit." : "Done.";
       }
     }
   } catch (e) {
@@ -500,11 +497,7 @@ async function generate() {
   last = {instruction, input, output: text};
   $("status").textContent = status;
   $("generate").disabled = $("flag").disabled = false; $("stop").disabled = true;
-}
-
-$("generate").onclick = generate;
-$("stop").onclick = () => controller.abort();
-$("instruction").onkeydown = e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); };
+};
 $("flag").onclick = async () => {
   $("flag").disabled = true;
   const response = await fetch("/flag", {method: "POST", headers: {"Content-Type": "application/json"},
@@ -575,15 +568,16 @@ def read_request(body, chat, demo):
     prompt as raw text; /v1/chat/completions turns the messages into the Alpaca prompt."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
-    where, prompt = ("messages", None) if chat else ("prompt", body.get("prompt"))
+    where = "messages" if chat else "prompt"
     if chat:
         instruction, input = chat_to_alpaca(body.get("messages"))
         prompt = format_prompt(instruction, input)
-    elif not isinstance(prompt := prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt, str) \
-            or not prompt:
-        raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
     else:
-        instruction, input = prompt, ""
+        prompt = body.get("prompt")
+        instruction = prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+        input = ""
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
     if body.get("n") not in (None, 1):
         raise ApiError(400, "this server gives one choice per request: 'n' must be 1", "n")
     for name in ("echo", "logprobs", "suffix", "tools"):
@@ -601,20 +595,20 @@ def read_request(body, chat, demo):
     # A request for more tokens than the server can give is refused with the most it can give, as OpenAI and vLLM
     # do, rather than cut short: a reply cut at a limit the client never heard of looks like the model's own end.
     # Without max_tokens, the default shrinks to what fits.
-    cap, context = demo.args.max_tokens_cap, demo.model.args.max_seq_len
-    room = context - len(prompt_ids)
-    max_tokens = min(demo.args.max_new_tokens, cap, room)
+    cap, context, n = demo.args.max_tokens_cap, demo.model.args.max_seq_len, len(prompt_ids)
+    max_tokens = min(demo.args.max_new_tokens, cap, context - n)
     for name in ("max_tokens", "max_completion_tokens"):
-        asked = number(body, name, None, 1, math.inf, integer=True)
-        if asked is not None and asked > min(cap, room) and room < cap:
+        if (asked := number(body, name, None, 1, math.inf, integer=True)) is None:
+            continue
+        if asked > context - n and context - n < cap:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                           f"{len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the {where}, {asked} in the "
-                           f"completion): after this {where} it gives at most {room} completion tokens. Please "
-                           f"reduce the length of the {where} or completion.", name, "context_length_exceeded")
-        if asked is not None and asked > cap:
+                           f"{n + asked} tokens ({n} in the {where}, {asked} in the completion): after this {where} "
+                           f"it gives at most {context - n} completion tokens. Please reduce the length of the "
+                           f"{where} or completion.", name, "context_length_exceeded")
+        if asked > cap:
             raise ApiError(400, f"{name} is too large: {asked}. This server gives at most {cap} completion tokens "
                            f"per request, whereas you provided {asked}.", name, "integer_above_max_value")
-        max_tokens = max_tokens if asked is None else asked
+        max_tokens = asked
     options, seed = body.get("stream_options"), number(body, "seed", None, 0, 2**63 - 1, integer=True)
     return SimpleNamespace(
         instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop,
@@ -640,23 +634,22 @@ def run_jobs(demo):
 
     def on_token(row, token):
         job = batch[row]
-        if job.finish_reason is None:
-            if job.cancelled.is_set() or token in demo.tokenizer.stop_ids:
-                finish(job, "stop")
-            else:
-                job.ids.append(token)
-                text = demo.tokenizer.decode(job.ids)
-                if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
-                    finish(job, "length")
-                elif (end := settled(text, job.shown, job.holdback)) > len(job.shown):
-                    job.events.put(("text", text[len(job.shown):end]))
-                    job.shown = text[:end]
+        if job.finish_reason is None and (job.cancelled.is_set() or token in demo.tokenizer.stop_ids):
+            finish(job, "stop")
+        elif job.finish_reason is None:
+            job.ids.append(token)
+            text = demo.tokenizer.decode(job.ids)
+            if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
+                finish(job, "length")
+            elif (end := settled(text, job.shown, job.holdback)) > len(job.shown):
+                job.events.put(("text", text[len(job.shown):end]))
+                job.shown = text[:end]
         if all(job.finish_reason for job in batch):
             raise Stop
 
     while True:
         with demo.waiting:
-            while not demo.closing and not any(not job.cancelled.is_set() for job in demo.queue):
+            while not demo.closing and all(job.cancelled.is_set() for job in demo.queue):
                 demo.waiting.wait()
             if demo.closing:
                 return
@@ -703,8 +696,7 @@ def log_flag(demo, instruction, input, output, reason, flagged_by):
 class DemoHandler(BaseHTTPRequestHandler):
     """One thread per connection (ThreadingHTTPServer): a client that connects and sends nothing holds only
     its own thread, and only for `timeout` seconds."""
-    protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
-    timeout = 60
+    protocol_version, timeout = "HTTP/1.1", 60  # keep-alive, as the openai client expects
 
     def do_GET(self):
         path, demo = urlsplit(self.path).path, self.server.demo
@@ -765,8 +757,7 @@ class DemoHandler(BaseHTTPRequestHandler):
     def complete(self, body, chat):
         demo = self.server.demo
         job = read_request(body, chat, demo)
-        categories = ", ".join(moderate(demo, "\n\n".join(filter(None, [job.instruction, job.input]))))
-        if categories:
+        if categories := ", ".join(moderate(demo, "\n\n".join(filter(None, [job.instruction, job.input])))):
             log_flag(demo, job.instruction, job.input, "", f"prompt flagged: {categories}", "content_filter")
             raise ApiError(400, f"the content filter flagged this prompt ({categories}), so it was refused",
                            "messages" if chat else "prompt", "content_filter")
@@ -789,18 +780,18 @@ class DemoHandler(BaseHTTPRequestHandler):
 
         def chunk(text, finish_reason=None, first=False):  # text None: the last chunk, with the finish_reason
             delta = {} if text is None else {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": text or "", "logprobs": None}
-            return {**reply, "choices": [{**choice, "finish_reason": finish_reason}]}
+            choice = {"delta": delta} if chat else {"text": text or "", "logprobs": None}
+            return {**reply, "choices": [{"index": 0, **choice, "finish_reason": finish_reason}]}
 
         if live := job.stream and demo.moderation is None:
             self.send_event(chunk("", first=True) if chat else None)
-        while (event := self.next_event(job))[0] != "done":
-            if event[0] == "error" and not live:
-                raise ApiError(500, event[1], kind="server_error")
-            if event[0] == "error":
-                return self.send_event(ApiError(500, event[1], kind="server_error").body)
+        while (event := self.next_event(job))[0] == "text":
             if live and event[1]:
                 self.send_event(chunk(event[1]))
+        if event[0] == "error" and live:
+            return self.send_event(ApiError(500, event[1], kind="server_error").body)
+        if event[0] == "error":
+            raise ApiError(500, event[1], kind="server_error")
         text, finish_reason, extra = event[1]["text"], event[1]["finish_reason"], {"watermark": demo.watermark_params}
         if categories := moderate(demo, text):
             log_flag(demo, job.instruction, job.input, text, f"output flagged: {', '.join(categories)}",
@@ -868,12 +859,12 @@ def make_server(model, tokenizer, args):
         watermark_params=watermark.params if watermark else None, started=int(time.time()), queue=[],
         model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(),
         closing=False, current=[], flags_lock=threading.Lock(),
-        max_prompt_tokens=min(args.max_prompt_tokens or math.inf, model.args.max_seq_len - 1))
-    demo.filter_state = f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged " \
-        "prompts are refused and flagged outputs withheld" if moderation else \
-        "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
-    demo.watermark_state = "off" if watermark is None else "on, every output: {scheme}, gamma {gamma}, delta " \
-        "{delta}, key fingerprint {key_fingerprint} (check with watermark.py detect)".format(**watermark.params)
+        max_prompt_tokens=min(args.max_prompt_tokens or math.inf, model.args.max_seq_len - 1),
+        filter_state=f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged prompts "
+        "are refused and flagged outputs withheld" if moderation else "off (no OPENAI_API_KEY or "
+        "--moderation_base_url): outputs are not checked",
+        watermark_state="off" if watermark is None else "on, every output: {scheme}, gamma {gamma}, delta {delta}, "
+        "key fingerprint {key_fingerprint} (check with watermark.py detect)".format(**watermark.params))
     fields = {"model": demo.model_name, "filter": demo.filter_state, "watermark": demo.watermark_state,
               "temperature": args.temperature, "top_p": args.top_p, "cap": args.max_tokens_cap,
               "max_tokens": min(args.max_new_tokens, args.max_tokens_cap)}
@@ -885,14 +876,13 @@ def make_server(model, tokenizer, args):
 
 
 def close_server(server):
-    demo = server.demo
     server.server_close()
-    with demo.waiting:
-        demo.closing = True
-        for job in demo.current:
+    with server.demo.waiting:
+        server.demo.closing = True
+        for job in server.demo.current:
             job.cancelled.set()
-        demo.waiting.notify()
-    demo.worker.join(timeout=10)
+        server.demo.waiting.notify()
+    server.demo.worker.join(timeout=10)
 
 
 def serve(model, tokenizer, args):
