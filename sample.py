@@ -859,12 +859,12 @@ def make_server(model, tokenizer, args):
         watermark_params=watermark.params if watermark else None, started=int(time.time()), queue=[],
         model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(),
         closing=False, current=[], flags_lock=threading.Lock(),
-        max_prompt_tokens=min(args.max_prompt_tokens or math.inf, model.args.max_seq_len - 1),
-        filter_state=f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged prompts "
-        "are refused and flagged outputs withheld" if moderation else "off (no OPENAI_API_KEY or "
-        "--moderation_base_url): outputs are not checked",
-        watermark_state="off" if watermark is None else "on, every output: {scheme}, gamma {gamma}, delta {delta}, "
-        "key fingerprint {key_fingerprint} (check with watermark.py detect)".format(**watermark.params))
+        max_prompt_tokens=min(args.max_prompt_tokens or math.inf, model.args.max_seq_len - 1))
+    demo.filter_state = (f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged "
+                         "prompts are refused and flagged outputs withheld") if moderation else \
+        "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
+    demo.watermark_state = "off" if watermark is None else ("on, every output: {scheme}, gamma {gamma}, delta "
+        "{delta}, key fingerprint {key_fingerprint} (check with watermark.py detect)").format(**watermark.params)
     fields = {"model": demo.model_name, "filter": demo.filter_state, "watermark": demo.watermark_state,
               "temperature": args.temperature, "top_p": args.top_p, "cap": args.max_tokens_cap,
               "max_tokens": min(args.max_new_tokens, args.max_tokens_cap)}
