@@ -696,7 +696,7 @@ def log_flag(demo, instruction, input, output, reason, flagged_by):
 class DemoHandler(BaseHTTPRequestHandler):
     """One thread per connection (ThreadingHTTPServer): a client that connects and sends nothing holds only
     its own thread, and only for `timeout` seconds."""
-    protocol_version, timeout = "HTTP/1.1", 60  # keep-alive, as the openai client expects
+    protocol_version, timeout, streaming = "HTTP/1.1", 60, False  # keep-alive, as the openai client expects
 
     def do_GET(self):
         path, demo = urlsplit(self.path).path, self.server.demo
@@ -822,13 +822,13 @@ class DemoHandler(BaseHTTPRequestHandler):
 
     def send_event(self, payload):
         """One server-sent event (None: none yet), starting the stream first; the stream ends with the connection."""
-        if not self.close_connection:
+        if not self.streaming:
             self.send_response(200)
             for name, value in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
                                 ("Connection", "close")):
                 self.send_header(name, value)
             self.end_headers()
-            self.close_connection = True
+            self.streaming = self.close_connection = True
         if payload is not None:
             self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
         self.wfile.flush()
