@@ -6,17 +6,27 @@ Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a who
     python sample.py --checkpoint=out/tiny --in=eval.jsonl --out=outputs.jsonl
     python sample.py --checkpoint=out/tiny --serve                           # web demo + OpenAI-compatible API
 
-Reads top to bottom: decoding settings, choosing the next token, the generation engine (KV cache, batches of
-prompts of different lengths), answering a prompt or a whole file, main; then the plumbing (resumable files,
-several processes) and the web demo. The model and the Alpaca prompt come from train.py, so sampling sees exactly
-the text and the model that training did.
+Reads top to bottom: choosing the next token, generating (KV cache, batches of prompts of different lengths),
+answering a prompt or a file, main; then plumbing (resumable files, processes) and the web demo. The model and the
+Alpaca prompt come from train.py, so sampling sees exactly the text and the model that training did.
 """
-import argparse, json, math, os, sys, time, zlib  # noqa: E401
-import base64, hashlib, html, queue, re, secrets, select, socket, threading, uuid  # noqa: E401  (the web demo's)
+import argparse
+import base64
+import hashlib
+import html
+import json
+import os
+import queue
+import secrets
+import select
+import socket
+import sys
+import threading
+import time
+import zlib
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
-from urllib.parse import urlsplit
 
 import torch
 
@@ -32,10 +42,9 @@ batch_size = 16
 
 
 def sample_next(logits, temperature, top_k, top_p, u):
-    """The next token of each row of logits (B, V). Greedy at temperature 0; otherwise drawn from the softmax,
-    cut to the top_k most likely tokens, then to the smallest set of most likely tokens holding top_p of the
-    probability. u (B,) in (0, 1] are each row's own uniform draws: the token is where u lands on the row's
-    cumulative distribution, so a row's choice never depends on the other rows of the batch."""
+    """The next token of each row of logits (B, V): greedy at temperature 0, else drawn from the softmax cut to the
+    top_k likeliest tokens, then to the fewest likeliest holding top_p of the probability. u (B,) in (0, 1] are the
+    rows' own uniform draws, so a row's choice never depends on the other rows of the batch."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -46,7 +55,7 @@ def sample_next(logits, temperature, top_k, top_p, u):
     if top_p < 1.0:
         if ids is None:
             probs, ids = probs.sort(dim=-1, descending=True)
-        # Keep a token while the more likely ones before it hold less than top_p; the most likely always stays.
+        # Keep a token while the likelier ones before it hold less than top_p; the likeliest always stays.
         probs = probs * (probs.cumsum(-1) - probs < top_p)
     cdf = probs.cumsum(-1)
     # Tokens cut above have zero width on the cdf, so no u in (0, 1] can land on them.
@@ -57,15 +66,11 @@ def sample_next(logits, temperature, top_k, top_p, u):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
              logits_processor=None, eos_id=None, on_token=None):
-    """The new token ids for each prompt in prompts (lists of token ids), generated together as one batch.
-
-    A row ends at eos_id (an id or a set of them, not in its ids), after max_new_tokens, or at the model's context
-    length. Every row comes out as if generated alone: prompts are left-padded and the padding is masked out,
-    each row's positions start at 0, and each row draws its random numbers from its own stream, seeded by
-    seed (an int, the same for every row) or seed[i] (a list, one per row).
-    logits_processor(prev_tokens, logits) may rewrite each step's (B, V) logits (the watermark's hook);
-    prev_tokens[i] is row i's prompt and generated ids so far. on_token(i, id) is called for each new id of
-    row i as it is produced, for streaming. Holds no state between calls: serialize calls that share a model."""
+    """The new token ids for each prompt (a list of token ids), generated as one batch, every row as if alone:
+    prompts are left-padded and the padding masked out, each row's positions start at 0, and each row draws from
+    its own random stream, seeded by seed (an int) or seed[i] (a list). A row ends at eos_id (an id or a set),
+    after max_new_tokens, or at the model's context. logits_processor(prev_tokens, logits) may rewrite each step's
+    (B, V) logits (the watermark's hook); on_token(i, id) sees each new id of row i as it comes, for streaming."""
     config, param = model.args, next(model.parameters())
     device, dtype = param.device, param.dtype
     stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
@@ -78,22 +83,21 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     steps, L = max(budget), max(lengths)
     if steps <= 0:
         return [[] for _ in prompts]
-    S = L + steps
 
     # Left padding lines up every row's last prompt token at slot L-1, so one decode step serves all rows.
     # Pad slots are masked out of every row's attention, and positions count from each row's first real token.
     pad = torch.tensor([L - n for n in lengths], device=device)
-    slots = torch.arange(S, device=device)
+    slots = torch.arange(L + steps, device=device)
     positions = (slots - pad[:, None]).clamp(min=0)
     real = slots >= pad[:, None]  # (B, S): which cache slots hold a row's own tokens
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
     # A pad query sees only itself: one that sees nothing gives NaN on some backends, and NaN would reach the cache.
     prefill_mask = (causal & real[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
     decode_mask = real[:, None, None, :] if L > min(lengths) else None
-    n_kv_heads = config.n_kv_heads or config.n_heads
-    cache = [tuple(torch.zeros(B, n_kv_heads, S, config.head_dim, device=device, dtype=dtype) for _ in "kv")
+    shape = (B, config.n_kv_heads or config.n_heads, L + steps, config.head_dim)
+    cache = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
              for _ in range(config.n_layers)]
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed] * B
     uniforms = torch.stack([1 - torch.rand(steps, generator=torch.Generator().manual_seed(s)) for s in seeds])
     uniforms = uniforms.to(device)
     history, new_ids, running = [list(p) for p in prompts], [[] for _ in prompts], [True] * B
@@ -128,7 +132,7 @@ def settled(text, shown, holdback=0):
 
 def print_answer(model, tokenizer, args, instruction, input, logits_processor, seed):
     """Answer one instruction, printing the response as it grows; (tokens, seconds)."""
-    ids, shown = [], ""
+    ids, shown, start = [], "", time.time()
 
     def on_token(row, token):
         nonlocal shown
@@ -137,7 +141,6 @@ def print_answer(model, tokenizer, args, instruction, input, logits_processor, s
         print(text[len(shown):settled(text, shown)], end="", flush=True)
         shown = text[:settled(text, shown)]
 
-    start = time.time()
     try:
         generate(model, [tokenizer.encode(format_prompt(instruction, input), bos=True)], args.max_new_tokens,
                  args.temperature, args.top_k, args.top_p, seed, logits_processor, tokenizer.stop_ids, on_token)
@@ -257,8 +260,7 @@ def load(args):
     if not os.path.exists(tokenizer_path):
         raise SystemExit(f"{tokenizer_path}: no tokenizer; pass --tokenizer=path/to/tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    model = Transformer.from_pretrained(args.checkpoint, dtype=dtype).to(args.device).eval()
+    model = Transformer.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     if tokenizer.vocab_size > model.args.vocab_size:
         raise SystemExit(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's "
                          f"{model.args.vocab_size}")
@@ -304,7 +306,6 @@ def parse_args(argv=None):
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
         help="default: bfloat16 on a GPU that has it, else float32")
-    add("--compile", action="store_true", help="torch.compile the model (slow start, fast steps)")
     add("--watermark", action="store_true", help="watermark the outputs (see watermark.py)")
     add("--gamma", type=float, default=0.25, help="watermark: fraction of green tokens")
     add("--delta", type=float, default=2.0, help="watermark: logit bonus of green tokens")
@@ -337,12 +338,6 @@ def main(argv=None):
     items = read_items(args.inp) if args.inp else None  # bad input stops us here, before any loading
     processes = join_processes(args)  # under torchrun: this process's rank and device
     model, tokenizer = load(args)
-    if args.compile:
-        if args.device == "cpu":
-            # Freezing lets inductor pack the weights for the CPU's matmul kernels once, not at every step.
-            import torch._inductor.config as inductor_config
-            inductor_config.freezing = True
-        model = torch.compile(model, dynamic=True)
     if args.serve:
         return serve(model, tokenizer, args)
     logits_processor, watermark = make_logits_processor(args, model, tokenizer)
@@ -367,12 +362,11 @@ def resume_jsonl(path):
     write of a killed process: it is cut off, saying so. Any other line that does not parse stops the run."""
     if not os.path.exists(path):
         return []
-    with open(path, "rb") as f:
+    with open(path, "r+b") as f:
         data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
-        with open(path, "r+b") as f:
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
             f.truncate(end)
     records = []
     for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
@@ -432,6 +426,7 @@ def join_processes(args):
     return dist.get_rank(), world_size, dist.barrier
 
 
+
 # The web demo (--serve). Alpaca was released with one: outputs went through OpenAI's content filter, every output
 # was watermarked, and users were asked to flag what worried them. The page talks to our OpenAI-compatible API, so
 # the same server can also stand in for OpenAI as the teacher of generate_instructions.py or the judge of
@@ -454,24 +449,22 @@ researchers running this demo.<br><b>Content filter:</b> {{filter}}.<br><b>Water
 <label>Temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="{{temperature}}"></label>
 <label>Top-p <input id="top_p" type="number" min="0.01" max="1" step="0.05" value="{{top_p}}"></label>
 <label>Max tokens <input id="max_tokens" type="number" min="1" max="{{cap}}" value="{{max_tokens}}"></label></div>
-<button id="generate">Generate</button><button id="stop" disabled>Stop</button>
-<h2>Response</h2><div id="output"></div><p id="status"></p>
-<label for="reason">Reason for flagging (optional)</label><input id="reason">
+<button id="generate">Generate</button><button id="stop" disabled>Stop</button><h2>Response</h2><div id="output"></div>
+<p id="status"></p><label for="reason">Reason for flagging (optional)</label><input id="reason">
 <button id="flag" disabled>Flag this output</button>
 <script>
-const $ = id => document.getElementById(id);
+const $ = id => document.getElementById(id), say = text => $("status").textContent = text;
+const busy = on => { $("generate").disabled = $("flag").disabled = on; $("stop").disabled = !on; };
 let controller = null, last = null;
 $("stop").onclick = () => controller.abort();
 $("instruction").onkeydown = e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("generate").click(); };
 $("generate").onclick = async () => {
   const instruction = $("instruction").value.trim(), input = $("input").value.trim();
-  if (!instruction) { $("status").textContent = "Type an instruction first."; return; }
+  if (!instruction) return say("Type an instruction first.");
   // The server's chat rule: the last user message is the instruction, a system message before it the input.
   const messages = (input ? [{role: "system", content: input}] : []).concat([{role: "user", content: instruction}]);
-  $("output").textContent = ""; $("status").textContent = "Generating...";
-  $("generate").disabled = $("flag").disabled = true; $("stop").disabled = false;
-  controller = new AbortController();
   let text = "", status = "", buffer = "";
+  $("output").textContent = "", say("Generating..."), busy(true), controller = new AbortController();
   try {
     const response = await fetch("/v1/chat/completions", {method: "POST", signal: controller.signal,
       headers: {"Content-Type": "application/json"}, body: JSON.stringify({model: "demo", messages, stream: true,
@@ -485,42 +478,38 @@ $("generate").onclick = async () => {
         const chunk = JSON.parse(event.slice(6)), choice = (chunk.choices || [])[0] || {delta: {}};
         if (chunk.error) throw new Error(chunk.error.message);
         $("output").textContent = text += choice.delta.content || "";
-        if (choice.finish_reason === "content_filter")
-          status = `Withheld: the content filter flagged this output (${chunk.content_filter.categories.join(", ")}).`;
-        else if (choice.finish_reason)
-          status = choice.finish_reason === "length" ? "Stopped at the token limit." : "Done.";
+        const reason = choice.finish_reason, filtered = reason === "content_filter" && chunk.content_filter.categories;
+        status = filtered ? `Withheld: the content filter flagged this output (${filtered.join(", ")}).`
+          : reason ? (reason === "length" ? "Stopped at the token limit." : "Done.") : status;
       }
     }
   } catch (e) {
     status = e.name === "AbortError" ? "Stopped." : "Error: " + e.message;
   }
-  last = {instruction, input, output: text};
-  $("status").textContent = status;
-  $("generate").disabled = $("flag").disabled = false; $("stop").disabled = true;
+  last = {instruction, input, output: text}, say(status), busy(false);
 };
 $("flag").onclick = async () => {
   $("flag").disabled = true;
   const response = await fetch("/flag", {method: "POST", headers: {"Content-Type": "application/json"},
                                          body: JSON.stringify({...last, reason: $("reason").value})});
-  $("status").textContent = response.ok ? "Thank you: the output is flagged for the researchers."
-                                        : "Flagging failed: " + (await response.json()).error.message;
+  say(response.ok ? "Thank you: the output is flagged for the researchers."
+                  : "Flagging failed: " + (await response.json()).error.message);
 };
 </script></body></html>
-"""
-# Only the page's own script may run: even text that slipped into the page as HTML could not execute.
+"""# Only the page's own script may run: even text that slipped into the page as HTML could not execute.
 PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inline'; connect-src 'self'; " \
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'".format(base64.b64encode(hashlib.sha256(
-        re.search(r"<script>(.*)</script>", PAGE, re.S).group(1).encode()).digest()).decode())
+        PAGE.split("<script>")[1].split("</script>")[0].encode()).digest()).decode())
 MAX_DISCARD_BYTES = 64 << 20  # an oversized body is read and dropped up to this, so its client gets the 413
 ENDPOINTS = {"/": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST",
              "/flag": "POST"}
+INF = float("inf")
 
 
 class ApiError(Exception):
     """A request the server refuses, answered with OpenAI's error body; the server goes on serving."""
 
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
-        super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -533,7 +522,7 @@ def number(body, name, default, low, high, integer=False):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
-        bounds = f"from {low} to {high}" if high < math.inf else f"of at least {low}"
+        bounds = f"from {low} to {high}" if high < INF else f"of at least {low}"
         raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'} {bounds}, got "
                        f"{json.dumps(value)[:40]}", name)
     return value
@@ -546,10 +535,9 @@ def chat_to_alpaca(messages):
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
     turns = []  # (role, content)
     for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
+        role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
         if role not in ("system", "developer", "user", "assistant"):
             raise ApiError(400, f"messages[{i}]: 'role' must be system, user or assistant", f"messages[{i}].role")
-        content = message.get("content")
         if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text" and
                                              isinstance(part.get("text"), str) for part in content):
             content = "".join(part["text"] for part in content)
@@ -568,14 +556,12 @@ def read_request(body, chat, demo):
     prompt as raw text; /v1/chat/completions turns the messages into the Alpaca prompt."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
-    where = "messages" if chat else "prompt"
+    where, prompt, input = ("messages" if chat else "prompt"), body.get("prompt"), ""
     if chat:
         instruction, input = chat_to_alpaca(body.get("messages"))
         prompt = format_prompt(instruction, input)
     else:
-        prompt = body.get("prompt")
         instruction = prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
-        input = ""
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
     if body.get("n") not in (None, 1):
@@ -588,17 +574,17 @@ def read_request(body, chat, demo):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
     if not isinstance(stream := body.get("stream") or False, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
-    prompt_ids = demo.tokenizer.encode(prompt, bos=True)
-    if len(prompt_ids) > demo.max_prompt_tokens:
-        raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server takes at most "
-                       f"{demo.max_prompt_tokens}", where, "context_length_exceeded")
+    prompt_ids, limit = demo.tokenizer.encode(prompt, bos=True), demo.max_prompt_tokens
+    if len(prompt_ids) > limit:
+        raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server takes at most {limit}", where,
+                       "context_length_exceeded")
     # A request for more tokens than the server can give is refused with the most it can give, as OpenAI and vLLM
     # do, rather than cut short: a reply cut at a limit the client never heard of looks like the model's own end.
     # Without max_tokens, the default shrinks to what fits.
     cap, context, n = demo.args.max_tokens_cap, demo.model.args.max_seq_len, len(prompt_ids)
     max_tokens = min(demo.args.max_new_tokens, cap, context - n)
     for name in ("max_tokens", "max_completion_tokens"):
-        if (asked := number(body, name, None, 1, math.inf, integer=True)) is None:
+        if (asked := number(body, name, None, 1, INF, integer=True)) is None:
             continue
         if asked > context - n and context - n < cap:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
@@ -611,12 +597,12 @@ def read_request(body, chat, demo):
         max_tokens = asked
     options, seed = body.get("stream_options"), number(body, "seed", None, 0, 2**63 - 1, integer=True)
     return SimpleNamespace(
-        instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop,
+        instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop, stream=stream,
         temperature=number(body, "temperature", demo.args.temperature, 0, 2),
-        top_p=max(number(body, "top_p", demo.args.top_p, 0, 1), 1e-6), stream=stream,  # 0: the likeliest only
+        top_p=max(number(body, "top_p", demo.args.top_p, 0, 1), 1e-6),  # 0: the likeliest token only
         seed=secrets.randbelow(2**63) if seed is None else seed,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-        events=queue.Queue(), cancelled=threading.Event(), ids=[], shown="", finish_reason=None,
+        pieces=queue.Queue(), cancelled=threading.Event(), ids=[], shown="", text="", finish_reason=None, error=None,
         holdback=max(map(len, stop), default=1) - 1)  # text that may start a stop string waits until it cannot
 
 
@@ -624,13 +610,13 @@ def run_jobs(demo):
     """The one thread that uses the model. It takes the oldest waiting job and up to --batch_size - 1 later ones
     that sample alike, and generates them as one batch: generate() gives each row what it would give alone (own
     seed, own random stream), so batching changes throughput, not outputs. Each job's text goes to its own queue
-    as it is produced, so a slow reader slows only its own connection, and a job is answered when its row ends."""
+    as it is produced (None ends it), so a slow reader slows only its own connection."""
     def finish(job, reason):
         text = demo.tokenizer.decode(job.ids)
         cut = min((text.find(s) for s in job.stop if s in text), default=None)
-        job.finish_reason, text = "stop" if cut is not None else reason, text[:cut]
-        job.events.put(("text", text[len(job.shown):] if text.startswith(job.shown) else ""))
-        job.events.put(("done", {"text": text, "finish_reason": job.finish_reason, "completion_tokens": len(job.ids)}))
+        job.finish_reason, job.text = "stop" if cut is not None else reason, text[:cut]
+        job.pieces.put(job.text[len(job.shown):] if job.text.startswith(job.shown) else "")
+        job.pieces.put(None)
 
     def on_token(row, token):
         job = batch[row]
@@ -642,7 +628,7 @@ def run_jobs(demo):
             if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
                 finish(job, "length")
             elif (end := settled(text, job.shown, job.holdback)) > len(job.shown):
-                job.events.put(("text", text[len(job.shown):end]))
+                job.pieces.put(text[len(job.shown):end])
                 job.shown = text[:end]
         if all(job.finish_reason for job in batch):
             raise Stop
@@ -667,8 +653,9 @@ def run_jobs(demo):
         except Stop:
             pass
         except Exception as e:  # one failed batch must not take the demo down
-            for job in batch:
-                job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+            for job in (job for job in batch if job.finish_reason is None):
+                job.error = f"generation failed: {type(e).__name__}: {e}"
+                job.pieces.put(None)
 
 
 def moderate(demo, text):
@@ -685,7 +672,7 @@ def moderate(demo, text):
     return (categories or ["unspecified"]) if result.flagged else []
 
 
-def log_flag(demo, instruction, input, output, reason, flagged_by):
+def log_flag(demo, flagged_by, instruction, input, output, reason):
     with demo.flags_lock, open(demo.args.flags, "a", encoding="utf-8") as f:
         append_jsonl(f, {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "instruction": instruction,
                          "input": input, "output": output, "reason": reason, "flagged_by": flagged_by,
@@ -699,7 +686,7 @@ class DemoHandler(BaseHTTPRequestHandler):
     protocol_version, timeout, streaming = "HTTP/1.1", 60, False  # keep-alive, as the openai client expects
 
     def do_GET(self):
-        path, demo = urlsplit(self.path).path, self.server.demo
+        path, demo = self.path.split("?")[0], self.server.demo
         try:
             if path not in ENDPOINTS:
                 raise ApiError(404, f"no such page or endpoint: {path}")
@@ -711,7 +698,14 @@ class DemoHandler(BaseHTTPRequestHandler):
                 self.send(200, {"object": "list", "data": [{"id": demo.model_name, "object": "model",
                                                             "created": demo.started, "owned_by": "sample.py"}]})
             elif path == "/flag":
-                self.flag(self.read_json())
+                body = self.read_json()
+                if not isinstance(body, dict) or not isinstance(body.get("output"), str):
+                    raise ApiError(400, "send the flagged 'output' (a string) in a JSON object", "output")
+                for name in ("instruction", "input", "reason"):
+                    if not isinstance(body.get(name, ""), str):
+                        raise ApiError(400, f"'{name}' must be a string", name)
+                log_flag(demo, "user", *(body.get(name, "") for name in ("instruction", "input", "output", "reason")))
+                self.send(200, {"flagged": True})
             else:
                 self.complete(self.read_json(), chat=path == "/v1/chat/completions")
         except ApiError as e:
@@ -744,21 +738,12 @@ class DemoHandler(BaseHTTPRequestHandler):
         except ValueError as e:
             raise ApiError(400, f"the body is not valid JSON ({e})")
 
-    def flag(self, body):
-        if not isinstance(body, dict) or not isinstance(body.get("output"), str):
-            raise ApiError(400, "send the flagged 'output' (a string) in a JSON object", "output")
-        for name in ("instruction", "input", "reason"):
-            if not isinstance(body.get(name, ""), str):
-                raise ApiError(400, f"'{name}' must be a string", name)
-        log_flag(self.server.demo, *(body.get(name, "") for name in ("instruction", "input", "output", "reason")),
-                 "user")
-        self.send(200, {"flagged": True})
-
     def complete(self, body, chat):
-        demo = self.server.demo
-        job = read_request(body, chat, demo)
+        """Answer a completion in OpenAI's shape: whole, or streamed as server-sent events as its text comes. With
+        the content filter on, an output is checked whole before any of it is shown, so a stream comes in one piece."""
+        demo, job = self.server.demo, read_request(body, chat, self.server.demo)
         if categories := ", ".join(moderate(demo, "\n\n".join(filter(None, [job.instruction, job.input])))):
-            log_flag(demo, job.instruction, job.input, "", f"prompt flagged: {categories}", "content_filter")
+            log_flag(demo, "content_filter", job.instruction, job.input, "", f"prompt flagged: {categories}")
             raise ApiError(400, f"the content filter flagged this prompt ({categories}), so it was refused",
                            "messages" if chat else "prompt", "content_filter")
         with demo.waiting:
@@ -772,75 +757,69 @@ class DemoHandler(BaseHTTPRequestHandler):
             job.cancelled.set()  # a job whose client left stops at its next token, or is skipped
 
     def respond(self, job, chat):
-        """The job's reply in OpenAI's shape: whole, or streamed as server-sent events as its text comes. With the
-        content filter on, an output is checked whole before any of it is shown, so a stream arrives in one piece."""
         demo, kind = self.server.demo, "chat.completion" if chat else "text_completion"
-        reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind + ".chunk" * chat,
-                 "created": int(time.time()), "model": demo.model_name}
+        reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(16)}", "created": int(time.time()),
+                 "object": kind + ".chunk" * (chat and job.stream), "model": demo.model_name}
 
-        def chunk(text, finish_reason=None, first=False):  # text None: the last chunk, with the finish_reason
+        def chunk(text, finish_reason=None, first=False, **extra):  # text None: a stream's last chunk
             delta = {} if text is None else {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"delta": delta} if chat else {"text": text or "", "logprobs": None}
-            return {**reply, "choices": [{"index": 0, **choice, "finish_reason": finish_reason}]}
+            choice = {"delta" if job.stream else "message": delta} if chat else {"text": text or "", "logprobs": None}
+            return {**reply, "choices": [{"index": 0, **choice, "finish_reason": finish_reason}], **extra}
 
         if live := job.stream and demo.moderation is None:
             self.send_event(chunk("", first=True) if chat else None)
-        while (event := self.next_event(job))[0] == "text":
-            if live and event[1]:
-                self.send_event(chunk(event[1]))
-        if event[0] == "error" and live:
-            return self.send_event(ApiError(500, event[1], kind="server_error").body)
-        if event[0] == "error":
-            raise ApiError(500, event[1], kind="server_error")
-        text, finish_reason, extra = event[1]["text"], event[1]["finish_reason"], {"watermark": demo.watermark_params}
+        while (piece := self.next_piece(job)) is not None:
+            if live and piece:
+                self.send_event(chunk(piece))
+        if job.error and live:
+            return self.send_event(ApiError(500, job.error, kind="server_error").body)
+        if job.error:
+            raise ApiError(500, job.error, kind="server_error")
+        text, finish_reason, extra = job.text, job.finish_reason, {"watermark": demo.watermark_params}
         if categories := moderate(demo, text):
-            log_flag(demo, job.instruction, job.input, text, f"output flagged: {', '.join(categories)}",
-                     "content_filter")
+            log_flag(demo, "content_filter", job.instruction, job.input, text,
+                     f"output flagged: {', '.join(categories)}")
             text, finish_reason = "", "content_filter"
             extra["content_filter"] = {"flagged": True, "categories": categories}
-        n_prompt, n_completion = len(job.prompt_ids), event[1]["completion_tokens"]
+        n_prompt, n_completion = len(job.prompt_ids), len(job.ids)
         usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
         if not job.stream:
-            choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
-            return self.send(200, {**reply, "object": kind, "choices": [{"index": 0, **choice, "finish_reason":
-                                                                          finish_reason}], "usage": usage, **extra})
+            return self.send(200, chunk(text, finish_reason, first=True, usage=usage, **extra))
         if not live:
             self.send_event(chunk(text, first=True))
-        self.send_event({**chunk(None, finish_reason), **extra})
+        self.send_event(chunk(None, finish_reason, **extra))
         if job.include_usage:
             self.send_event({**reply, "choices": [], "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
 
-    def next_event(self, job):
+    def next_piece(self, job):
         while True:  # a client that hung up leaves its socket readable with nothing to read
             if select.select([self.connection], [], [], 0)[0] and not self.connection.recv(1, socket.MSG_PEEK):
                 raise ConnectionResetError
             try:
-                return job.events.get(timeout=0.2)
+                return job.pieces.get(timeout=0.2)
             except queue.Empty:
                 pass
 
     def send_event(self, payload):
         """One server-sent event (None: none yet), starting the stream first; the stream ends with the connection."""
         if not self.streaming:
-            self.send_response(200)
-            for name, value in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-                                ("Connection", "close")):
-                self.send_header(name, value)
-            self.end_headers()
-            self.streaming = self.close_connection = True
+            self.streaming = True
+            self.send(200, b"", "text/event-stream", {"Cache-Control": "no-cache"})
         if payload is not None:
             self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
         self.wfile.flush()
 
     def send(self, status, data, content_type="application/json", headers={}):
+        """A whole response; from send_event, the head of a stream, with no length: the stream ends with the
+        connection."""
         data = data if isinstance(data, bytes) else json.dumps(data, ensure_ascii=False).encode()
+        self.close_connection = self.close_connection or self.streaming
         self.send_response(status)
-        for name, value in {"Content-Type": content_type, "Content-Length": str(len(data)),
-                            "X-Content-Type-Options": "nosniff", **headers}.items():
+        for name, value in {"Content-Type": content_type, "X-Content-Type-Options": "nosniff", **headers,
+                            **({} if self.streaming else {"Content-Length": str(len(data))}),
+                            **({"Connection": "close"} if self.close_connection else {})}.items():
             self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -859,16 +838,17 @@ def make_server(model, tokenizer, args):
         watermark_params=watermark.params if watermark else None, started=int(time.time()), queue=[],
         model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(),
         closing=False, current=[], flags_lock=threading.Lock(),
-        max_prompt_tokens=min(args.max_prompt_tokens or math.inf, model.args.max_seq_len - 1))
+        max_prompt_tokens=min(args.max_prompt_tokens or INF, model.args.max_seq_len - 1))
     demo.filter_state = (f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged "
                          "prompts are refused and flagged outputs withheld") if moderation else \
         "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
     demo.watermark_state = "off" if watermark is None else ("on, every output: {scheme}, gamma {gamma}, delta "
         "{delta}, key fingerprint {key_fingerprint} (check with watermark.py detect)").format(**watermark.params)
-    fields = {"model": demo.model_name, "filter": demo.filter_state, "watermark": demo.watermark_state,
-              "temperature": args.temperature, "top_p": args.top_p, "cap": args.max_tokens_cap,
-              "max_tokens": min(args.max_new_tokens, args.max_tokens_cap)}
-    demo.page = re.sub(r"\{\{(\w+)\}\}", lambda m: html.escape(str(fields[m[1]])), PAGE)
+    demo.page = PAGE
+    for name, value in {"model": demo.model_name, "filter": demo.filter_state, "watermark": demo.watermark_state,
+                        "temperature": args.temperature, "top_p": args.top_p, "cap": args.max_tokens_cap,
+                        "max_tokens": min(args.max_new_tokens, args.max_tokens_cap)}.items():
+        demo.page = demo.page.replace("{{%s}}" % name, html.escape(str(value)))
     server = ThreadingHTTPServer((args.host, args.port), DemoHandler)
     server.demo, demo.worker = demo, threading.Thread(target=run_jobs, args=(demo,), daemon=True)
     demo.worker.start()
@@ -888,11 +868,11 @@ def close_server(server):
 def serve(model, tokenizer, args):
     server = make_server(model, tokenizer, args)
     (host, port), demo = server.server_address[:2], server.demo
+    local = host in ("127.0.0.1", "localhost", "::1")
+    note = "" if local else f"\nnote: bound to {host}, so other machines can reach this demo"
     print(f"Serving {demo.model_name} at http://{host}:{port}/ (OpenAI-compatible API at http://{host}:{port}/v1); "
           f"Ctrl-C stops\ncontent filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\n"
-          f"flags go to {args.flags}", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: bound to {host}, so other machines can reach this demo", flush=True)
+          f"flags go to {args.flags}{note}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
