@@ -27,6 +27,7 @@ import zlib
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import torch
 
@@ -275,16 +276,13 @@ def make_logits_processor(args, model, tokenizer):
         import watermark as wm  # only needed here, so sample.py runs without it
         watermark = wm.WatermarkProcessor(model.args.vocab_size, gamma=args.gamma, delta=args.delta,
                                           scheme=args.scheme, key=args.key)
-    if watermark is None and n_tokens == model.args.vocab_size:
-        return None, None
 
     def process(prev_tokens, logits):
-        if watermark is not None:
-            logits = watermark(prev_tokens, logits)
+        logits = logits if watermark is None else watermark(prev_tokens, logits)
         logits[:, n_tokens:] = float("-inf")
         return logits
 
-    return process, watermark
+    return (process if watermark is not None or n_tokens < model.args.vocab_size else None), watermark
 
 
 def parse_args(argv=None):
@@ -686,7 +684,7 @@ class DemoHandler(BaseHTTPRequestHandler):
     protocol_version, timeout, streaming = "HTTP/1.1", 60, False  # keep-alive, as the openai client expects
 
     def do_GET(self):
-        path, demo = self.path.split("?")[0], self.server.demo
+        path, demo = urlsplit(self.path).path, self.server.demo
         try:
             if path not in ENDPOINTS:
                 raise ApiError(404, f"no such page or endpoint: {path}")
@@ -811,8 +809,7 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def send(self, status, data, content_type="application/json", headers={}):
-        """A whole response; from send_event, the head of a stream, with no length: the stream ends with the
-        connection."""
+        """A whole response, or (streaming) the head of a stream, with no length: it ends with the connection."""
         data = data if isinstance(data, bytes) else json.dumps(data, ensure_ascii=False).encode()
         self.close_connection = self.close_connection or self.streaming
         self.send_response(status)
