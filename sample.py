@@ -462,7 +462,10 @@ $("generate").onclick = async () => {
   // The server's chat rule: the last user message is the instruction, a system message before it the input.
   const messages = (input ? [{role: "system", content: input}] : []).concat([{role: "user", content: instruction}]);
   let text = "", status = "", buffer = "";
-  $("output").textContent = "", say("Generating..."), busy(true), controller = new AbortController();
+  $("output").textContent = "";
+  say("Generating...");
+  busy(true);
+  controller = new AbortController();
   try {
     const response = await fetch("/v1/chat/completions", {method: "POST", signal: controller.signal,
       headers: {"Content-Type": "application/json"}, body: JSON.stringify({model: "demo", messages, stream: true,
@@ -484,7 +487,9 @@ $("generate").onclick = async () => {
   } catch (e) {
     status = e.name === "AbortError" ? "Stopped." : "Error: " + e.message;
   }
-  last = {instruction, input, output: text}, say(status), busy(false);
+  last = {instruction, input, output: text};
+  say(status);
+  busy(false);
 };
 $("flag").onclick = async () => {
   $("flag").disabled = true;
@@ -494,7 +499,8 @@ $("flag").onclick = async () => {
                   : "Flagging failed: " + (await response.json()).error.message);
 };
 </script></body></html>
-"""# Only the page's own script may run: even text that slipped into the page as HTML could not execute.
+"""
+# Only the page's own script may run: even text that slipped into the page as HTML could not execute.
 PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inline'; connect-src 'self'; " \
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'".format(base64.b64encode(hashlib.sha256(
         PAGE.split("<script>")[1].split("</script>")[0].encode()).digest()).decode())
@@ -554,11 +560,11 @@ def read_request(body, chat, demo):
     prompt as raw text; /v1/chat/completions turns the messages into the Alpaca prompt."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
-    where, prompt, input = ("messages" if chat else "prompt"), body.get("prompt"), ""
+    where, prompt, input = "messages" if chat else "prompt", body.get("prompt"), ""
     if chat:
         instruction, input = chat_to_alpaca(body.get("messages"))
         prompt = format_prompt(instruction, input)
-    else:
+    else:  # one prompt, as a string or a list of one
         instruction = prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
