@@ -6,34 +6,32 @@ Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a who
     python sample.py --checkpoint=out/tiny --in=eval.jsonl --out=outputs.jsonl
     python sample.py --checkpoint=out/tiny --serve                           # web demo + OpenAI-compatible API
 
-Reads top to bottom: decoding settings, choosing the next token, the generation engine (KV cache, batches of
-prompts of different lengths), then the ways to use it, the web demo last. The model and the Alpaca prompt come
-from train.py, so sampling sees exactly the text and the model that training did.
+Reads top to bottom: choosing the next token, generating (KV cache, batches of prompts of different lengths),
+answering a prompt or a file, main; then plumbing (resumable files, processes) and the web demo. The model and the
+Alpaca prompt come from train.py, so sampling sees exactly the text and the model that training did.
 """
 import argparse
 import base64
 import hashlib
 import html
 import json
-import math
 import os
 import queue
-import re
 import secrets
+import select
 import socket
 import sys
 import threading
 import time
-import uuid
 import zlib
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import torch
 
-from train import Tokenizer, Transformer, find_tokenizer, format_prompt, read_records, write_atomic
+from train import Tokenizer, Transformer, find_tokenizer, format_prompt, read_records
 
 # Decoding defaults. Greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off.
 max_new_tokens = 256
@@ -45,10 +43,9 @@ batch_size = 16
 
 
 def sample_next(logits, temperature, top_k, top_p, u):
-    """The next token of each row of logits (B, V). Greedy at temperature 0; otherwise drawn from the softmax,
-    cut to the top_k most likely tokens, then to the smallest set of most likely tokens holding top_p of the
-    probability. u (B,) in (0, 1] are each row's own uniform draws: the token is where u lands on the row's
-    cumulative distribution, so a row's choice never depends on the other rows of the batch."""
+    """The next token of each row of logits (B, V): greedy at temperature 0, else drawn from the softmax cut to the
+    top_k likeliest tokens, then to the fewest likeliest holding top_p of the probability. u (B,) in (0, 1] are the
+    rows' own uniform draws, so a row's choice never depends on the other rows of the batch."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -59,7 +56,7 @@ def sample_next(logits, temperature, top_k, top_p, u):
     if top_p < 1.0:
         if ids is None:
             probs, ids = probs.sort(dim=-1, descending=True)
-        # Keep a token while the more likely ones before it hold less than top_p; the most likely always stays.
+        # Keep a token while the likelier ones before it hold less than top_p; the likeliest always stays.
         probs = probs * (probs.cumsum(-1) - probs < top_p)
     cdf = probs.cumsum(-1)
     # Tokens cut above have zero width on the cdf, so no u in (0, 1] can land on them.
@@ -70,50 +67,41 @@ def sample_next(logits, temperature, top_k, top_p, u):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
              logits_processor=None, eos_id=None, on_token=None):
-    """The new token ids for each prompt in prompts (lists of token ids), generated together as one batch.
-
-    A row ends at eos_id (an id or a set of them, not in its ids), after max_new_tokens, or at the model's context
-    length. Every row comes out as if generated alone: prompts are left-padded and the padding is masked out,
-    each row's positions start at 0, and each row draws its random numbers from its own stream, seeded by
-    seed (an int, the same for every row) or seed[i] (a list, one per row).
-    logits_processor(prev_tokens, logits) may rewrite each step's (B, V) logits (the watermark's hook);
-    prev_tokens[i] is row i's prompt and generated ids so far. on_token(i, id) is called for each new id of
-    row i as it is produced, for streaming. Holds no state between calls: serialize calls that share a model."""
-    param = next(model.parameters())
-    args = model.args
-    stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
+    """The new token ids for each prompt (a list of token ids), generated as one batch, every row as if alone:
+    prompts are left-padded and the padding masked out, each row's positions start at 0, and each row draws from
+    its own random stream, seeded by seed (an int) or seed[i] (a list). A row ends at eos_id (an id or a set),
+    after max_new_tokens, or at the model's context. logits_processor(prev_tokens, logits) may rewrite each step's
+    (B, V) logits (the watermark's hook); on_token(i, id) sees each new id of row i as it comes, for streaming."""
+    config, param = model.args, next(model.parameters())
     device, dtype = param.device, param.dtype
+    stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
     B, lengths = len(prompts), [len(p) for p in prompts]
-    if B == 0:
+    if not prompts:
         return []
-    if min(lengths) == 0 or max(lengths) >= args.max_seq_len:
-        raise ValueError(f"prompts must have 1 to {args.max_seq_len - 1} tokens, got {min(lengths)}..{max(lengths)}")
-    budget = [min(max_new_tokens, args.max_seq_len - n) for n in lengths]
+    if min(lengths) == 0 or max(lengths) >= config.max_seq_len:
+        raise ValueError(f"prompts must have 1 to {config.max_seq_len - 1} tokens, got {min(lengths)}..{max(lengths)}")
+    budget = [min(max_new_tokens, config.max_seq_len - n) for n in lengths]
     steps, L = max(budget), max(lengths)
     if steps <= 0:
         return [[] for _ in prompts]
-    S = L + steps
 
     # Left padding lines up every row's last prompt token at slot L-1, so one decode step serves all rows.
     # Pad slots are masked out of every row's attention, and positions count from each row's first real token.
     pad = torch.tensor([L - n for n in lengths], device=device)
-    slots = torch.arange(S, device=device)
+    slots = torch.arange(L + steps, device=device)
     positions = (slots - pad[:, None]).clamp(min=0)
     real = slots >= pad[:, None]  # (B, S): which cache slots hold a row's own tokens
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
     # A pad query sees only itself: one that sees nothing gives NaN on some backends, and NaN would reach the cache.
     prefill_mask = (causal & real[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
     decode_mask = real[:, None, None, :] if L > min(lengths) else None
-    n_kv_heads, head_dim = args.n_kv_heads or args.n_heads, args.head_dim
-    cache = [(torch.zeros(B, n_kv_heads, S, head_dim, device=device, dtype=dtype),
-              torch.zeros(B, n_kv_heads, S, head_dim, device=device, dtype=dtype)) for _ in range(args.n_layers)]
-
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
+    shape = (B, config.n_kv_heads or config.n_heads, L + steps, config.head_dim)
+    cache = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+             for _ in range(config.n_layers)]
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed] * B
     uniforms = torch.stack([1 - torch.rand(steps, generator=torch.Generator().manual_seed(s)) for s in seeds])
     uniforms = uniforms.to(device)
-    history = [list(p) for p in prompts]
-    new_ids = [[] for _ in prompts]
-    running = [True] * B
+    history, new_ids, running = [list(p) for p in prompts], [[] for _ in prompts], [True] * B
 
     tokens = torch.tensor([[0] * (L - n) + list(p) for n, p in zip(lengths, prompts)], device=device)
     logits = model(tokens, positions[:, :L], prefill_mask[:, None], cache=cache, last_only=True)[:, -1]
@@ -123,15 +111,11 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
         next_tokens = sample_next(logits, temperature, top_k, top_p, uniforms[:, step])
         for i, token in enumerate(next_tokens.tolist()):
             history[i].append(token)
-            if not running[i]:
-                continue
-            if token in stop_ids:
-                running[i] = False
-                continue
-            new_ids[i].append(token)
-            if on_token is not None:
-                on_token(i, token)
-            running[i] = len(new_ids[i]) < budget[i]
+            if running[i] and token not in stop_ids:
+                new_ids[i].append(token)
+                if on_token is not None:
+                    on_token(i, token)
+            running[i] = running[i] and token not in stop_ids and len(new_ids[i]) < budget[i]
         if not any(running):
             break
         pos = L + step
@@ -140,185 +124,32 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     return new_ids
 
 
-def stream_printer(tokenizer):
-    """An on_token callback that prints a response as it grows. Pieces are decoded as a whole and only the new
-    suffix printed, since sentencepiece joins pieces (spaces, bytes of one character) across token boundaries."""
-    ids, shown = [], [""]
+def settled(text, shown, holdback=0):
+    """How much of a growing decoded text can be shown: not half a character (the ids so far are decoded as a
+    whole, since sentencepiece joins pieces across token boundaries), nor the last `holdback` characters."""
+    end = len(text.rstrip("\ufffd")) - holdback
+    return end if end > len(shown) and text.startswith(shown) else len(shown)
+
+
+def print_answer(model, tokenizer, args, instruction, input, logits_processor, seed):
+    """Answer one instruction, printing the response as it grows; (tokens, seconds)."""
+    ids, shown, start = [], "", time.time()
 
     def on_token(row, token):
+        nonlocal shown
         ids.append(token)
         text = tokenizer.decode(ids)
-        if text.startswith(shown[0]) and not text.endswith("\ufffd"):  # hold back a half-decoded character
-            print(text[len(shown[0]):], end="", flush=True)
-            shown[0] = text
+        print(text[len(shown):settled(text, shown)], end="", flush=True)
+        shown = text[:settled(text, shown)]
 
-    def finish():
-        text = tokenizer.decode(ids)
-        print(text[len(shown[0]):] if text.startswith(shown[0]) else "", flush=True)
-        return ids
-
-    return on_token, finish
-
-
-def read_items(path):
-    """(id, dataset, instruction, input) for each instance of an evaluation file, checked before any work starts.
-    Takes the Alpaca format ({instruction, input}, a JSON array or JSONL; alpaca_eval's set too) and the
-    self-instruct one ({id, instruction, instances: [{input}]}). An item's id is its 'id' (with #k for its k-th
-    instance, k from 0, when it has several), else its line number in a JSONL file or its index in a JSON array.
-    Its dataset is its record's 'dataset' (as in alpaca_eval's set), else the file's name without extension."""
-    items, seen = [], {}
-    stem = os.path.splitext(os.path.basename(path))[0]
-    for where, number, record in read_records(path):
-        if not isinstance(record, dict):
-            raise SystemExit(f"{where}: expected a JSON object")
-        instruction = record.get("instruction")
-        if not isinstance(instruction, str) or not instruction.strip():
-            problem = "missing" if instruction is None else "must be a string" if not isinstance(
-                instruction, str) else "is empty"
-            raise SystemExit(f"{where}: field 'instruction' {problem}")
-        instances = record.get("instances", [record])
-        if not isinstance(instances, list) or not instances:
-            raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
-        dataset = record.get("dataset", stem)
-        if not isinstance(dataset, str):
-            raise SystemExit(f"{where}: field 'dataset' must be a string")
-        base_id = str(record["id"]) if "id" in record else str(number)
-        for k, instance in enumerate(instances):
-            input = instance.get("input", "") if isinstance(instance, dict) else None
-            if not isinstance(input, str):
-                raise SystemExit(f"{where}: field 'input' must be a string" + (f" (instance {k})" if
-                                                                                 "instances" in record else ""))
-            item_id = base_id if len(instances) == 1 else f"{base_id}#{k}"
-            if item_id in seen:
-                raise SystemExit(f"{where}: duplicate id '{item_id}' (first at {seen[item_id]})")
-            seen[item_id] = where
-            items.append({"id": item_id, "dataset": dataset, "instruction": instruction, "input": input,
-                          "where": where})
-    return items
-
-
-def join_processes(args):
-    """(rank, number of processes, barrier). Under torchrun each process holds the whole model on its own device
-    (one GPU each) and answers its share of the items. They meet only before and after the work, so a barrier
-    over gloo is all they share: no tensor crosses, generate() runs no collective."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1, lambda: None
-    if not getattr(args, "in"):
-        raise SystemExit("several processes (torchrun) are for answering an --in file")
-    import torch.distributed as dist
-    from datetime import timedelta
-    dist.init_process_group("gloo", timeout=timedelta(hours=24))  # waiting for the slowest share is no failure
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
-    return dist.get_rank(), world_size, dist.barrier
-
-
-def whole_lines(path, cut):
-    """The whole lines of an append-only file. A kill mid-write can leave a torn last line: ignored, and cut off
-    the file when it is this process's to append to."""
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if cut and end < len(data):
-        print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return data[:end]
-
-
-def read_outputs(work, own, settings):
-    """{id: (record, line)} of every whole line already written to the working JSONL and to the shards of any
-    run's processes, and those shards. A kill mid-write can leave a torn last line: ignored, and cut off this
-    process's own file (its item is redone). Lines written with other settings stop the run, since mixing them
-    in one file would silently spoil an evaluation."""
-    folder, name = os.path.dirname(work) or ".", os.path.basename(work)
-    shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".rank"))
-    lines = {}
-    for path in ([work] if os.path.exists(work) else []) + shards:
-        text = whole_lines(path, cut=path == own).decode("utf-8")
-        for lineno, line in enumerate(text.splitlines(keepends=True), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line")
-            if not isinstance(record, dict) or "id" not in record:
-                raise SystemExit(f"{path}:{lineno}: not an output line of sample.py (no 'id')")
-            for key, value in {"watermark": None, **settings}.items():
-                if record.get(key) != value:
-                    raise SystemExit(f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run has "
-                                     f"{value!r}; use another --out")
-            lines.setdefault(record["id"], (record, line))
-    return lines, shards
-
-
-def run_batches(model, tokenizer, items, args, settings, logits_processor, processes):
-    """Answer items, appending each batch's lines to a working JSONL as they come: --out itself, or x.jsonl for
-    --out=x.json; under torchrun each process appends to its own shard, x.jsonl.rank<r>-of-<N>. At the end the
-    working JSONL is rewritten in input order with every line, then the JSON array, each atomically."""
-    rank, world_size, barrier = processes
-    for item in items:
-        item["prompt_ids"] = tokenizer.encode(format_prompt(item["instruction"], item["input"]), bos=True)
-        if len(item["prompt_ids"]) >= model.args.max_seq_len:
-            raise SystemExit(f"{item['where']}: the prompt is {len(item['prompt_ids'])} tokens, the model's "
-                             f"context is {model.args.max_seq_len}")
-    work = args.out[:-len(".json")] + ".jsonl" if args.out.endswith(".json") else args.out
-    own = work if world_size == 1 else f"{work}.rank{rank}-of-{world_size}"
-    os.makedirs(os.path.dirname(work) or ".", exist_ok=True)
-    finished, _ = read_outputs(work, own, settings)
-    barrier()  # every process has read the files before any writes to them, so all split the same list
-    # Prompts of similar length share a batch, so little compute goes to padding; dealing the sorted list out
-    # in turn gives every process a like share of long and short prompts.
-    todo = sorted((item for item in items if item["id"] not in finished), key=lambda item: len(item["prompt_ids"]))
-    if rank == 0:
-        print(f"{len(items)} items, {len(items) - len(todo)} already in {work}, {len(todo)} to generate"
-              + (f" by {world_size} processes" if world_size > 1 else ""))
-    todo = todo[rank::world_size]
-    from tqdm import tqdm
-    with open(own, "a", encoding="utf-8") as out, tqdm(total=len(todo), unit="item", disable=rank > 0) as progress:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
-            # Each item samples from its own stream, keyed by its id: its output does not depend on which
-            # batch or process it lands in, so a resumed or split run gives the outputs of an uninterrupted one.
-            seeds = [zlib.crc32(f"{args.seed}/{item['id']}".encode()) for item in batch]
-            outputs = generate(model, [item["prompt_ids"] for item in batch], args.max_new_tokens,
-                               args.temperature, args.top_k, args.top_p, seeds, logits_processor,
-                               tokenizer.stop_ids)
-            out.write("".join(json.dumps({"id": item["id"], "dataset": item["dataset"], "instruction":
-                                          item["instruction"], "input": item["input"], "output":
-                                          tokenizer.decode(ids), **settings}, ensure_ascii=False) + "\n"
-                              for item, ids in zip(batch, outputs)))  # one write per batch: few torn lines
-            out.flush()
-            os.fsync(out.fileno())
-            progress.update(len(batch))
-    barrier()  # every shard is complete
-    if rank > 0:
-        return
-    lines, shards = read_outputs(work, own, settings)
-    order = {item["id"]: i for i, item in enumerate(items)}
-    ordered = sorted(lines.values(), key=lambda record_line: order.get(record_line[0]["id"], len(order)))
-    write_atomic(work, "".join(line for _, line in ordered).encode())
-    if work != args.out:  # alpaca_eval's outputs: a JSON array of records with instruction, output, generator
-        records = [record for record, _ in ordered if record["id"] in order]
-        write_atomic(args.out, (json.dumps(records, ensure_ascii=False, indent=2) + "\n").encode())
-    for path in shards:  # last: a kill before this leaves lines twice, which the rerun reads once
-        os.remove(path)
-    print(f"wrote {args.out}" + (f" and {work}" if work != args.out else ""))
-
-
-def answer(model, tokenizer, args, instruction, input, logits_processor, seed):
-    prompt_ids = tokenizer.encode(format_prompt(instruction, input), bos=True)
-    on_token, finish = stream_printer(tokenizer)
-    start = time.time()
     try:
-        generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed,
-                 logits_processor, tokenizer.stop_ids, on_token)
+        generate(model, [tokenizer.encode(format_prompt(instruction, input), bos=True)], args.max_new_tokens,
+                 args.temperature, args.top_k, args.top_p, seed, logits_processor, tokenizer.stop_ids, on_token)
     except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
         pass
-    return len(finish()), time.time() - start
+    text = tokenizer.decode(ids)
+    print(text[len(shown):] if text.startswith(shown) else "", flush=True)
+    return len(ids), time.time() - start
 
 
 def interact(model, tokenizer, args, logits_processor):
@@ -336,8 +167,91 @@ def interact(model, tokenizer, args, logits_processor):
             print()
             return
         print("Response: ", end="", flush=True)
-        answer(model, tokenizer, args, instruction, input_text, logits_processor, args.seed + turn)
+        print_answer(model, tokenizer, args, instruction, input_text, logits_processor, args.seed + turn)
         turn += 1
+
+
+def read_items(path):
+    """(id, dataset, instruction, input) for each instance of an evaluation file, checked before any work starts.
+    Takes the Alpaca format ({instruction, input}, a JSON array or JSONL; alpaca_eval's set too) and the
+    self-instruct one ({id, instruction, instances: [{input}]}). An item's id is its 'id' (with #k for its k-th
+    instance, k from 0, when it has several), else its line number in a JSONL file or its index in a JSON array.
+    Its dataset is its record's 'dataset' (as in alpaca_eval's set), else the file's name without extension."""
+    items, seen = [], {}
+    for where, number, record in read_records(path):
+        if not isinstance(record, dict):
+            raise SystemExit(f"{where}: expected a JSON object")
+        instruction, instances = record.get("instruction"), record.get("instances", [record])
+        if not isinstance(instruction, str) or not instruction.strip():
+            problem = "missing" if instruction is None else "is empty" if isinstance(instruction, str) else \
+                "must be a string"
+            raise SystemExit(f"{where}: field 'instruction' {problem}")
+        if not isinstance(instances, list) or not instances:
+            raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
+        dataset = record.get("dataset", os.path.splitext(os.path.basename(path))[0])
+        if not isinstance(dataset, str):
+            raise SystemExit(f"{where}: field 'dataset' must be a string")
+        for k, instance in enumerate(instances):
+            input = instance.get("input", "") if isinstance(instance, dict) else None
+            if not isinstance(input, str):
+                which = f" (instance {k})" if "instances" in record else ""
+                raise SystemExit(f"{where}: field 'input' must be a string{which}")
+            item_id = str(record.get("id", number)) + (f"#{k}" if len(instances) > 1 else "")
+            if item_id in seen:
+                raise SystemExit(f"{where}: duplicate id '{item_id}' (first at {seen[item_id]})")
+            seen[item_id] = where
+            items.append(dict(id=item_id, dataset=dataset, instruction=instruction, input=input, where=where))
+    return items
+
+
+def run_batches(model, tokenizer, items, args, settings, logits_processor, processes):
+    """Answer items, appending each batch's lines to a working JSONL as they come: --out itself, or x.jsonl for
+    --out=x.json; under torchrun each process appends to its own shard, x.jsonl.rank<r>-of-<N>. At the end the
+    working JSONL is rewritten in input order with every line, then the JSON array, each atomically."""
+    rank, world_size, barrier = processes
+    for item in items:
+        item["prompt_ids"] = tokenizer.encode(format_prompt(item["instruction"], item["input"]), bos=True)
+        if len(item["prompt_ids"]) >= model.args.max_seq_len:
+            raise SystemExit(f"{item['where']}: the prompt is {len(item['prompt_ids'])} tokens, the model's "
+                             f"context is {model.args.max_seq_len}")
+    work = args.out[:-len(".json")] + ".jsonl" if args.out.endswith(".json") else args.out
+    os.makedirs(os.path.dirname(work) or ".", exist_ok=True)
+    finished, _ = read_outputs(work, settings)
+    barrier()  # every process has read the files before any writes to them, so all split the same list
+    # Prompts of similar length share a batch, so little compute goes to padding; dealing the sorted list out
+    # in turn gives every process a like share of long and short prompts.
+    todo = sorted((item for item in items if item["id"] not in finished), key=lambda item: len(item["prompt_ids"]))
+    if rank == 0:
+        print(f"{len(items)} items, {len(items) - len(todo)} already in {work}, {len(todo)} to generate"
+              + (f" by {world_size} processes" if world_size > 1 else ""))
+    todo, own = todo[rank::world_size], work if world_size == 1 else f"{work}.rank{rank}-of-{world_size}"
+    from tqdm import tqdm
+    with open(own, "a", encoding="utf-8") as out, tqdm(total=len(todo), unit="item", disable=rank > 0) as progress:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            # Each item samples from its own stream, keyed by its id: its output does not depend on which
+            # batch or process it lands in, so a resumed or split run gives the outputs of an uninterrupted one.
+            seeds = [zlib.crc32(f"{args.seed}/{item['id']}".encode()) for item in batch]
+            outputs = generate(model, [item["prompt_ids"] for item in batch], args.max_new_tokens, args.temperature,
+                               args.top_k, args.top_p, seeds, logits_processor, tokenizer.stop_ids)
+            for item, ids in zip(batch, outputs):
+                append_jsonl(out, {**{k: item[k] for k in ("id", "dataset", "instruction", "input")},
+                                   "output": tokenizer.decode(ids), **settings})
+            os.fsync(out.fileno())  # a finished batch survives a crash of the machine, not only of the process
+            progress.update(len(batch))
+    barrier()  # every shard is complete
+    if rank > 0:
+        return
+    finished, shards = read_outputs(work, settings)
+    order = {item["id"]: i for i, item in enumerate(items)}
+    records = sorted(finished.values(), key=lambda record: order.get(record["id"], len(order)))
+    write_atomic(work, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    if work != args.out:  # alpaca_eval's outputs: a JSON array of records with instruction, output, generator
+        records = [record for record in records if record["id"] in order]
+        write_atomic(args.out, json.dumps(records, ensure_ascii=False, indent=2) + "\n")
+    for path in shards:  # last: a kill before this leaves lines twice, which the rerun reads once
+        os.remove(path)
+    print(f"wrote {args.out}" + (f" and {work}" if work != args.out else ""))
 
 
 def load(args):
@@ -347,8 +261,7 @@ def load(args):
     if not os.path.exists(tokenizer_path):
         raise SystemExit(f"{tokenizer_path}: no tokenizer; pass --tokenizer=path/to/tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    model = Transformer.from_pretrained(args.checkpoint, dtype=dtype).to(args.device).eval()
+    model = Transformer.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     if tokenizer.vocab_size > model.args.vocab_size:
         raise SystemExit(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's "
                          f"{model.args.vocab_size}")
@@ -356,24 +269,160 @@ def load(args):
 
 
 def make_logits_processor(args, model, tokenizer):
-    """The watermark, if asked for, and a ban on ids the tokenizer cannot decode (a model's vocabulary can be
-    padded past its tokenizer's, and an untrained model may pick those ids)."""
-    watermark = None
+    """(hook, watermark): the watermark, if asked for, and a ban on ids the tokenizer cannot decode (a model's
+    vocabulary can be padded past its tokenizer's, and an untrained model may pick those ids)."""
+    watermark, n_tokens = None, tokenizer.vocab_size
     if args.watermark:
         import watermark as wm  # only needed here, so sample.py runs without it
         watermark = wm.WatermarkProcessor(model.args.vocab_size, gamma=args.gamma, delta=args.delta,
                                           scheme=args.scheme, key=args.key)
-    n_tokens = tokenizer.vocab_size
-    if watermark is None and n_tokens == model.args.vocab_size:
-        return None, None
 
     def process(prev_tokens, logits):
-        if watermark is not None:
-            logits = watermark(prev_tokens, logits)
+        logits = logits if watermark is None else watermark(prev_tokens, logits)
         logits[:, n_tokens:] = float("-inf")
         return logits
 
-    return process, watermark
+    return (process if watermark is not None or n_tokens < model.args.vocab_size else None), watermark
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--checkpoint", default="out/tiny", help="a Meta or Hugging Face LLaMA folder")
+    add("--tokenizer", default="", help="tokenizer.model (default: the checkpoint's)")
+    add("--prompt", default=None, help="one instruction; without it (and --in), an interactive loop")
+    add("--input", default="", help="the optional input that goes with --prompt")
+    add("--in", dest="inp", metavar="IN", help="an evaluation file (JSONL or JSON array) to answer in batches")
+    add("--out", default="outputs.jsonl", help="answers to --in: JSONL, resumable; x.json: also alpaca_eval's array")
+    add("--generator", default="", help="the model's name in --out (default: the checkpoint's)")
+    add("--batch_size", type=int, default=batch_size, help="prompts per batch (--serve: most requests at once)")
+    add("--max_new_tokens", type=int, default=max_new_tokens, help="the most per answer (--serve: the default)")
+    add("--temperature", type=float, default=temperature, help="0 for greedy")
+    add("--top_k", type=int, default=top_k, help="0 for no cut")
+    add("--top_p", type=float, default=top_p, help="1 for no cut")
+    add("--seed", type=int, default=seed)
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+        help="default: bfloat16 on a GPU that has it, else float32")
+    add("--watermark", action="store_true", help="watermark the outputs (see watermark.py)")
+    add("--gamma", type=float, default=0.25, help="watermark: fraction of green tokens")
+    add("--delta", type=float, default=2.0, help="watermark: logit bonus of green tokens")
+    add("--scheme", default="lefthash", help="watermark: how the green list is seeded")
+    add("--key", type=int, default=15485863, help="watermark: secret key")
+    add = parser.add_argument_group("web demo").add_argument
+    add("--serve", action="store_true", help="serve the demo page and an OpenAI-compatible API")
+    add("--host", default="127.0.0.1", help="0.0.0.0 to let other machines in")
+    add("--port", type=int, default=8000, help="0 for any free port")
+    add("--no_watermark", action="store_true", help="the demo watermarks every output unless this")
+    add("--moderation_base_url", default=None,
+        help="content filter endpoint (default: OpenAI's when OPENAI_API_KEY is set; else no filter)")
+    add("--flags", default="flags.jsonl", help="JSONL that flagged outputs are appended to")
+    add("--max_body_bytes", type=int, default=256 * 1024)
+    add("--max_prompt_tokens", type=int, default=0, help="0: the model's context")
+    add("--max_tokens_cap", type=int, default=512, help="the most tokens one request may ask for")
+    add("--max_queue", type=int, default=64, help="requests waiting beyond this get a 503")
+    args = parser.parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1 \
+            or args.batch_size < 1:
+        parser.error("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1")
+    args.watermark = not args.no_watermark if args.serve else args.watermark
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    items = read_items(args.inp) if args.inp else None  # bad input stops us here, before any loading
+    processes = join_processes(args)  # under torchrun: this process's rank and device
+    model, tokenizer = load(args)
+    if args.serve:
+        return serve(model, tokenizer, args)
+    logits_processor, watermark = make_logits_processor(args, model, tokenizer)
+    settings = {"generator": args.generator or os.path.basename(os.path.normpath(args.checkpoint)), "temperature":
+                args.temperature, "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed, **({"watermark": watermark.params} if watermark else {})}
+    if items is not None:
+        run_batches(model, tokenizer, items, args, settings, logits_processor, processes)
+        if processes[1] > 1:
+            torch.distributed.destroy_process_group()
+    elif args.prompt is not None:
+        n_tokens, seconds = print_answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
+        print(f"({n_tokens} tokens in {seconds:.1f}s)", file=sys.stderr)
+    else:
+        interact(model, tokenizer, args, logits_processor)
+
+
+# Plumbing: append-only files that survive a kill, and several processes.
+
+def resume_jsonl(path):
+    """The records of an append-only JSONL file ([] if there is none). A last line with no newline is the torn
+    write of a killed process: it is cut off, saying so. Any other line that does not parse stops the run."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "r+b") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
+            f.truncate(end)
+    records = []
+    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line")
+    return records
+
+
+def append_jsonl(file, record):
+    file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    file.flush()
+
+
+def write_atomic(path, text):
+    """Write path via a temp file and a rename: a kill never leaves half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def read_outputs(work, settings):
+    """({id: record}, shards) of the lines already in the working JSONL and in the shards of any run's processes.
+    Lines written with other settings stop the run, since mixing them in one file would spoil an evaluation."""
+    folder, name = os.path.dirname(work) or ".", os.path.basename(work)
+    shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".rank"))
+    finished = {}
+    for path in [work] + shards:
+        for lineno, record in enumerate(resume_jsonl(path), 1):
+            if not isinstance(record, dict) or "id" not in record:
+                raise SystemExit(f"{path}:{lineno}: not an output line of sample.py (no 'id')")
+            for key, value in {"watermark": None, **settings}.items():
+                if record.get(key) != value:
+                    raise SystemExit(f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run has "
+                                     f"{value!r}; use another --out")
+            finished.setdefault(record["id"], record)
+    return finished, shards
+
+
+def join_processes(args):
+    """(rank, number of processes, barrier). Under torchrun each process holds the whole model on its own device
+    (one GPU each) and answers its share of the items. They meet only before and after the work, so a barrier
+    over gloo is all they share: no tensor crosses, generate() runs no collective."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, lambda: None
+    if not args.inp:
+        raise SystemExit("several processes (torchrun) are for answering an --in file")
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=timedelta(hours=24))  # waiting for the slowest share is no failure
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    return dist.get_rank(), world_size, dist.barrier
+
 
 
 # The web demo (--serve). Alpaca was released with one: outputs went through OpenAI's content filter, every output
@@ -382,112 +431,94 @@ def make_logits_processor(args, model, tokenizer):
 # eval_pairwise.py. Everything the model or a user wrote reaches the page as text (textContent), never as HTML.
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Alpaca demo: {{model}}</title>
-<style>
+<title>Alpaca demo: {{model}}</title><style>
 body { font: 16px/1.45 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem; color: #222 }
-h1 { font-size: 1.5rem } h2 { font-size: 1.1rem; margin-bottom: .3rem } #status { color: #555; font-size: .9rem }
 .notice { background: #fff8e1; border: 1px solid #e0c060; border-radius: 6px; padding: .6rem .9rem; font-size: .9rem }
 label { display: block; margin-top: .7rem; font-weight: 600 } .row { display: flex; gap: 1rem } .row label { flex: 1 }
 textarea, input { font: inherit; font-weight: 400; width: 100%; box-sizing: border-box; padding: .4rem }
-button { font: inherit; margin: .8rem .5rem 0 0; padding: .4rem 1.1rem }
+button { font: inherit; margin: .8rem .5rem 0 0; padding: .4rem 1.1rem } #status { color: #555; font-size: .9rem }
 #output { white-space: pre-wrap; border: 1px solid #ccc; border-radius: 6px; padding: .7rem; min-height: 3rem }
-</style></head><body>
-<h1>Alpaca demo: {{model}}</h1>
+</style></head><body><h1>Alpaca demo: {{model}}</h1>
 <p class="notice"><b>Terms of use:</b> research use only, not for commercial use. The model's answers can be wrong,
 biased or offensive; do not rely on them and do not enter personal information. Flagged outputs are saved for the
 researchers running this demo.<br><b>Content filter:</b> {{filter}}.<br><b>Watermark:</b> {{watermark}}.</p>
 <label for="instruction">Instruction</label><textarea id="instruction" rows="3"></textarea>
-<label for="input">Input (optional)</label><textarea id="input" rows="2"></textarea>
-<div class="row">
+<label for="input">Input (optional)</label><textarea id="input" rows="2"></textarea><div class="row">
 <label>Temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="{{temperature}}"></label>
 <label>Top-p <input id="top_p" type="number" min="0.01" max="1" step="0.05" value="{{top_p}}"></label>
-<label>Max tokens <input id="max_tokens" type="number" min="1" max="{{cap}}" value="{{max_tokens}}"></label>
-</div>
-<button id="generate">Generate</button><button id="stop" disabled>Stop</button>
-<h2>Response</h2><div id="output"></div><p id="status"></p>
-<label for="reason">Reason for flagging (optional)</label><input id="reason">
+<label>Max tokens <input id="max_tokens" type="number" min="1" max="{{cap}}" value="{{max_tokens}}"></label></div>
+<button id="generate">Generate</button><button id="stop" disabled>Stop</button><h2>Response</h2><div id="output"></div>
+<p id="status"></p><label for="reason">Reason for flagging (optional)</label><input id="reason">
 <button id="flag" disabled>Flag this output</button>
 <script>
-const $ = id => document.getElementById(id);
+const $ = id => document.getElementById(id), say = text => $("status").textContent = text;
+const busy = on => { $("generate").disabled = $("flag").disabled = on; $("stop").disabled = !on; };
 let controller = null, last = null;
-const done = {stop: "Done.", length: "Stopped at the token limit."};
-
-async function generate() {
+$("stop").onclick = () => controller.abort();
+$("instruction").onkeydown = e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("generate").click(); };
+$("generate").onclick = async () => {
   const instruction = $("instruction").value.trim(), input = $("input").value.trim();
-  if (!instruction) { $("status").textContent = "Type an instruction first."; return; }
+  if (!instruction) return say("Type an instruction first.");
   // The server's chat rule: the last user message is the instruction, a system message before it the input.
   const messages = (input ? [{role: "system", content: input}] : []).concat([{role: "user", content: instruction}]);
-  $("output").textContent = ""; $("status").textContent = "Generating...";
-  $("generate").disabled = $("flag").disabled = true; $("stop").disabled = false;
+  let text = "", status = "", buffer = "";
+  $("output").textContent = "";
+  say("Generating...");
+  busy(true);
   controller = new AbortController();
-  let text = "", status = "";
   try {
     const response = await fetch("/v1/chat/completions", {method: "POST", signal: controller.signal,
-      headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({model: "demo", messages, stream: true, temperature: +$("temperature").value,
-                            top_p: +$("top_p").value, max_tokens: +$("max_tokens").value})});
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({model: "demo", messages, stream: true,
+        temperature: +$("temperature").value, top_p: +$("top_p").value, max_tokens: +$("max_tokens").value})});
     if (!response.ok) throw new Error((await response.json()).error.message);
     const reader = response.body.getReader(), decoder = new TextDecoder();
-    let buffer = "";
     for (let read = await reader.read(); !read.done; read = await reader.read()) {
-      buffer += decoder.decode(read.value, {stream: true});
-      const events = buffer.split("\\n\\n");
+      const events = (buffer += decoder.decode(read.value, {stream: true})).split("\\n\\n");
       buffer = events.pop();
-      for (const event of events) {
-        if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
-        const chunk = JSON.parse(event.slice(6));
+      for (const event of events.filter(e => e.startsWith("data: {"))) {  // not the closing "data: [DONE]"
+        const chunk = JSON.parse(event.slice(6)), choice = (chunk.choices || [])[0] || {delta: {}};
         if (chunk.error) throw new Error(chunk.error.message);
-        const choice = chunk.choices[0];
-        if (!choice) continue;
-        text += choice.delta.content || "";
-        $("output").textContent = text;
-        if (choice.finish_reason === "content_filter")
-          status = `Withheld: the content filter flagged this output (${chunk.content_filter.categories.join(", ")}).`;
-        else if (choice.finish_reason) status = done[choice.finish_reason] || "Done.";
+        $("output").textContent = text += choice.delta.content || "";
+        const reason = choice.finish_reason, filtered = reason === "content_filter" && chunk.content_filter.categories;
+        status = filtered ? `Withheld: the content filter flagged this output (${filtered.join(", ")}).`
+          : reason ? (reason === "length" ? "Stopped at the token limit." : "Done.") : status;
       }
     }
   } catch (e) {
     status = e.name === "AbortError" ? "Stopped." : "Error: " + e.message;
   }
   last = {instruction, input, output: text};
-  $("status").textContent = status;
-  $("generate").disabled = false; $("stop").disabled = true; $("flag").disabled = false;
-}
-
-async function flag() {
+  say(status);
+  busy(false);
+};
+$("flag").onclick = async () => {
   $("flag").disabled = true;
   const response = await fetch("/flag", {method: "POST", headers: {"Content-Type": "application/json"},
                                          body: JSON.stringify({...last, reason: $("reason").value})});
-  $("status").textContent = response.ok ? "Thank you: the output is flagged for the researchers."
-                                        : "Flagging failed: " + (await response.json()).error.message;
-}
-
-$("generate").onclick = generate;
-$("stop").onclick = () => controller.abort();
-$("flag").onclick = flag;
-$("instruction").onkeydown = e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); };
+  say(response.ok ? "Thank you: the output is flagged for the researchers."
+                  : "Flagging failed: " + (await response.json()).error.message);
+};
 </script></body></html>
 """
 # Only the page's own script may run: even text that slipped into the page as HTML could not execute.
-PAGE_SCRIPT_HASH = base64.b64encode(hashlib.sha256(
-    re.search(r"<script>(.*)</script>", PAGE, re.S).group(1).encode()).digest()).decode()
-PAGE_POLICY = (f"default-src 'none'; script-src 'sha256-{PAGE_SCRIPT_HASH}'; style-src 'unsafe-inline'; "
-               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inline'; connect-src 'self'; " \
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'".format(base64.b64encode(hashlib.sha256(
+        PAGE.split("<script>")[1].split("</script>")[0].encode()).digest()).decode())
 MAX_DISCARD_BYTES = 64 << 20  # an oversized body is read and dropped up to this, so its client gets the 413
 ENDPOINTS = {"/": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST",
              "/flag": "POST"}
+INF = float("inf")
 
 
 class ApiError(Exception):
     """A request the server refuses, answered with OpenAI's error body; the server goes on serving."""
 
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
-        super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class Stop(Exception):
-    """Raised from a job's on_token to end generate() early: a stop string appeared, or the client left."""
+    """Raised from on_token to end generate() early, once every job of the batch has its answer."""
 
 
 def number(body, name, default, low, high, integer=False):
@@ -495,9 +526,9 @@ def number(body, name, default, low, high, integer=False):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        bounds = f"from {low} to {high}" if high < math.inf else f"of at least {low}"
-        raise ApiError(400, f"'{name}' must be {kind} {bounds}, got {json.dumps(value)[:40]}", name)
+        bounds = f"from {low} to {high}" if high < INF else f"of at least {low}"
+        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'} {bounds}, got "
+                       f"{json.dumps(value)[:40]}", name)
     return value
 
 
@@ -508,10 +539,9 @@ def chat_to_alpaca(messages):
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
     turns = []  # (role, content)
     for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
+        role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
         if role not in ("system", "developer", "user", "assistant"):
             raise ApiError(400, f"messages[{i}]: 'role' must be system, user or assistant", f"messages[{i}].role")
-        content = message.get("content")
         if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text" and
                                              isinstance(part.get("text"), str) for part in content):
             content = "".join(part["text"] for part in content)
@@ -521,9 +551,8 @@ def chat_to_alpaca(messages):
         turns.append((role, content))
     if turns[-1][0] != "user" or not turns[-1][1].strip():
         raise ApiError(400, "the last message must be the user's, and not empty", "messages")
-    earlier = [content if role in ("system", "developer") else f"{role.title()}: {content}"
-               for role, content in turns[:-1]]
-    return turns[-1][1], "\n\n".join(earlier)
+    return turns[-1][1], "\n\n".join(content if role in ("system", "developer") else f"{role.title()}: {content}"
+                                     for role, content in turns[:-1])
 
 
 def read_request(body, chat, demo):
@@ -531,130 +560,106 @@ def read_request(body, chat, demo):
     prompt as raw text; /v1/chat/completions turns the messages into the Alpaca prompt."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
+    where, prompt, input = "messages" if chat else "prompt", body.get("prompt"), ""
     if chat:
         instruction, input = chat_to_alpaca(body.get("messages"))
         prompt = format_prompt(instruction, input)
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
+    else:  # one prompt, as a string or a list of one
+        instruction = prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
-        instruction, input = prompt, ""
     if body.get("n") not in (None, 1):
         raise ApiError(400, "this server gives one choice per request: 'n' must be 1", "n")
     for name in ("echo", "logprobs", "suffix", "tools"):
         if body.get(name):
             raise ApiError(400, f"'{name}' is not supported by this server", name)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
+    stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
+    if not isinstance(stream := body.get("stream") or False, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
-    prompt_ids, where = demo.tokenizer.encode(prompt, bos=True), "messages" if chat else "prompt"
-    if len(prompt_ids) > demo.max_prompt_tokens:
-        raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server takes at most "
-                       f"{demo.max_prompt_tokens}", where, "context_length_exceeded")
+    prompt_ids, limit = demo.tokenizer.encode(prompt, bos=True), demo.max_prompt_tokens
+    if len(prompt_ids) > limit:
+        raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server takes at most {limit}", where,
+                       "context_length_exceeded")
     # A request for more tokens than the server can give is refused with the most it can give, as OpenAI and vLLM
     # do, rather than cut short: a reply cut at a limit the client never heard of looks like the model's own end.
     # Without max_tokens, the default shrinks to what fits.
-    cap, context = demo.args.max_tokens_cap, demo.model.args.max_seq_len
-    room = context - len(prompt_ids)
-    max_tokens = min(demo.args.max_new_tokens, cap, room)
+    cap, context, n = demo.args.max_tokens_cap, demo.model.args.max_seq_len, len(prompt_ids)
+    max_tokens = min(demo.args.max_new_tokens, cap, context - n)
     for name in ("max_tokens", "max_completion_tokens"):
-        asked = number(body, name, None, 1, math.inf, integer=True)
-        if asked is not None and asked > min(cap, room):
-            if room < cap:
-                raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you "
-                               f"requested {len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the {where}, "
-                               f"{asked} in the completion): after this {where} it gives at most {room} completion "
-                               f"tokens. Please reduce the length of the {where} or completion.", name,
-                               "context_length_exceeded")
+        if (asked := number(body, name, None, 1, INF, integer=True)) is None:
+            continue
+        if asked > context - n and context - n < cap:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                           f"{n + asked} tokens ({n} in the {where}, {asked} in the completion): after this {where} "
+                           f"it gives at most {context - n} completion tokens. Please reduce the length of the "
+                           f"{where} or completion.", name, "context_length_exceeded")
+        if asked > cap:
             raise ApiError(400, f"{name} is too large: {asked}. This server gives at most {cap} completion tokens "
                            f"per request, whereas you provided {asked}.", name, "integer_above_max_value")
-        max_tokens = max_tokens if asked is None else asked
+        max_tokens = asked
     options, seed = body.get("stream_options"), number(body, "seed", None, 0, 2**63 - 1, integer=True)
     return SimpleNamespace(
-        chat=chat, instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop,
+        instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop, stream=stream,
         temperature=number(body, "temperature", demo.args.temperature, 0, 2),
-        top_p=max(number(body, "top_p", demo.args.top_p, 0, 1), 1e-6), stream=stream,  # 0: the likeliest only
+        top_p=max(number(body, "top_p", demo.args.top_p, 0, 1), 1e-6),  # 0: the likeliest token only
         seed=secrets.randbelow(2**63) if seed is None else seed,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-        events=queue.Queue(), cancelled=threading.Event())
-
-
-def next_batch(demo):
-    """The oldest waiting job and up to --batch_size - 1 later ones that sample alike; None once closing."""
-    with demo.waiting:
-        while True:
-            demo.queue = [job for job in demo.queue if not job.cancelled.is_set()]  # their clients left
-            if demo.closing:
-                return None
-            if demo.queue:
-                break
-            demo.waiting.wait()
-        alike = (demo.queue[0].temperature, demo.queue[0].top_p)
-        batch = [job for job in demo.queue if (job.temperature, job.top_p) == alike][:demo.args.batch_size]
-        demo.queue = [job for job in demo.queue if all(job is not taken for taken in batch)]
-        demo.current = batch
-        return batch
+        pieces=queue.Queue(), cancelled=threading.Event(), ids=[], shown="", text="", finish_reason=None, error=None,
+        holdback=max(map(len, stop), default=1) - 1)  # text that may start a stop string waits until it cannot
 
 
 def run_jobs(demo):
-    """The one thread that uses the model. Jobs waiting together are generated as one batch: generate() gives
-    each row what it would give alone (its own seed and random stream), so batching changes throughput, not
-    outputs. Each job's text goes to its own queue as it is produced, so a slow reader slows only its own
-    connection, and a job is answered as soon as its own row ends."""
-    model, tokenizer = demo.model, demo.tokenizer
-
+    """The one thread that uses the model. It takes the oldest waiting job and up to --batch_size - 1 later ones
+    that sample alike, and generates them as one batch: generate() gives each row what it would give alone (own
+    seed, own random stream), so batching changes throughput, not outputs. Each job's text goes to its own queue
+    as it is produced (None ends it), so a slow reader slows only its own connection."""
     def finish(job, reason):
-        text = tokenizer.decode(job.ids)
+        text = demo.tokenizer.decode(job.ids)
         cut = min((text.find(s) for s in job.stop if s in text), default=None)
-        job.finish_reason, text = "stop" if cut is not None else reason, text[:cut]
-        if text.startswith(job.shown) and len(text) > len(job.shown):
-            job.events.put(("text", text[len(job.shown):]))
-        job.events.put(("done", {"text": text, "finish_reason": job.finish_reason, "completion_tokens": len(job.ids)}))
+        job.finish_reason, job.text = "stop" if cut is not None else reason, text[:cut]
+        job.pieces.put(job.text[len(job.shown):] if job.text.startswith(job.shown) else "")
+        job.pieces.put(None)
 
-    while (batch := next_batch(demo)) is not None:
-        for job in batch:
-            job.ids, job.shown, job.finish_reason = [], "", None
-            # Text that may be the start of a stop string is held back until we know it is not.
-            job.holdback = max(map(len, job.stop), default=1) - 1
+    def on_token(row, token):
+        job = batch[row]
+        if job.finish_reason is None and (job.cancelled.is_set() or token in demo.tokenizer.stop_ids):
+            finish(job, "stop")
+        elif job.finish_reason is None:
+            job.ids.append(token)
+            text = demo.tokenizer.decode(job.ids)
+            if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
+                finish(job, "length")
+            elif (end := settled(text, job.shown, job.holdback)) > len(job.shown):
+                job.pieces.put(text[len(job.shown):end])
+                job.shown = text[:end]
+        if all(job.finish_reason for job in batch):
+            raise Stop
 
-        def on_token(row, token):
-            job = batch[row]
-            if job.finish_reason is None:
-                if job.cancelled.is_set() or token in tokenizer.stop_ids:
-                    finish(job, "stop")
-                else:
-                    job.ids.append(token)
-                    text = tokenizer.decode(job.ids)
-                    if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
-                        finish(job, "length")
-                    # Show what is settled: not half a character, as in stream_printer, nor a possible stop.
-                    elif (end := len(text.rstrip("\ufffd")) - job.holdback) > len(job.shown) and \
-                            text.startswith(job.shown):
-                        job.events.put(("text", text[len(job.shown):end]))
-                        job.shown = text[:end]
-            if all(job.finish_reason for job in batch):
-                raise Stop
-
-        try:
-            # EOS is left to on_token, which ends each row on its own terms.
-            generate(model, [job.prompt_ids for job in batch], max(job.max_tokens for job in batch),
+    while True:
+        with demo.waiting:
+            while not demo.closing and all(job.cancelled.is_set() for job in demo.queue):
+                demo.waiting.wait()
+            if demo.closing:
+                return
+            demo.queue = [job for job in demo.queue if not job.cancelled.is_set()]  # their clients left
+            alike = (demo.queue[0].temperature, demo.queue[0].top_p)
+            batch = [job for job in demo.queue if (job.temperature, job.top_p) == alike][:demo.args.batch_size]
+            demo.queue, demo.current = [job for job in demo.queue if all(job is not b for b in batch)], batch
+        try:  # EOS is left to on_token, which ends each row on its own terms
+            generate(demo.model, [job.prompt_ids for job in batch], max(job.max_tokens for job in batch),
                      batch[0].temperature, demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
                      logits_processor=demo.logits_processor, on_token=on_token)
-        except Stop:
-            pass
-        except Exception as e:  # one failed batch must not take the demo down
-            for job in batch:
-                job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
-        else:
             for job in batch:
                 if job.finish_reason is None:
                     finish(job, "length")
+        except Stop:
+            pass
+        except Exception as e:  # one failed batch must not take the demo down
+            for job in (job for job in batch if job.finish_reason is None):
+                job.error = f"generation failed: {type(e).__name__}: {e}"
+                job.pieces.put(None)
 
 
 def moderate(demo, text):
@@ -671,48 +676,48 @@ def moderate(demo, text):
     return (categories or ["unspecified"]) if result.flagged else []
 
 
-def log_flag(demo, instruction, input, output, reason, flagged_by):
-    record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "instruction": instruction,
-              "input": input, "output": output, "reason": reason, "flagged_by": flagged_by,
-              "watermark": demo.watermark_params}
+def log_flag(demo, flagged_by, instruction, input, output, reason):
     with demo.flags_lock, open(demo.args.flags, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
+        append_jsonl(f, {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "instruction": instruction,
+                         "input": input, "output": output, "reason": reason, "flagged_by": flagged_by,
+                         "watermark": demo.watermark_params})
         os.fsync(f.fileno())
 
 
 class DemoHandler(BaseHTTPRequestHandler):
     """One thread per connection (ThreadingHTTPServer): a client that connects and sends nothing holds only
     its own thread, and only for `timeout` seconds."""
-    protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
-    timeout = 60
+    protocol_version, timeout, streaming = "HTTP/1.1", 60, False  # keep-alive, as the openai client expects
 
     def do_GET(self):
-        self.route("GET")
-
-    def do_POST(self):
-        self.route("POST")
-
-    def route(self, method):
         path, demo = urlsplit(self.path).path, self.server.demo
         try:
             if path not in ENDPOINTS:
                 raise ApiError(404, f"no such page or endpoint: {path}")
-            if ENDPOINTS[path] != method:
+            if ENDPOINTS[path] != self.command:
                 raise ApiError(405, f"use {ENDPOINTS[path]} for {path}")
             if path == "/":
                 self.send(200, demo.page.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})
             elif path == "/v1/models":
-                self.send_json(200, {"object": "list", "data": [{"id": demo.model_name, "object": "model",
-                                                                 "created": demo.started, "owned_by": "sample.py"}]})
+                self.send(200, {"object": "list", "data": [{"id": demo.model_name, "object": "model",
+                                                            "created": demo.started, "owned_by": "sample.py"}]})
             elif path == "/flag":
-                self.flag(self.read_json())
+                body = self.read_json()
+                if not isinstance(body, dict) or not isinstance(body.get("output"), str):
+                    raise ApiError(400, "send the flagged 'output' (a string) in a JSON object", "output")
+                for name in ("instruction", "input", "reason"):
+                    if not isinstance(body.get(name, ""), str):
+                        raise ApiError(400, f"'{name}' must be a string", name)
+                log_flag(demo, "user", *(body.get(name, "") for name in ("instruction", "input", "output", "reason")))
+                self.send(200, {"flagged": True})
             else:
                 self.complete(self.read_json(), chat=path == "/v1/chat/completions")
         except ApiError as e:
-            self.send_json(e.status, e.body)
+            self.send(e.status, e.body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left; its job was cancelled in complete()
+
+    do_POST = do_GET
 
     def read_json(self):
         length, limit = self.headers.get("Content-Length", ""), self.server.demo.args.max_body_bytes
@@ -737,24 +742,13 @@ class DemoHandler(BaseHTTPRequestHandler):
         except ValueError as e:
             raise ApiError(400, f"the body is not valid JSON ({e})")
 
-    def flag(self, body):
-        if not isinstance(body, dict) or not isinstance(body.get("output"), str):
-            raise ApiError(400, "send the flagged 'output' (a string) in a JSON object", "output")
-        for name in ("instruction", "input", "reason"):
-            if not isinstance(body.get(name, ""), str):
-                raise ApiError(400, f"'{name}' must be a string", name)
-        demo = self.server.demo
-        log_flag(demo, body.get("instruction", ""), body.get("input", ""), body["output"], body.get("reason", ""),
-                 "user")
-        self.send_json(200, {"flagged": True})
-
     def complete(self, body, chat):
-        demo = self.server.demo
-        job = read_request(body, chat, demo)
-        categories = moderate(demo, "\n\n".join(filter(None, [job.instruction, job.input])))
-        if categories:
-            log_flag(demo, job.instruction, job.input, "", f"prompt flagged: {', '.join(categories)}", "content_filter")
-            raise ApiError(400, f"the content filter flagged this prompt ({', '.join(categories)}), so it was refused",
+        """Answer a completion in OpenAI's shape: whole, or streamed as server-sent events as its text comes. With
+        the content filter on, an output is checked whole before any of it is shown, so a stream comes in one piece."""
+        demo, job = self.server.demo, read_request(body, chat, self.server.demo)
+        if categories := ", ".join(moderate(demo, "\n\n".join(filter(None, [job.instruction, job.input])))):
+            log_flag(demo, "content_filter", job.instruction, job.input, "", f"prompt flagged: {categories}")
+            raise ApiError(400, f"the content filter flagged this prompt ({categories}), so it was refused",
                            "messages" if chat else "prompt", "content_filter")
         with demo.waiting:
             if len(demo.queue) >= demo.args.max_queue:
@@ -767,94 +761,68 @@ class DemoHandler(BaseHTTPRequestHandler):
             job.cancelled.set()  # a job whose client left stops at its next token, or is skipped
 
     def respond(self, job, chat):
-        demo = self.server.demo
-        reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                 "model": demo.model_name}
-        chunk_type = "chat.completion.chunk" if chat else "text_completion"
+        demo, kind = self.server.demo, "chat.completion" if chat else "text_completion"
+        reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(16)}", "created": int(time.time()),
+                 "object": kind + ".chunk" * (chat and job.stream), "model": demo.model_name}
 
-        def chunk(text, finish_reason=None, first=False):  # text None: the last chunk, with the finish_reason
+        def chunk(text, finish_reason=None, first=False, **extra):  # text None: a stream's last chunk
             delta = {} if text is None else {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": text or "", "logprobs": None}
-            return {**reply, "object": chunk_type, "choices": [{**choice, "finish_reason": finish_reason}]}
+            choice = {"delta" if job.stream else "message": delta} if chat else {"text": text or "", "logprobs": None}
+            return {**reply, "choices": [{"index": 0, **choice, "finish_reason": finish_reason}], **extra}
 
-        # With the content filter on, an output is checked whole before any of it is shown, so a stream
-        # arrives in one piece.
-        live = job.stream and demo.moderation is None
-        if live:
-            self.start_stream()
-            if chat:
-                self.send_event(chunk("", first=True))
-        while (event := self.next_event(job))[0] != "done":
-            if event[0] == "text" and live:
-                self.send_event(chunk(event[1]))
-            elif event[0] == "error":
-                error = ApiError(500, event[1], kind="server_error")
-                if not live:
-                    raise error
-                return self.send_event(error.body)
-        text, finish_reason = event[1]["text"], event[1]["finish_reason"]
-        extra = {"watermark": demo.watermark_params}
-        categories = moderate(demo, text)
-        if categories:
-            log_flag(demo, job.instruction, job.input, text, f"output flagged: {', '.join(categories)}",
-                     "content_filter")
+        if live := job.stream and demo.moderation is None:
+            self.send_event(chunk("", first=True) if chat else None)
+        while (piece := self.next_piece(job)) is not None:
+            if live and piece:
+                self.send_event(chunk(piece))
+        if job.error and live:
+            return self.send_event(ApiError(500, job.error, kind="server_error").body)
+        if job.error:
+            raise ApiError(500, job.error, kind="server_error")
+        text, finish_reason, extra = job.text, job.finish_reason, {"watermark": demo.watermark_params}
+        if categories := moderate(demo, text):
+            log_flag(demo, "content_filter", job.instruction, job.input, text,
+                     f"output flagged: {', '.join(categories)}")
             text, finish_reason = "", "content_filter"
             extra["content_filter"] = {"flagged": True, "categories": categories}
-        n_completion = event[1]["completion_tokens"]
-        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n_completion,
-                 "total_tokens": len(job.prompt_ids) + n_completion}
+        n_prompt, n_completion = len(job.prompt_ids), len(job.ids)
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
         if not job.stream:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else \
-                {"index": 0, "text": text, "logprobs": None}
-            return self.send_json(200, {**reply, "object": "chat.completion" if chat else "text_completion",
-                                        "choices": [{**choice, "finish_reason": finish_reason}], "usage": usage,
-                                        **extra})
+            return self.send(200, chunk(text, finish_reason, first=True, usage=usage, **extra))
         if not live:
-            self.start_stream()
             self.send_event(chunk(text, first=True))
-        self.send_event({**chunk(None, finish_reason), **extra})
+        self.send_event(chunk(None, finish_reason, **extra))
         if job.include_usage:
-            self.send_event({**reply, "object": chunk_type, "choices": [], "usage": usage})
+            self.send_event({**reply, "choices": [], "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
 
-    def next_event(self, job):
-        while True:
-            # A client that hung up leaves its socket readable with nothing to read: peek without waiting.
-            self.connection.settimeout(0)
+    def next_piece(self, job):
+        while True:  # a client that hung up leaves its socket readable with nothing to read
+            if select.select([self.connection], [], [], 0)[0] and not self.connection.recv(1, socket.MSG_PEEK):
+                raise ConnectionResetError
             try:
-                if not self.connection.recv(1, socket.MSG_PEEK):
-                    raise ConnectionResetError
-            except BlockingIOError:
-                pass
-            finally:
-                self.connection.settimeout(self.timeout)
-            try:
-                return job.events.get(timeout=0.2)
+                return job.pieces.get(timeout=0.2)
             except queue.Empty:
                 pass
 
-    def start_stream(self):
-        self.send_response(200)
-        for name, value in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-                            ("Connection", "close")):  # the stream ends when the connection does
-            self.send_header(name, value)
-        self.end_headers()
-        self.close_connection = True
-
     def send_event(self, payload):
-        self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+        """One server-sent event (None: none yet), starting the stream first; the stream ends with the connection."""
+        if not self.streaming:
+            self.streaming = True
+            self.send(200, b"", "text/event-stream", {"Cache-Control": "no-cache"})
+        if payload is not None:
+            self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
         self.wfile.flush()
 
-    def send_json(self, status, payload):
-        self.send(status, json.dumps(payload, ensure_ascii=False).encode(), "application/json")
-
-    def send(self, status, data, content_type, headers={}):
+    def send(self, status, data, content_type="application/json", headers={}):
+        """A whole response, or (streaming) the head of a stream, with no length: it ends with the connection."""
+        data = data if isinstance(data, bytes) else json.dumps(data, ensure_ascii=False).encode()
+        self.close_connection = self.close_connection or self.streaming
         self.send_response(status)
-        for name, value in {"Content-Type": content_type, "Content-Length": str(len(data)),
-                            "X-Content-Type-Options": "nosniff", **headers}.items():
+        for name, value in {"Content-Type": content_type, "X-Content-Type-Options": "nosniff", **headers,
+                            **({} if self.streaming else {"Content-Length": str(len(data))}),
+                            **({"Connection": "close"} if self.close_connection else {})}.items():
             self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -867,140 +835,53 @@ def make_server(model, tokenizer, args):
         import openai
         moderation = openai.OpenAI(base_url=args.moderation_base_url or None, max_retries=2, timeout=30,
                                    api_key=os.environ.get("OPENAI_API_KEY") or "none")
-    if os.path.exists(args.flags):
-        whole_lines(args.flags, cut=True)
+    resume_jsonl(args.flags)  # cuts a torn last line a killed demo left, so appends start on a line of their own
     demo = SimpleNamespace(
         model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation,
-        watermark_params=watermark.params if watermark else None, model_name=os.path.basename(
-            os.path.normpath(args.checkpoint)), started=int(time.time()), queue=[], waiting=threading.Condition(),
+        watermark_params=watermark.params if watermark else None, started=int(time.time()), queue=[],
+        model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(),
         closing=False, current=[], flags_lock=threading.Lock(),
-        max_prompt_tokens=min(args.max_prompt_tokens or math.inf, model.args.max_seq_len - 1))
-    demo.filter_state = f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged " \
-        "prompts are refused and flagged outputs withheld" if moderation else \
+        max_prompt_tokens=min(args.max_prompt_tokens or INF, model.args.max_seq_len - 1))
+    demo.filter_state = (f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged "
+                         "prompts are refused and flagged outputs withheld") if moderation else \
         "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
-    demo.watermark_state = "off" if watermark is None else "on, every output: {scheme}, gamma {gamma}, delta " \
-        "{delta}, key fingerprint {key_fingerprint} (check with watermark.py detect)".format(**watermark.params)
-    fields = {"model": demo.model_name, "filter": demo.filter_state, "watermark": demo.watermark_state,
-              "temperature": args.temperature, "top_p": args.top_p, "cap": args.max_tokens_cap,
-              "max_tokens": min(args.max_new_tokens, args.max_tokens_cap)}
+    demo.watermark_state = "off" if watermark is None else ("on, every output: {scheme}, gamma {gamma}, delta "
+        "{delta}, key fingerprint {key_fingerprint} (check with watermark.py detect)").format(**watermark.params)
     demo.page = PAGE
-    for name, value in fields.items():
-        demo.page = demo.page.replace("{{" + name + "}}", html.escape(str(value)))
+    for name, value in {"model": demo.model_name, "filter": demo.filter_state, "watermark": demo.watermark_state,
+                        "temperature": args.temperature, "top_p": args.top_p, "cap": args.max_tokens_cap,
+                        "max_tokens": min(args.max_new_tokens, args.max_tokens_cap)}.items():
+        demo.page = demo.page.replace("{{%s}}" % name, html.escape(str(value)))
     server = ThreadingHTTPServer((args.host, args.port), DemoHandler)
-    server.demo = demo
-    demo.worker = threading.Thread(target=run_jobs, args=(demo,), daemon=True)
+    server.demo, demo.worker = demo, threading.Thread(target=run_jobs, args=(demo,), daemon=True)
     demo.worker.start()
     return server
 
 
 def close_server(server):
-    demo = server.demo
     server.server_close()
-    with demo.waiting:
-        demo.closing = True
-        for job in demo.current:
+    with server.demo.waiting:
+        server.demo.closing = True
+        for job in server.demo.current:
             job.cancelled.set()
-        demo.waiting.notify()
-    demo.worker.join(timeout=10)
+        server.demo.waiting.notify()
+    server.demo.worker.join(timeout=10)
 
 
 def serve(model, tokenizer, args):
     server = make_server(model, tokenizer, args)
-    host, port = server.server_address[:2]
-    demo = server.demo
+    (host, port), demo = server.server_address[:2], server.demo
+    local = host in ("127.0.0.1", "localhost", "::1")
+    note = "" if local else f"\nnote: bound to {host}, so other machines can reach this demo"
     print(f"Serving {demo.model_name} at http://{host}:{port}/ (OpenAI-compatible API at http://{host}:{port}/v1); "
-          "Ctrl-C stops", flush=True)
-    print(f"content filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\nflags go to {args.flags}",
-          flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: bound to {host}, so other machines can reach this demo", flush=True)
+          f"Ctrl-C stops\ncontent filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\n"
+          f"flags go to {args.flags}{note}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
         close_server(server)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="out/tiny", help="a Meta or Hugging Face LLaMA folder")
-    parser.add_argument("--tokenizer", default="", help="tokenizer.model (default: the checkpoint's)")
-    parser.add_argument("--prompt", default=None, help="one instruction; without it, an interactive loop")
-    parser.add_argument("--input", default="", help="the optional input that goes with --prompt")
-    parser.add_argument("--in", default=None, help="an evaluation file (JSONL or JSON array) to answer in batches")
-    parser.add_argument("--out", default="outputs.jsonl",
-                        help="answers to --in: JSONL, appended and resumable; x.json: also alpaca_eval's array")
-    parser.add_argument("--generator", default="", help="the model's name in --out (default: the checkpoint's)")
-    parser.add_argument("--batch_size", type=int, default=batch_size, help="with --serve: most requests at once")
-    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="with --serve: the default")
-    parser.add_argument("--temperature", type=float, default=temperature, help="0 for greedy")
-    parser.add_argument("--top_k", type=int, default=top_k, help="0 for no cut")
-    parser.add_argument("--top_p", type=float, default=top_p, help="1 for no cut")
-    parser.add_argument("--seed", type=int, default=seed)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="default: bfloat16 on a GPU that has it, else float32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, fast steps)")
-    parser.add_argument("--watermark", action="store_true", help="watermark the outputs (see watermark.py)")
-    parser.add_argument("--gamma", type=float, default=0.25, help="watermark: fraction of green tokens")
-    parser.add_argument("--delta", type=float, default=2.0, help="watermark: logit bonus of green tokens")
-    parser.add_argument("--scheme", default="lefthash", help="watermark: how the green list is seeded")
-    parser.add_argument("--key", type=int, default=15485863, help="watermark: secret key")
-    demo = parser.add_argument_group("web demo")
-    demo.add_argument("--serve", action="store_true", help="serve the demo page and an OpenAI-compatible API")
-    demo.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to let other machines in")
-    demo.add_argument("--port", type=int, default=8000, help="0 for any free port")
-    demo.add_argument("--no_watermark", action="store_true", help="the demo watermarks every output unless this")
-    demo.add_argument("--moderation_base_url", default=None,
-                      help="content filter endpoint (default: OpenAI's when OPENAI_API_KEY is set; else no filter)")
-    demo.add_argument("--flags", default="flags.jsonl", help="JSONL that flagged outputs are appended to")
-    demo.add_argument("--max_body_bytes", type=int, default=256 * 1024)
-    demo.add_argument("--max_prompt_tokens", type=int, default=0, help="0: the model's context")
-    demo.add_argument("--max_tokens_cap", type=int, default=512, help="the most tokens one request may ask for")
-    demo.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond this get a 503")
-    args = parser.parse_args(argv)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1 \
-            or args.batch_size < 1:
-        parser.error("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1")
-    if args.serve:
-        args.watermark = not args.no_watermark
-    if args.dtype is None:
-        gpu_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        args.dtype = "bfloat16" if gpu_bf16 else "float32"
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    items = read_items(getattr(args, "in")) if getattr(args, "in") else None  # bad input stops us here
-    processes = join_processes(args)  # under torchrun: this process's rank and device
-
-    model, tokenizer = load(args)
-    if args.compile:
-        if args.device == "cpu":
-            # Freezing lets inductor pack the weights for the CPU's matmul kernels once, not at every step.
-            import torch._inductor.config as inductor_config
-            inductor_config.freezing = True
-        model = torch.compile(model, dynamic=True)
-    if args.serve:
-        return serve(model, tokenizer, args)
-    logits_processor, watermark = make_logits_processor(args, model, tokenizer)
-    settings = {"generator": args.generator or os.path.basename(os.path.normpath(args.checkpoint)), "temperature":
-                args.temperature, "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
-                "seed": args.seed}
-    if watermark is not None:
-        settings["watermark"] = watermark.params
-
-    if items is not None:
-        run_batches(model, tokenizer, items, args, settings, logits_processor, processes)
-        if processes[1] > 1:
-            torch.distributed.destroy_process_group()
-    elif args.prompt is not None:
-        n_tokens, seconds = answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
-        print(f"({n_tokens} tokens in {seconds:.1f}s)", file=sys.stderr)
-    else:
-        interact(model, tokenizer, args, logits_processor)
 
 
 if __name__ == "__main__":

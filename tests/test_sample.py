@@ -386,9 +386,9 @@ def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_files(checkpoint
     kill_when(launch(checkpoint, batch_run, folder, launcher=torchrun), lambda: lines_in(work, *shards) >= 5,
               lambda proc: rank_pid(folder, 0))
     assert 5 <= lines_in(work, *shards) < 13 and not os.path.exists(folder / "out.json")
-    # A torn last line, as a kill in the middle of a write leaves it (one write per batch makes that rare on a
-    # local disk; a full disk or NFS does not), and the leftovers of a kill while the final files were written.
-    for path in (work, shards[1]):  # the rerun's own file (cut) and another's (ignored, then merged away)
+    # A torn last line, as a kill in the middle of a write leaves it, and the leftovers of a kill while the final
+    # files were written.
+    for path in (work, shards[1]):  # both cut (one policy for every append-only file), then merged
         with open(path, "ab") as f:
             f.write(batch_run[2].splitlines(keepends=True)[-1][:40])
     (folder / "out.jsonl.tmp").write_bytes(batch_run[2][:100])

@@ -154,8 +154,10 @@ def test_stop_strings_end_the_output(start):
     stop = text[10:13]
     assert stop.strip()
     for stream in (False, True):
+        # a client that asks to close after this request still gets its stream (status line and headers first)
         status, body = post(url, "/v1/completions", {"prompt": "Eat well", "max_tokens": 40, "temperature": 0,
-                                                      "stop": [stop, "never appears"], "stream": stream})
+                                                      "stop": [stop, "never appears"], "stream": stream},
+                            {"Connection": "close"} if stream else None)
         assert status == 200
         if stream:
             events = [json.loads(line[6:]) for line in body.split("\n\n") if line.startswith("data: {")]
