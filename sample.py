@@ -304,6 +304,7 @@ def parse_args(argv=None):
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
         help="default: bfloat16 on a GPU that has it, else float32")
+    add("--compile", action="store_true", help="torch.compile the model (slow start, fast steps)")
     add("--watermark", action="store_true", help="watermark the outputs (see watermark.py)")
     add("--gamma", type=float, default=0.25, help="watermark: fraction of green tokens")
     add("--delta", type=float, default=2.0, help="watermark: logit bonus of green tokens")
@@ -336,6 +337,12 @@ def main(argv=None):
     items = read_items(args.inp) if args.inp else None  # bad input stops us here, before any loading
     processes = join_processes(args)  # under torchrun: this process's rank and device
     model, tokenizer = load(args)
+    if args.compile:
+        if args.device == "cpu":
+            # Freezing lets inductor pack the weights for the CPU's matmul kernels once, not at every step.
+            import torch._inductor.config as inductor_config
+            inductor_config.freezing = True
+        model = torch.compile(model, dynamic=True)
     if args.serve:
         return serve(model, tokenizer, args)
     logits_processor, watermark = make_logits_processor(args, model, tokenizer)
