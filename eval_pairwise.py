@@ -513,17 +513,17 @@ def read_records(path):
 
 
 def resume_jsonl(path):
-    """The records of an append-only JSONL file about to be appended to ([] if absent). A last line with no newline
-    is the torn write of a killed process: it is cut off, and we say so."""
+    """The records of an append-only JSONL file ([] if absent), after cutting off a killed writer's torn last line."""
     if not os.path.exists(path):
         return []
     with open(path, "rb+") as f:
         data = f.read()
         if data.lstrip().startswith(b"["):
             raise SystemExit(f"{path}: a JSON array cannot be appended to; judge into a JSONL file")
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-            print(f"{path}: cut off a torn last line (the write of a killed process)", file=sys.stderr)
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            print(f"{path}: cutting off a torn last line ({len(data) - end} bytes) of a killed run", file=sys.stderr)
+            f.truncate(end)
     return read_records(path)
 
 

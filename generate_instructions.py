@@ -421,8 +421,7 @@ def resume_jsonl(path):
         except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
             raise SystemExit(f"{path}:{line_no}: not valid JSON ({e})")
     if whole < len(data):
-        print(f"{path}: cutting off a torn last line ({len(data) - whole} bytes) left by a killed process",
-              file=sys.stderr)
+        print(f"{path}: cutting off a torn last line ({len(data) - whole} bytes) of a killed run", file=sys.stderr)
         os.truncate(path, whole)
     return records
 

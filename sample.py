@@ -371,7 +371,7 @@ def resume_jsonl(path):
         data = f.read()
         end = data.rfind(b"\n") + 1
         if end < len(data):
-            print(f"{path}: cutting a torn last line ({len(data) - end} bytes) left by an interrupted run")
+            print(f"{path}: cutting off a torn last line ({len(data) - end} bytes) of a killed run", file=sys.stderr)
             f.truncate(end)
     records = []
     for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):

@@ -199,7 +199,8 @@ def test_torn_last_line_is_cut_before_appending(tmp_path, capsys):
     assert [r["x"] for r in ep.read_records(str(path))] == [1]  # reading (report) leaves the file alone
     assert path.read_text() == '{"x": 1}\n{"x": 2'
     assert [(r["x"], r["where"]) for r in ep.resume_jsonl(str(path))] == [(1, f"{path}:1")]
-    assert path.read_text() == '{"x": 1}\n' and "cut off a torn last line" in capsys.readouterr().err
+    assert path.read_text() == '{"x": 1}\n' and (
+        "j.jsonl: cutting off a torn last line (7 bytes) of a killed run" in capsys.readouterr().err)
     # The one policy of every script: a last line with no newline is a torn write, even if it parses.
     path.write_text('{"x": 1}\n{"x": 2}')
     assert [r["x"] for r in ep.resume_jsonl(str(path))] == [1] and path.read_text() == '{"x": 1}\n'

@@ -501,7 +501,7 @@ def test_torn_last_line_is_repaired_on_resume(tmp_path, make_server, capsys):
     with open(out, "a") as f:
         f.write('{"instruction": "Half writ')
     run(tmp_path, server.url, "--num_instructions", "4")
-    assert "out.jsonl: cutting off a torn last line (26 bytes)" in capsys.readouterr().err
+    assert "out.jsonl: cutting off a torn last line (26 bytes) of a killed run" in capsys.readouterr().err
     records = read_jsonl(out)
     assert out.read_text().startswith(before) and len(records) == 4
     with open(out, "a") as f:

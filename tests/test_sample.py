@@ -400,7 +400,7 @@ def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_files(checkpoint
     torch.set_num_threads(1)
     try:
         sample.main(run_here)
-        assert "out.jsonl: cutting a torn last line (40 bytes)" in capsys.readouterr().out
+        assert "out.jsonl: cutting off a torn last line (40 bytes) of a killed run" in capsys.readouterr().err
         assert_final_files(folder, batch_run)
         os.remove(folder / "out.json")  # killed after the JSONL was rewritten: the rerun writes the rest
         sample.main(run_here)
