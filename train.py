@@ -1,7 +1,7 @@
 """
 Supervised fine-tuning of LLaMA on instruction data: the Stanford Alpaca recipe in one file.
 
-    python train.py                                    # tiny LLaMA on seed_tasks.jsonl, on CPU, in minutes
+    python train.py                                    # tiny LLaMA on seed_tasks.jsonl, on CPU, in about a minute
     torchrun --nproc_per_node=8 train.py --init=/path/to/llama-7b --data=alpaca_data.json
 
 Top to bottom: the recipe's settings (each a flag, --name=value; --help lists them), the model and LoRA, the
