@@ -36,7 +36,7 @@ def read_jsonl(path):
 def test_the_whole_recipe_on_one_machine(tmp_path):
     shutil.copy(os.path.join(ROOT, "seed_tasks.jsonl"), tmp_path)
     # 1. A tiny LLaMA from scratch on the seed tasks. The teacher's prompt (3 seed tasks and the requirements) is
-    #    600-1100 tokens in its tokenizer, hence a 2048-token context, LLaMA's.
+    #    500-950 tokens in its tokenizer, hence a 2048-token context, LLaMA's.
     log = run(tmp_path, "train.py", "--max_seq_len=2048", "--max_steps=2", "--batch_size=4", "--out_dir=out/tiny")
     assert "saved out/tiny" in log
 
