@@ -139,8 +139,9 @@ def print_answer(model, tokenizer, args, instruction, input, logits_processor, s
         nonlocal shown
         ids.append(token)
         text = tokenizer.decode(ids)
-        print(text[len(shown):settled(text, shown)], end="", flush=True)
-        shown = text[:settled(text, shown)]
+        end = settled(text, shown)
+        print(text[len(shown):end], end="", flush=True)
+        shown = text[:end]
 
     try:
         generate(model, [tokenizer.encode(format_prompt(instruction, input), bos=True)], args.max_new_tokens,
