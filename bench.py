@@ -31,7 +31,6 @@ from sample import generate
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BENCH_MODEL = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000)  # 60M parameters, LLaMA's vocabulary
 
-
 def in_turns(runs, repeats, device="cpu", warm_up=()):
     """Seconds of each run (name -> callable), `repeats` times, in turns; warm_up: run once first, untimed."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
@@ -47,7 +46,6 @@ def in_turns(runs, repeats, device="cpu", warm_up=()):
             times[name].append(time.perf_counter() - t0)
     return times
 
-
 def random_model(shape, max_seq_len, folder=None, device="cpu", seed=0):
     """A model with random weights, written as a Meta folder if folder is given (for train.py, sample.py)."""
     torch.manual_seed(seed)
@@ -61,11 +59,9 @@ def random_model(shape, max_seq_len, folder=None, device="cpu", seed=0):
             json.dump(vars(config), f)
     return model, config
 
-
 def reference_scores(kept_tokens, text):  # the original recipe: rouge_score's _score_lcs for every pair
     tokens = rouge_tokens(text)
     return np.array([rouge_scorer._score_lcs(tokens, other).fmeasure for other in kept_tokens])
-
 
 def run_filter(texts, scores_of, add, keep_scores=False):
     """generate_instructions.py's filter: drop a text if its ROUGE-L to a kept one is above 0.7; note neighbours."""
@@ -79,7 +75,6 @@ def run_filter(texts, scores_of, add, keep_scores=False):
             kept.append(text)
             add(text)
     return kept, neighbours, all_scores, pairs
-
 
 def bench_rouge(args):
     """The whole ROUGE-L near-duplicate filter of generate_instructions.py over a synthetic 52K corpus."""
@@ -114,7 +109,6 @@ def bench_rouge(args):
     print(f"rouge_52k_seconds={seconds:.1f} speedup_vs_reference={reference_seconds / seconds:.0f} "
           f"identical={str(identical).lower()}")
 
-
 def packed_step(model, optimizer, rows, examples, micro_batch_size, dev):
     """train.py's way: rows of 512, examples kept apart by the mask, the output layer on responses only."""
     for i in range(0, len(rows), micro_batch_size):
@@ -124,7 +118,6 @@ def packed_step(model, optimizer, rows, examples, micro_batch_size, dev):
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
 
 def padded_step(model, optimizer, examples, order, dev, hugging_face=False):
     """The original recipe's shuffled batches of 4 padded to the longest: on our model, or on HF's LLaMA (bf16)."""
@@ -141,7 +134,6 @@ def padded_step(model, optimizer, examples, order, dev, hugging_face=False):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-
 def peak_flops(dev):
     # A GPU's spec sheet (dense bf16). No spec sheet for a CPU: time a large bf16 matmul and call that the peak.
     if dev.type == "cuda":
@@ -149,7 +141,6 @@ def peak_flops(dev):
                      if k in torch.cuda.get_device_name(dev)), np.nan), "spec sheet"
     a, b = torch.randn(1024, 1024, dtype=torch.bfloat16), torch.randn(1024, 1024, dtype=torch.bfloat16)
     return 2 * 1024**3 / min(in_turns({"mm": lambda: a @ b}, 30, warm_up=["mm"] * 10)["mm"]), "measured (best of 30)"
-
 
 def peak_memory(dev, reset=False):
     """Peak memory since the last reset: allocated on a GPU; the resident set on Linux (after a malloc_trim)."""
@@ -161,7 +152,6 @@ def peak_memory(dev, reset=False):
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-
 
 def bench_train(args):
     """Training throughput: packed rows vs the original recipe's padded batches (our model; HF's LlamaForCausalLM) vs
@@ -243,7 +233,6 @@ def bench_train(args):
     print(f"lora_vs_full_tokens_per_s={figures['lora'][0] / figures['full'][0]:.2f} "
           f"lora_vs_full_peak_memory={figures['lora'][1] / figures['full'][1]:.2f}")
 
-
 def bench_sample(args):
     """Decode tokens/s of sample.generate at batch 1 and 16, bf16 and fp32, against batch 1's roofline: a step reads
     every weight once, so tokens/s cannot beat memory bandwidth / weight bytes; --part=processes: sample.py --in."""
@@ -286,7 +275,6 @@ def bench_sample(args):
                          f"logits hook adds {1e3 * (t['hooked'] - t['decode']) / n:+.3f} ms/step")
             print(line, flush=True)
 
-
 def bench_sample_processes(args):
     """sample.py --in as whole processes, as a user runs it: items/s with one process and torchrun's two, on the bench
     model with random weights (every answer runs to --new_tokens) and the first --items seed tasks."""
@@ -317,7 +305,6 @@ def bench_sample_processes(args):
               flush=True)
     shutil.rmtree(folder)
 
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -344,7 +331,6 @@ def main():
         p.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     args = parser.parse_args()
     {"rouge": bench_rouge, "train": bench_train, "sample": bench_sample}[args.command](args)
-
 
 if __name__ == "__main__":
     main()

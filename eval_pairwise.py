@@ -33,7 +33,6 @@ SCORE = {"a": 1.0, "b": 0.0, "tie": 0.5}  # A's score on an item: a tie is half 
 OTHER = {"a": "b", "b": "a"}
 BOOTSTRAP = 1000
 
-
 # 1. Pairing. A and B are JSONL or JSON arrays: sample.py's records (id, instruction, input, output, generator),
 # self-instruct's predictions (no id, the text in `response`), alpaca_eval's model_outputs.json. Items align on `id`
 # when both files share ids (sample.py writes the eval set's), else on (instruction, input). Problems stop the run.
@@ -46,7 +45,6 @@ def string(r, *names, optional=False):
         raise SystemExit(f"{r['where']}: field '{names[0]}'{alt} {'is not' if optional else 'missing or not'} a string")
     return value
 
-
 def load_outputs(path, name):
     """The model's name and its outputs; whitespace around the text is ignored (self-instruct's ends in newlines)."""
     records = read_records(path)
@@ -58,7 +56,6 @@ def load_outputs(path, name):
         raise SystemExit(f"{path}: outputs of several generators ({', '.join(generators)}); "
                          "split the file or name the model with --name_a/--name_b")
     return name or (generators + [os.path.splitext(os.path.basename(path))[0]])[0], rows
-
 
 def align(path_a, rows_a, path_b, rows_b, allow_missing=False):
     """Pair A's and B's outputs item by item, in A's order; problems are listed, and stop without --allow_missing."""
@@ -98,7 +95,6 @@ def align(path_a, rows_a, path_b, rows_b, allow_missing=False):
     print(f"aligned {len(items)} items on {'id' if use_ids else '(instruction, input)'}", file=sys.stderr)
     return items
 
-
 def prepare(args):
     name_a, rows_a = load_outputs(args.a, args.name_a)
     name_b, rows_b = load_outputs(args.b, args.name_b)
@@ -109,13 +105,11 @@ def prepare(args):
         raise SystemExit("no items to compare")
     return name_a, name_b, items
 
-
 # 2. Blind order: the rater sees "Response 1" and "Response 2", never the models' names.
 
 def order_first(seed, annotator, item):
     """Which model is Response 1: a coin flip fixed by (seed, annotator, item), so it is the same on every run."""
     return "a" if hashlib.sha256(f"{seed}\0{annotator}\0{item}".encode()).digest()[0] % 2 == 0 else "b"
-
 
 # 3. The LLM judge: asked in both orders (see run_judge), its verdict a token on the last line.
 
@@ -137,18 +131,15 @@ JUDGE_TEMPLATE = """Below is a task for an AI assistant (an instruction, sometim
 
 First compare the two responses in a few sentences. Then put your verdict alone on the last line: [[1]] if Response 1 is better, [[2]] if Response 2 is better, or [[T]] if they are equally good or equally bad."""
 
-
 def judge_messages(item, first):
     prompt = JUDGE_TEMPLATE.format(instruction=item["instruction"], input=item["input"] or "(none)",
                                    response1=item[f"out_{first}"], response2=item[f"out_{OTHER[first]}"])
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
 
-
 def parse_verdict(answer, first):
     """The last verdict token in the answer, in terms of models; None when there is none."""
     tokens = re.findall(r"\[\[\s*([12T])\s*\]\]", answer or "", re.IGNORECASE)
     return {"1": first, "2": OTHER[first], "T": "tie"}[tokens[-1].upper()] if tokens else None
-
 
 # 4. Statistics: how sure may we be of "A wins 90 versus 89"?
 
@@ -161,12 +152,10 @@ def wilson(k, n, z=1.959963984540054):
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (center - half, center + half)
 
-
 def sign_test(wins, losses):
     """Two-sided exact binomial test of wins vs losses at p = 1/2; ties are left out."""
     n = wins + losses  # n = 0 gives 1
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n)
-
 
 def cohen_kappa(x, y, labels=("a", "b", "tie")):
     """Agreement of two raters beyond what their verdict shares would give by chance (1 = always agree)."""
@@ -177,7 +166,6 @@ def cohen_kappa(x, y, labels=("a", "b", "tie")):
     expected = sum(np.mean(x == c) * np.mean(y == c) for c in labels)
     return (observed - expected) / (1 - expected) if expected < 1 else math.nan
 
-
 def fleiss_kappa(counts):
     """counts[i][j]: how many raters put item i in category j; every item has the same number of raters."""
     counts = np.asarray(counts, dtype=float)
@@ -186,7 +174,6 @@ def fleiss_kappa(counts):
     shares = counts.sum(0) / counts.sum()
     expected = (shares ** 2).sum()
     return (per_item.mean() - expected) / (1 - expected) if expected < 1 else math.nan
-
 
 def fit_logistic(x, y, ridge=1e-4, steps=100):
     """Logistic regression y ~ sigmoid(b0 + b1 x) by Newton's method; y may be fractional (a tie is 1/2).
@@ -203,7 +190,6 @@ def fit_logistic(x, y, ridge=1e-4, steps=100):
             break
     return beta
 
-
 def length_controlled(scores, len_a, len_b, seed):
     """Win rate the fit predicts for two responses of equal length, and its bootstrap SE, plus the slope per SD."""
     diff = np.asarray(len_a, float) - np.asarray(len_b, float)
@@ -214,7 +200,6 @@ def length_controlled(scores, len_a, len_b, seed):
     rng = np.random.default_rng(seed)
     boot = [fit_logistic(x[idx], scores[idx])[0] for idx in rng.integers(0, len(x), (BOOTSTRAP, len(x)))]
     return 1 / (1 + math.exp(-beta[0])), float(np.std(1 / (1 + np.exp(-np.array(boot))), ddof=1)), float(beta[1])
-
 
 def summarize(verdicts, lengths, seed):
     """Headline numbers for one rater. verdicts: {item: verdict}; skips are counted but not scored."""
@@ -231,7 +216,6 @@ def summarize(verdicts, lengths, seed):
             "decisive_share": wins / (wins + losses) if wins + losses else math.nan,
             "wilson": list(wilson(wins, wins + losses)), "sign_p": sign_test(wins, losses),
             "lc_win_rate": lc[0], "lc_se": lc[1], "length_slope": lc[2]}
-
 
 # 5. The report. report_numbers is the data (what --json writes); markdown() is a view of it.
 
@@ -269,15 +253,12 @@ def report_numbers(records, lengths, seed):
             "fleiss_kappa": fleiss_kappa(counts) if common else math.nan, "fleiss_raters": len(humans) if common else 0,
             "fleiss_items": len(common)}
 
-
 def fmt(x, spec=".1%"):
     return "n/a" if x is None or math.isnan(x) else format(x, spec)
-
 
 def table(header, rows):
     return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
-
 
 def markdown(s):
     a, b, raters = s["model_a"], s["model_b"], s["raters"]
@@ -310,11 +291,9 @@ def markdown(s):
                 f"of them judged: {fmt(s['fleiss_kappa'], '.3f')}."]
     return "\n".join(out) + "\n"
 
-
 # alpaca_eval's annotations.json: output_1 is the reference, output_2 the model under evaluation (our A); preference
 # 1 means output_1 is better, 2 output_2, 1.5 a tie, so alpaca_eval's win rate, mean(preference - 1), is A's.
 PREFERENCE = {"b": 1, "a": 2, "tie": 1.5}
-
 
 def to_annotations(current, items, name_a, name_b):
     raters = sorted({annotator for annotator, _ in current})
@@ -323,7 +302,6 @@ def to_annotations(current, items, name_a, name_b):
              "annotator": annotator, "preference": PREFERENCE[r["verdict"]]}
             for item in items for annotator in raters
             for r in [current.get((annotator, item["id"]))] if r and r["verdict"] != "skip"]
-
 
 def run_report(args):
     records = load_judgments(args.judgments, args.name_a, args.name_b)
@@ -344,7 +322,6 @@ def run_report(args):
         write_atomic(args.annotations, json.dumps(to_annotations(latest(records), items, args.name_a, args.name_b),
                                                   indent=2, ensure_ascii=False) + "\n")
 
-
 # 6. Judging sessions: a person at the terminal, or the LLM judge. Both resume where they stopped.
 
 def judgment(annotator, item, names, first, verdict, **extra):
@@ -352,11 +329,9 @@ def judgment(annotator, item, names, first, verdict, **extra):
             "verdict": verdict, **extra,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
-
 def latest(records):
     """The last record per (annotator, item): judging again supersedes."""
     return {(r["annotator"], r["item"]): r for r in records}
-
 
 def session(args, annotator):
     """What judging starts from: the model names, the items, the annotator's judgments by item, the file to append."""
@@ -365,11 +340,9 @@ def session(args, annotator):
     done = {item: r for (who, item), r in latest(records).items() if who == annotator}
     return (name_a, name_b), items, done, open(args.judgments, "ab", buffering=0)
 
-
 def wrap(text, width, indent="  "):
     return "\n".join(line for paragraph in text.splitlines() or [""] for line in
                      textwrap.wrap(paragraph, width, initial_indent=indent, subsequent_indent=indent) or [""])
-
 
 def run_human(args):
     names, items, done, file = session(args, args.annotator)
@@ -401,7 +374,6 @@ def run_human(args):
     left = sum(item["id"] not in done for item in items)
     print(wrap(f"{args.annotator}: {len(items) - left} of {len(items)} items judged"
                + (f"; {left} left, run the same command to continue" if left else "; done"), width, ""))
-
 
 def run_judge(args):
     import openai  # only the judge needs it; keeps the other subcommands quick to start
@@ -483,7 +455,6 @@ def run_judge(args):
             raise SystemExit(message)
         print(message)
 
-
 # 7. Files. Inputs are read whole and checked first; judgments and the judge's cache are append-only JSONL.
 
 def read_records(path):
@@ -511,7 +482,6 @@ def read_records(path):
             raise SystemExit(f"{where}: expected a JSON object")
     return [dict(r, where=where) for where, r in records]
 
-
 def resume_jsonl(path):
     """The records of an append-only JSONL file ([] if absent), after cutting off a killed writer's torn last line."""
     if not os.path.exists(path):
@@ -526,13 +496,11 @@ def resume_jsonl(path):
             f.truncate(end)
     return read_records(path)
 
-
 def append_jsonl(file, record):
     # The file is open unbuffered for appending: one write() of a whole line, on disk at once, and annotators
     # sharing a file never interleave.
     file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
     file.flush()
-
 
 def write_atomic(path, text):
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -540,7 +508,6 @@ def write_atomic(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-
 
 def load_judgments(paths, name_a=None, name_b=None, resume=False):
     """The checked judgments of the files; all must compare name_a with name_b (default: the first record's)."""
@@ -559,10 +526,8 @@ def load_judgments(paths, name_a=None, name_b=None, resume=False):
                              f"not {name_a!r} with {name_b!r}")
     return records
 
-
 def digest(*parts):
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8")).hexdigest()[:24]
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -594,7 +559,6 @@ def main(argv=None):
     report.add_argument("--annotations", help="write the verdicts here as alpaca_eval's annotations.json")
     args = parser.parse_args(argv)
     {"human": run_human, "judge": run_judge, "report": run_report}[args.command](args)
-
 
 if __name__ == "__main__":
     main()

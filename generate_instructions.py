@@ -21,7 +21,6 @@ import openai
 from rouge_score.tokenize import tokenize as rouge_tokenize
 from tqdm import tqdm
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed_tasks", default="seed_tasks.jsonl", help="self-instruct seed tasks (JSONL)")
@@ -51,7 +50,6 @@ def parse_args(argv=None):
         p.error("--concurrency and --num_prompt_instructions must be >= 1, --max_retries >= 0")
     return args
 
-
 # 1. The prompt: asked for 20 tasks and shown 3, the teacher writes tasks 4..19 and stops when it starts task 20.
 NUM_TASKS_PER_PROMPT = 20
 PREAMBLE = f"""\
@@ -71,7 +69,6 @@ piece of code), never a placeholder, and keep it under 100 words. When it needs 
 
 Tasks:
 """
-
 
 def load_seed_tasks(path):
     """Self-instruct seed tasks, one JSON object a line, as {instruction, input, output} (from instances[0])."""
@@ -100,7 +97,6 @@ def load_seed_tasks(path):
         raise SystemExit(f"{path}: no seed tasks")
     return seeds
 
-
 def encode_prompt(examples):
     prompt = PREAMBLE
     for i, example in enumerate(examples, 1):
@@ -109,11 +105,9 @@ def encode_prompt(examples):
         prompt += f"{i}. Output:\n{example['output']}\n"
     return prompt + f"###\n{len(examples) + 1}. Instruction:"
 
-
 # 2. Parsing the reply into tasks.
 TASK_RE = re.compile(r"\A\s*\d+\s*\.\s*Instruction:(.*?)^\s*\d+\s*\.\s*Input:(.*?)^\s*\d+\s*\.\s*Output:(.*)\Z",
                      re.DOTALL | re.MULTILINE)
-
 
 def parse_response(text, finish_reason, num_prompt_instructions, rejected):
     """Split a continuation into {instruction, input, output} tasks; count what cannot be used in `rejected`."""
@@ -133,14 +127,12 @@ def parse_response(text, finish_reason, num_prompt_instructions, rejected):
                       "output": output})
     return tasks
 
-
 # 3. The filters of the original recipe. Keep instructions of MIN_WORDS < words <= MAX_WORDS.
 MIN_WORDS, MAX_WORDS = 3, 150
 # A text-only model cannot see, draw, play or open anything, so tasks that ask for it are dropped.
 BLOCKED_WORDS = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
                  "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
 BLOCKED_RE = re.compile(r"\b(" + "|".join(BLOCKED_WORDS) + r")\b", re.IGNORECASE)
-
 
 def filter_task(task, index, rouge_threshold):
     """Why the task is rejected, the first filter that fails; or None after adding the recipe's similarity fields."""
@@ -160,10 +152,8 @@ def filter_task(task, index, rouge_threshold):
     task["avg_similarity_score"] = float(np.mean(scores))
     return None
 
-
 # 4. The loop: requests in flight; each reply's tasks filtered, and appended to --out as they pass.
 MAX_FAILED_IN_A_ROW = 3  # requests that fail for good (after the client's retries), back to back, before we stop
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -260,10 +250,8 @@ def main(argv=None):
               + (f" ({len(seeds)} seed tasks, {len(kept)} generated)" if args.export_seeds else ""))
     return dict(stats, kept=len(kept), failed=len(failures), rejected=dict(rejected), usd=spent)
 
-
 def cost_usd(args, stats):
     return (stats["prompt_tokens"] * args.price_in + stats["completion_tokens"] * args.price_out) / 1e6
-
 
 def within_budget(args, stats, num_pending):
     """Whether one more request fits --max_usd, counting those in flight at the average price so far."""
@@ -272,11 +260,9 @@ def within_budget(args, stats, num_pending):
         return num_pending == 0 and spent < args.max_usd
     return spent + (num_pending + 1) * spent / stats["requests_ok"] <= args.max_usd
 
-
 # Plumbing. ROUGE-L, exact and fast: every new instruction is compared with all kept so far (1.4G pairs for 52K).
 def rouge_tokens(text):  # rouge_score's own tokenizer without stemming: lowercase, [a-z0-9]+ runs
     return rouge_tokenize(text, None)
-
 
 class RougeIndex:
     """ROUGE-L F-measures of a text against every text added so far, identical to rouge_score's (whose Python LCS
@@ -344,19 +330,16 @@ class RougeIndex:
             result[g["rows"][:n]] = f
         return result
 
-
 def _put(array, i, value):  # array[..., i] = value, doubling the last axis when it is full: amortized O(1) appends
     if i == array.shape[-1]:
         array = np.concatenate([array, np.zeros_like(array)], axis=-1)
     array[..., i] = value
     return array
 
-
 # The API. The client retries 408/409/429/5xx and network errors (with backoff, or as Retry-After asks). A server
 # that cannot give --max_new_tokens (a local one has a cap and a short context) says so with a 400; then, as the
 # original did on "reduce your prompt", we ask for what it can give; below MIN_NEW_TOKENS no whole task fits: stop.
 MIN_NEW_TOKENS, LOWERING = 256, threading.Lock()
-
 
 def call_api(client, args, prompt):  # -> text, finish_reason, prompt_tokens, completion_tokens
     create = client.chat.completions.create if args.api == "chat" else client.completions.create
@@ -391,7 +374,6 @@ def call_api(client, args, prompt):  # -> text, finish_reason, prompt_tokens, co
         raise ValueError(f"malformed response: {str(response)[:200]!r}")
     return text, choice.finish_reason, *(getattr(usage, k, 0) or 0 for k in ("prompt_tokens", "completion_tokens"))
 
-
 def tokens_allowed(error, asked):
     """The most completion tokens a server says it can give, when it refused `asked` as too many (OpenAI's,
     vLLM's and sample.py --serve's wordings; half of `asked` when it gives no number); None for other errors."""
@@ -404,7 +386,6 @@ def tokens_allowed(error, asked):
     context = re.search(r"maximum context length is (\d+) tokens", text)
     prompt = re.search(r"(\d+) in (?:the|your) (?:messages|prompt)|request has (\d+) input tokens", text)
     return int(context.group(1)) - int(prompt.group(1) or prompt.group(2)) if context and prompt else asked // 2
-
 
 # Files. --out is append-only, one kept task a line, flushed: a killed run loses at most the line it was writing.
 def resume_jsonl(path):
@@ -425,11 +406,9 @@ def resume_jsonl(path):
         os.truncate(path, whole)
     return records
 
-
 def append_jsonl(file, record):
     file.write(json.dumps(record, ensure_ascii=False) + "\n")
     file.flush()
-
 
 def write_atomic(path, text):
     """Write to path.tmp, then rename: a crash leaves the old file or the new one, never half of one."""
@@ -438,7 +417,6 @@ def write_atomic(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
-
 
 if __name__ == "__main__":
     try:

@@ -41,7 +41,6 @@ top_p = 0.9
 seed = 1337
 batch_size = 16
 
-
 def sample_next(logits, temperature, top_k, top_p, u):
     """The next token of each row of logits (B, V): greedy at temperature 0, else drawn from the softmax cut to the
     top_k likeliest tokens, then to the fewest likeliest holding top_p of the probability. u (B,) in (0, 1] are the
@@ -62,7 +61,6 @@ def sample_next(logits, temperature, top_k, top_p, u):
     # Tokens cut above have zero width on the cdf, so no u in (0, 1] can land on them.
     choice = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).clamp_(max=cdf.size(-1) - 1)
     return choice.squeeze(-1) if ids is None else ids.gather(-1, choice).squeeze(-1)
-
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -123,13 +121,11 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
         logits = model(next_tokens[:, None], positions[:, pos:pos + 1], mask, cache=cache, cache_pos=pos)[:, -1]
     return new_ids
 
-
 def settled(text, shown, holdback=0):
     """How much of a growing decoded text can be shown: not half a character (the ids so far are decoded as a
     whole, since sentencepiece joins pieces across token boundaries), nor the last `holdback` characters."""
     end = len(text.rstrip("\ufffd")) - holdback
     return end if end > len(shown) and text.startswith(shown) else len(shown)
-
 
 def print_answer(model, tokenizer, args, instruction, input, logits_processor, seed):
     """Answer one instruction, printing the response as it grows; (tokens, seconds)."""
@@ -152,7 +148,6 @@ def print_answer(model, tokenizer, args, instruction, input, logits_processor, s
     print(text[len(shown):] if text.startswith(shown) else "", flush=True)
     return len(ids), time.time() - start
 
-
 def interact(model, tokenizer, args, logits_processor):
     print("Type an instruction (and, when asked, an optional input). Ctrl-D or 'quit' ends.")
     turn = 0
@@ -170,7 +165,6 @@ def interact(model, tokenizer, args, logits_processor):
         print("Response: ", end="", flush=True)
         print_answer(model, tokenizer, args, instruction, input_text, logits_processor, args.seed + turn)
         turn += 1
-
 
 def read_items(path):
     """(id, dataset, instruction, input) for each instance of an evaluation file, checked before any work starts.
@@ -203,7 +197,6 @@ def read_items(path):
             seen[item_id] = where
             items.append(dict(id=item_id, dataset=dataset, instruction=instruction, input=input, where=where))
     return items
-
 
 def run_batches(model, tokenizer, items, args, settings, logits_processor, processes):
     """Answer items, appending each batch's lines to a working JSONL as they come: --out itself, or x.jsonl for
@@ -254,7 +247,6 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
         os.remove(path)
     print(f"wrote {args.out}" + (f" and {work}" if work != args.out else ""))
 
-
 def load(args):
     if not os.path.isdir(args.checkpoint):
         raise SystemExit(f"{args.checkpoint}: no such checkpoint folder")
@@ -267,7 +259,6 @@ def load(args):
         raise SystemExit(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's "
                          f"{model.args.vocab_size}")
     return model, tokenizer
-
 
 def make_logits_processor(args, model, tokenizer):
     """(hook, watermark): the watermark, if asked for, and a ban on ids the tokenizer cannot decode (a model's
@@ -284,7 +275,6 @@ def make_logits_processor(args, model, tokenizer):
         return logits
 
     return (process if watermark is not None or n_tokens < model.args.vocab_size else None), watermark
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,7 +322,6 @@ def parse_args(argv=None):
         args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     return args
 
-
 def main(argv=None):
     args = parse_args(argv)
     items = read_items(args.inp) if args.inp else None  # bad input stops us here, before any loading
@@ -360,7 +349,6 @@ def main(argv=None):
     else:
         interact(model, tokenizer, args, logits_processor)
 
-
 # Plumbing: append-only files that survive a kill, and several processes.
 
 def resume_jsonl(path):
@@ -382,11 +370,9 @@ def resume_jsonl(path):
             raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line")
     return records
 
-
 def append_jsonl(file, record):
     file.write(json.dumps(record, ensure_ascii=False) + "\n")
     file.flush()
-
 
 def write_atomic(path, text):
     """Write path via a temp file and a rename: a kill never leaves half a file."""
@@ -395,7 +381,6 @@ def write_atomic(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-
 
 def read_outputs(work, settings):
     """({id: record}, shards) of the lines already in the working JSONL and in the shards of any run's processes.
@@ -414,7 +399,6 @@ def read_outputs(work, settings):
             finished.setdefault(record["id"], record)
     return finished, shards
 
-
 def join_processes(args):
     """(rank, number of processes, barrier). Under torchrun each process holds the whole model on its own device
     (one GPU each) and answers its share of the items. They meet only before and after the work, so a barrier
@@ -430,8 +414,6 @@ def join_processes(args):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
     return dist.get_rank(), world_size, dist.barrier
-
-
 
 # The web demo (--serve). Alpaca was released with one: outputs went through OpenAI's content filter, every output
 # was watermarked, and users were asked to flag what worried them. The page talks to our OpenAI-compatible API, so
@@ -517,17 +499,14 @@ ENDPOINTS = {"/": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/ch
              "/flag": "POST"}
 INF = float("inf")
 
-
 class ApiError(Exception):
     """A request the server refuses, answered with OpenAI's error body; the server goes on serving."""
 
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
-
 class Stop(Exception):
     """Raised from on_token to end generate() early, once every job of the batch has its answer."""
-
 
 def number(body, name, default, low, high, integer=False):
     value = body.get(name)
@@ -538,7 +517,6 @@ def number(body, name, default, low, high, integer=False):
         raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'} {bounds}, got "
                        f"{json.dumps(value)[:40]}", name)
     return value
-
 
 def chat_to_alpaca(messages):
     """(instruction, input) for chat messages. Alpaca's prompt has no turns: the last message, which must be the
@@ -561,7 +539,6 @@ def chat_to_alpaca(messages):
         raise ApiError(400, "the last message must be the user's, and not empty", "messages")
     return turns[-1][1], "\n\n".join(content if role in ("system", "developer") else f"{role.title()}: {content}"
                                      for role, content in turns[:-1])
-
 
 def read_request(body, chat, demo):
     """A completion request checked field by field, as a job for the worker. /v1/completions continues its
@@ -617,7 +594,6 @@ def read_request(body, chat, demo):
         pieces=queue.Queue(), cancelled=threading.Event(), ids=[], shown="", text="", finish_reason=None, error=None,
         holdback=max(map(len, stop), default=1) - 1)  # text that may start a stop string waits until it cannot
 
-
 def run_jobs(demo):
     """The one thread that uses the model. It takes the oldest waiting job and up to --batch_size - 1 later ones
     that sample alike, and generates them as one batch: generate() gives each row what it would give alone (own
@@ -669,7 +645,6 @@ def run_jobs(demo):
                 job.error = f"generation failed: {type(e).__name__}: {e}"
                 job.pieces.put(None)
 
-
 def moderate(demo, text):
     """The categories the moderation endpoint flags text for: [] when clean, or when the filter is off."""
     if demo.moderation is None or not text.strip():
@@ -683,14 +658,12 @@ def moderate(demo, text):
         raise ApiError(503, f"the content filter is unavailable, so nothing is shown ({e})", kind="server_error")
     return (categories or ["unspecified"]) if result.flagged else []
 
-
 def log_flag(demo, flagged_by, instruction, input, output, reason):
     with demo.flags_lock, open(demo.args.flags, "a", encoding="utf-8") as f:
         append_jsonl(f, {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "instruction": instruction,
                          "input": input, "output": output, "reason": reason, "flagged_by": flagged_by,
                          "watermark": demo.watermark_params})
         os.fsync(f.fileno())
-
 
 class DemoHandler(BaseHTTPRequestHandler):
     """One thread per connection (ThreadingHTTPServer): a client that connects and sends nothing holds only
@@ -834,7 +807,6 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-
 def make_server(model, tokenizer, args):
     """The demo's HTTP server with its worker thread started: call serve_forever(), then close_server()."""
     logits_processor, watermark = make_logits_processor(args, model, tokenizer)
@@ -865,7 +837,6 @@ def make_server(model, tokenizer, args):
     demo.worker.start()
     return server
 
-
 def close_server(server):
     server.server_close()
     with server.demo.waiting:
@@ -874,7 +845,6 @@ def close_server(server):
             job.cancelled.set()
         server.demo.waiting.notify()
     server.demo.worker.join(timeout=10)
-
 
 def serve(model, tokenizer, args):
     server = make_server(model, tokenizer, args)
@@ -890,7 +860,6 @@ def serve(model, tokenizer, args):
         print("stopping", flush=True)
     finally:
         close_server(server)
-
 
 if __name__ == "__main__":
     main()

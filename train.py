@@ -73,7 +73,6 @@ tiny_recipe = dict(epochs=28, batch_size=8, learning_rate=2e-3, warmup_ratio=0.0
 
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
-
 @dataclass
 class ModelArgs:
     # Field names follow Meta's params.json, so a checkpoint's params.json loads as is.
@@ -100,7 +99,6 @@ class ModelArgs:
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
 
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -118,7 +116,6 @@ class RMSNorm(nn.Module):
             return y.to(torch.get_autocast_dtype(x.device.type))
         return y
 
-
 def rope_inv_freq(config, device=None):
     # The rotary frequencies of each head's feature pairs, in fp32; for Llama 3.1+ scaled as Meta's apply_scaling:
     # long wavelengths slowed by the factor, short ones kept, the band between blended smoothly.
@@ -131,20 +128,17 @@ def rope_inv_freq(config, device=None):
     scaled = torch.where(wavelen > config.original_max_seq_len / low, inv_freq / config.rope_scaling_factor, blended)
     return torch.where(wavelen < config.original_max_seq_len / high, inv_freq, scaled)
 
-
 def rope_rotation(config, positions):
     # cos + i sin per position (B, T) and feature pair, complex64, made once per forward from integer positions: exact
     # in fp32 whatever the blocks compute in (FSDP2's MixedPrecisionPolicy casts floating-point inputs, not complex).
     angles = positions.float()[..., None] * rope_inv_freq(config, positions.device)
     return torch.polar(torch.ones_like(angles), angles)[:, :, None]
 
-
 def apply_rope(x, rotation):
     # Meta rotates interleaved pairs (x0, x1), ... of each head: as complex numbers x0 + i x1, one multiplication by
     # cos + i sin in fp32: one kernel each way instead of about ten (a large share of an eager step on CPU).
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
-
 
 class Attention(nn.Module):
     def __init__(self, config):
@@ -172,14 +166,12 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
-
 def ffn_hidden_dim(config):
     # LLaMA's rule: 2/3 of 4*dim (SwiGLU has three matrices), scaled, rounded up to a multiple of multiple_of.
     hidden = int(2 * 4 * config.dim / 3)
     if config.ffn_dim_multiplier is not None:
         hidden = int(config.ffn_dim_multiplier * hidden)
     return config.multiple_of * ((hidden + config.multiple_of - 1) // config.multiple_of)
-
 
 class FeedForward(nn.Module):
     def __init__(self, config):
@@ -192,7 +184,6 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-
 class TransformerBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -204,7 +195,6 @@ class TransformerBlock(nn.Module):
     def forward(self, x, rotation, mask=None, cache=None, cache_pos=0):
         x = x + self.attention(self.attention_norm(x), rotation, mask, cache, cache_pos)
         return x + self.feed_forward(self.ffn_norm(x))
-
 
 class Transformer(nn.Module):
     def __init__(self, config):
@@ -269,7 +259,6 @@ class Transformer(nn.Module):
             raise SystemExit(f"{path}: {e}")
         return model
 
-
 class LoRALinear(nn.Module):
     # A frozen linear layer plus a trainable low-rank update (Hu et al., 2021): y = W x + (alpha / R) B A x, with A
     # (R x in) and B (out x R) in fp32. The weight keeps its name (wq.weight): merged, the names are the base's.
@@ -286,7 +275,6 @@ class LoRALinear(nn.Module):
         update = F.linear(F.linear(F.dropout(x, self.dropout, self.training), a), b)
         return F.linear(x, self.weight) + self.scale * update
 
-
 def add_lora(model, rank, alpha, dropout, targets, seed):
     # The adapters' initial values are drawn on the CPU from a seeded generator (the same on any number of processes):
     # A as nn.Linear draws a weight (uniform +-1/sqrt(in), as PEFT), B zero, so step 0 is the base model exactly.
@@ -302,7 +290,6 @@ def add_lora(model, rank, alpha, dropout, targets, seed):
             if name.endswith(".lora_a") else torch.zeros(p.shape) for name, p in model.named_parameters()
             if ".lora_" in name}
 
-
 def merge_lora(state, scale):
     # W + scale * B A, every tensor in fp32 as a full run writes them (W + B A rounded to bf16 loses much of B A).
     for name in [n for n in state if n.endswith(".lora_a")]:
@@ -310,7 +297,6 @@ def merge_lora(state, scale):
         a, b = state.pop(prefix + "lora_a").float(), state.pop(prefix + "lora_b").float()
         state[prefix + "weight"] = state[prefix + "weight"].float() + scale * (b @ a)
     return {name: t.float() for name, t in state.items()}
-
 
 def apply_adapters(state, path):
     # A run's consolidated.00.pth again, for whoever has the base model and only its small adapters.safetensors.
@@ -325,12 +311,10 @@ def apply_adapters(state, path):
             raise SystemExit(f"{path}: adapter '{name}' of shape {tuple(t.shape)} does not fit the base model")
     return merge_lora({**state, **adapters}, float(meta["lora_alpha"]) / int(meta["lora_rank"]))
 
-
 def find_tokenizer(folder):
     # Meta's file in HF's Llama 3 repos is original/tokenizer.model; none: tokenizer.model, for the caller to report.
     paths = [os.path.join(folder, n) for n in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")]
     return next((p for p in paths if os.path.exists(p)), paths[0])
-
 
 class Tokenizer:
     # sentencepiece (LLaMA 1/2, Mistral, the demo) or Llama 3's BPE (tiktoken, from Meta's rank file or tokenizer.json).
@@ -365,7 +349,6 @@ class Tokenizer:
     def decode(self, ids):
         return self.tt.decode(list(ids)) if hasattr(self, "tt") else self.sp.decode(list(ids))
 
-
 def train_tokenizer(texts, path, vocab_size):
     # A small LLaMA-style BPE tokenizer (unk 0, bos 1, eos 2, byte fallback) for the from-scratch demo. As LLaMA's,
     # it keeps text as is (sentencepiece's default turns newlines into spaces): decode(encode(t)) == t.
@@ -379,7 +362,6 @@ def train_tokenizer(texts, path, vocab_size):
                                    max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
     write_atomic(path, model.getvalue())
 
-
 # Alpaca's prompt, byte for byte: released Alpaca models (and sample.py) expect exactly this text.
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"
@@ -388,10 +370,8 @@ PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.\n\n"
                    "### Instruction:\n{instruction}\n\n### Response:")
 
-
 def format_prompt(instruction, input=""):
     return (PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT).format(instruction=instruction, input=input)
-
 
 def read_records(path):
     # (where, number, record) for each value of a JSON array or JSONL file; where names file and line (or item).
@@ -410,7 +390,6 @@ def read_records(path):
     if not isinstance(records[0][1], list):
         raise SystemExit(f"{path}: expected a JSON array")
     return [(f"{path}: item {i}", i, item) for i, item in enumerate(records[0][1])]
-
 
 def read_examples(path):
     # {instruction, input, output} examples; a self-instruct seed task ({instruction, instances: [{input, output}]})
@@ -443,7 +422,6 @@ def read_examples(path):
         print(f"data: dolly fields (context -> input, response -> output) in {path}")
     return examples
 
-
 def tokenize_example(tokenizer, example, max_seq_len, stats):
     # Ids of prompt + response + EOS, and how many lead ids are prompt (no loss). As in Alpaca, the joint tokenization
     # (text the tokenizer really produces); the prompt is what it shares with the prompt alone, so a piece straddling
@@ -467,7 +445,6 @@ def tokenize_example(tokenizer, example, max_seq_len, stats):
             response_ids = response_ids[:max_seq_len - len(prompt_ids)]
     return prompt_ids + response_ids, len(prompt_ids)
 
-
 def pack(examples, max_seq_len):
     # First-fit decreasing (few rows, deterministic); n tokens take n - 1 positions (inputs [:-1], targets [1:]).
     rows, space = [], []
@@ -480,7 +457,6 @@ def pack(examples, max_seq_len):
         rows[r].append(i)
         space[r] -= n
     return rows
-
 
 def make_batch(rows, examples, dev):
     # Targets are -100 where there is no loss; positions restart and the mask keeps each example to itself (causal).
@@ -500,7 +476,6 @@ def make_batch(rows, examples, dev):
     mask = (doc[:, :, None] == doc[:, None, :]) & torch.ones(length, length, dtype=torch.bool).tril()
     return tokens.to(dev), targets.to(dev), positions.to(dev), mask[:, None].to(dev)
 
-
 def split_rows(rows, rank, world_size, micro_batch_size):
     # Every process runs as many micro-batches (FSDP's collectives need it): one short of them runs an empty row (no
     # loss) for each it lacks. A micro-batch is not filled up with empty rows: each would cost a forward.
@@ -509,14 +484,12 @@ def split_rows(rows, rank, world_size, micro_batch_size):
     micro = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
     return micro + [[[]]] * (n_micro - len(micro))
 
-
 def lr_at(step, total_steps, learning_rate, warmup_ratio):
     # Linear warmup then cosine decay to zero, as Hugging Face's cosine schedule used by Alpaca (step 0 has lr 0).
     warmup = math.ceil(warmup_ratio * total_steps)
     if step < warmup:
         return learning_rate * step / warmup
     return learning_rate * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
 
 def evaluate(model, examples, dev, autocast, max_seq_len, micro_batch_size):
     # Mean loss per response token over the validation examples, across all processes.
@@ -531,7 +504,6 @@ def evaluate(model, examples, dev, autocast, max_seq_len, micro_batch_size):
     dist.all_reduce(loss_sum)
     model.train()
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
-
 
 def greedy_answer(model, tokenizer, instruction, input, dev, dtype, max_new_tokens=300):
     # The end-of-run demo's answer (sample.py is the real sampler): the prompt once, then one token at a time on the
@@ -552,7 +524,6 @@ def greedy_answer(model, tokenizer, instruction, input, dev, dtype, max_new_toke
     model.train()
     return tokenizer.decode(new)
 
-
 def flops_of(rows, examples, config, frozen=False):
     # 6 per parameter per token for the blocks, the output layer on supervised tokens only, attention 6·L·dim·n² for
     # n tokens; 4 for a frozen model (LoRA: no weight gradients; the adapters' ~1% at rank 16 left out).
@@ -564,7 +535,6 @@ def flops_of(rows, examples, config, frozen=False):
         total += (4 if frozen else 6) * (block_params * n + config.dim * config.vocab_size * (n - n_prompt + 1))
         total += 6 * config.n_layers * config.dim * n * n
     return total
-
 
 def measure_peak_flops(dev, dt):
     # A GPU's dense bf16 peak from its spec sheet; a CPU has none: time a large matmul in dt and call that the peak.
@@ -578,7 +548,6 @@ def measure_peak_flops(dev, dt):
         a @ a
         best = min(best, time.perf_counter() - t0) if i >= 10 else best
     return 2 * 1024 ** 3 / best
-
 
 def show_answers(model, tokenizer, examples, dev, dtype, log):
     # Greedy answers to a training instruction and a held-out one: a small model learns the first long before it
@@ -594,7 +563,6 @@ def show_answers(model, tokenizer, examples, dev, dtype, log):
         log(f"\n{kind} instruction: {example['instruction']}"
             + (f"\ninput: {example['input']}" if example["input"] else "")
             + f"\nmodel's answer: {reply}\nreference answer: {example['output']}\nROUGE-L: {rouge:.2f}")
-
 
 def prepare_data(args, log):
     # A seeded validation split held out, the tokenizer (the demo's trained on the training split), all tokenized.
@@ -618,7 +586,6 @@ def prepare_data(args, log):
         f"{args.max_seq_len} tokens: {stats['prompts_cut']} prompts and {stats['responses_cut']} responses "
         f"({stats['tokens_dropped']} tokens dropped)")
     return tokenizer, train_raw, val_raw, train_set, val_set
-
 
 def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
     # --init (or the demo's random tiny LLaMA), with LoRA if asked, built on the meta device, sharded (FSDP2: each
@@ -662,7 +629,6 @@ def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
         f"{config.vocab_size}; {world_size} process(es) on {dev.type}, {args.dtype}")
     return model, bool(mp)
 
-
 def start_processes(device):
     # One process (python train.py) or many (torchrun, FSDP): a process group either way, so the code is the same.
     dev = torch.device(device)
@@ -675,7 +641,6 @@ def start_processes(device):
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size(), dev
-
 
 def main(argv=None):
     import resource  # Unix only, hence here
@@ -768,7 +733,6 @@ def main(argv=None):
         + f"; {time.perf_counter() - t_main:.1f} s in all (after Python's imports)")
     dist.destroy_process_group()
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Plumbing: checkpoint files in (Meta's and Hugging Face's layouts, their tokenizers), checkpoint files out (Meta's
 # layout, the resume state, Hugging Face's layout), the command line.
@@ -803,7 +767,6 @@ def read_meta_checkpoint(path):
         state[name] = pieces[0] if pieces[0].shape == full else torch.cat(pieces, dim=dims[0])
     return config, state
 
-
 # Hugging Face's names for ModelArgs' fields in config.json and for the tensors: read_hf_checkpoint maps them in,
 # export_hf out.
 HF_CONFIG = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
@@ -817,19 +780,16 @@ HF_BLOCK = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.w
             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
             "post_attention_layernorm": "ffn_norm"}
 
-
 def hf_names(config):
     # {Hugging Face tensor name: ours} for every tensor of the model (the output layer is absent when tied).
     return {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
             "lm_head.weight": "output.weight"} | {f"model.layers.{i}.{h}.weight": f"layers.{i}.{m}.weight"
                                                   for i in range(config.n_layers) for h, m in HF_BLOCK.items()}
 
-
 def hf_to_meta_qk(w, n_heads, inverse=False):
     # HF orders each head's q/k rows halves-first for its rotate-half RoPE, Meta interleaves them; inverse: to HF's.
     halves = (n_heads, w.shape[0] // n_heads // 2, 2) if inverse else (n_heads, 2, w.shape[0] // n_heads // 2)
     return w.reshape(*halves, w.shape[1]).transpose(1, 2).reshape(w.shape)
-
 
 def config_from_hf(cfg, where):
     # ModelArgs from a config.json as transformers 4.x (top-level rope_theta, rope_scaling) or 5.x (rope_parameters)
@@ -858,7 +818,6 @@ def config_from_hf(cfg, where):
     if int(8 * config.dim / 3) > hidden:
         config.ffn_dim_multiplier = hidden / int(8 * config.dim / 3)
     return config
-
 
 def read_hf_checkpoint(path):
     with open(os.path.join(path, "config.json")) as f:
@@ -889,7 +848,6 @@ def read_hf_checkpoint(path):
             state[names.get(name, name)] = tensor
     return config, state
 
-
 # Llama 3's tokenizer as Meta's reference builds it: its split pattern, and 256 special tokens after the BPE ranks.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -897,7 +855,6 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_to
                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
 LLAMA3_SPECIAL += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
-
 
 def read_tiktoken_ranks(path):
     # Meta's format: a base64 token and its rank per line. (tiktoken's load_tiktoken_bpe caches files by path,
@@ -912,7 +869,6 @@ def read_tiktoken_ranks(path):
             except ValueError:
                 raise SystemExit(f"{path}:{lineno}: expected a base64 token and its rank")
     return ranks
-
 
 def read_tokenizer_json(path):
     # The BPE ranks and split pattern of a byte-level tokenizer.json (Llama 3's), for tiktoken. Its token ids serve
@@ -941,7 +897,6 @@ def read_tokenizer_json(path):
         raise SystemExit(f"{path}: model.vocab ids are not 0..{len(ranks) - 1}")
     return ranks, splits[0]["pattern"]["Regex"], special
 
-
 def write_atomic(path, payload):
     # Bytes (or an object, torch.save'd) via a temp file and a rename: a crash never leaves half a file.
     with open(f"{path}.tmp", "wb") as f:
@@ -949,7 +904,6 @@ def write_atomic(path, payload):
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
-
 
 # The resume state is out_dir/resume/: the model and optimizer, sharded (torch.distributed.checkpoint, so a run may
 # resume on another number of processes), and step.json, written last, which marks it complete. With LoRA it holds
@@ -985,7 +939,6 @@ def save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, lor
         repair_resume(out_dir)
     dist.barrier()
 
-
 def repair_resume(out_dir):
     # Rank 0: the newest complete state (with step.json) becomes resume/, the rest goes, whatever a save or a crash in
     # it left; each step below leaves a state this repairs again, so a crash here is harmless too.
@@ -1009,13 +962,11 @@ def repair_resume(out_dir):
     for path in (tmp_dir, old_dir):
         discard(path)
 
-
 def trainable_state(model, optimizer):
     # As saved and loaded: only what trains (dcp.load refuses a checkpoint that lacks any of it).
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
             "optim": get_optimizer_state_dict(model, optimizer)}
-
 
 def load_resume_state(model, optimizer, out_dir):
     import torch.distributed.checkpoint as dcp
@@ -1032,7 +983,6 @@ def load_resume_state(model, optimizer, out_dir):
                    options=StateDictOptions(strict=False))
     with open(os.path.join(resume_dir, "step.json")) as f:
         return json.load(f)["step"]
-
 
 def export_hf(state, config, tokenizer_path, folder):
     # A LlamaForCausalLM folder (transformers 4.x and 5.x, vLLM) from the import's tables read backwards, with the
@@ -1069,7 +1019,6 @@ def export_hf(state, config, tokenizer_path, folder):
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
 
-
 def parse_args(argv):
     # The settings at the top as flags, --name=value, their values there as defaults (a boolean also bare:
     # --resume). Without --init the demo's tiny_recipe replaces Alpaca's values; a flag given overrides either.
@@ -1087,7 +1036,6 @@ def parse_args(argv):
         parser.add_argument(f"--{name}", help=f"default {default!r}{demo}", **kind)
     given = vars(parser.parse_args(argv))
     return argparse.Namespace(**{**settings, **({} if given.get("init", settings["init"]) else tiny_recipe), **given})
-
 
 if __name__ == "__main__":
     main()

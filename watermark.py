@@ -40,7 +40,6 @@ MINHASH_TABLE_SEED = 2971215073
 # "all", its default. ngrams over-flags selfhash, where a quarter of windows seed from the candidate alone.
 COUNTINGS = ("pairs", "ngrams", "all")
 
-
 def check_params(vocab_size, gamma, scheme, key):
     if scheme not in CONTEXT_WIDTH:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {sorted(CONTEXT_WIDTH)}")
@@ -51,23 +50,19 @@ def check_params(vocab_size, gamma, scheme, key):
     if not isinstance(key, int) or not 0 < key < 2**63:
         raise ValueError(f"key must be an integer in [1, 2**63), got {key!r}")
 
-
 def key_fingerprint(key):
     # Recorded with outputs instead of the key, so the detector can tell "wrong key" from "no watermark". It protects
     # nothing: a small key is found by trying them all, so use a large random one (secrets.randbelow(2**62)).
     return hashlib.sha256(f"watermark-key:{key}".encode()).hexdigest()[:12]
-
 
 def lefthash_seed(prev_token, key):
     # The paper's Algorithm 2 ("simple_1"): key x previous token, modulo 2**64 - 1 to fit torch's manual_seed, as in
     # the reference and Hugging Face (the oldest reference omits the modulo: the same for the default key).
     return (key * prev_token) % (2**64 - 1)
 
-
 @functools.lru_cache(maxsize=1)
 def minhash_table():
     return torch.randperm(MINHASH_TABLE_SIZE, generator=torch.Generator().manual_seed(MINHASH_TABLE_SEED)).numpy()
-
 
 def selfhash_seed(window, key):
     # The reference's anchored min-hash over [t-3, t-2, t-1, candidate]: the least hash(token) x hash(candidate) x key,
@@ -76,13 +71,11 @@ def selfhash_seed(window, key):
     hashes = [int(minhash_table()[token % MINHASH_TABLE_SIZE]) + 1 for token in window]
     return min((key * h * hashes[-1] + 2**63) % 2**64 - 2**63 for h in hashes) % (2**64 - 1)
 
-
 def green_ids(seed, vocab_size, gamma):
     # Always a CPU generator: CUDA's randperm gives different numbers for the same seed, so a green list drawn on
     # the model's device would make detection depend on where the model ran (the reference has this flaw).
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randperm(vocab_size, generator=generator)[: int(vocab_size * gamma)]
-
 
 @functools.lru_cache(maxsize=2048)
 def lefthash_mask(prev_token, vocab_size, gamma, key, device="cpu"):
@@ -91,11 +84,9 @@ def lefthash_mask(prev_token, vocab_size, gamma, key, device="cpu"):
     mask = torch.zeros(vocab_size, dtype=torch.bool)
     return mask.index_fill_(0, green_ids(lefthash_seed(prev_token, key), vocab_size, gamma), True).to(device)
 
-
 @functools.lru_cache(maxsize=2**16)
 def selfhash_is_green(window, vocab_size, gamma, key):
     return bool((green_ids(selfhash_seed(window, key), vocab_size, gamma) == window[-1]).any())
-
 
 def top_candidates(row_logits, k):
     # The k highest logits, ties at the cut broken towards the lower id so every device and dtype picks the same set
@@ -104,7 +95,6 @@ def top_candidates(row_logits, k):
     kth = row.topk(min(k, row.numel())).values[-1]
     above, tied = (row > kth).nonzero().flatten().tolist(), (row == kth).nonzero().flatten().tolist()
     return above + tied[: k - len(above)]
-
 
 class WatermarkProcessor:
     """Embedding: proc(prev_tokens, logits) adds delta to the green logits of each row of the raw next-token logits
@@ -139,10 +129,8 @@ class WatermarkProcessor:
                     logits[row, torch.tensor(ids, device=logits.device)] += self.delta
         return logits
 
-
 def normal_p_value(z):
     return 0.5 * math.erfc(z / math.sqrt(2))
-
 
 def binomial_p_value(green, total, gamma):
     """P(X >= green) for X ~ Binomial(total, gamma), summed in log space (exact where the z-test is approximate,
@@ -153,7 +141,6 @@ def binomial_p_value(green, total, gamma):
                  + k * math.log(gamma) + (total - k) * math.log1p(-gamma) for k in range(green, total + 1)]
     top = max(log_terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
-
 
 def score_tokens(token_ids, vocab_size, gamma, scheme, key, counting="pairs"):
     """Green/red for each scored token: (positions, greens). Token i is scored with the h tokens before it (h - 1 and
@@ -174,7 +161,6 @@ def score_tokens(token_ids, vocab_size, gamma, scheme, key, counting="pairs"):
         greens.append(bool(lefthash_mask(ngram[-2], vocab_size, gamma, key)[ngram[-1]]) if scheme == "lefthash"
                       else selfhash_is_green(ngram, vocab_size, gamma, key))
     return positions, greens
-
 
 def best_window(positions, greens, gamma, z_threshold):
     """The max-z window over all positions and sizes that could reach z_threshold: (window or None, too short,
@@ -197,7 +183,6 @@ def best_window(positions, greens, gamma, z_threshold):
     return ({"start": positions[start], "end": positions[end - 1] + 1, "num_tokens_scored": end - start,
              "num_green_tokens": green, "z_score": best, "p_value_binomial": p, "num_windows": searched,
              "p_value_corrected": corrected}, too_short, not too_short and corrected <= level)
-
 
 def detect(token_ids, vocab_size, gamma=DEFAULT_GAMMA, scheme="lefthash", key=DEFAULT_KEY,
            z_threshold=DEFAULT_Z_THRESHOLD, counting="pairs", window=False):
@@ -228,7 +213,6 @@ def detect(token_ids, vocab_size, gamma=DEFAULT_GAMMA, scheme="lefthash", key=DE
                   key_fingerprint=key_fingerprint(key), z_threshold=z_threshold, counting=counting)
     return result
 
-
 def resolve(args, record, where):
     """Detection settings for one input: the flags, checked against what generation recorded (if anything)."""
     record, settings = record if isinstance(record, dict) else {}, {}
@@ -245,7 +229,6 @@ def resolve(args, record, where):
         raise SystemExit(f"{where}: field 'watermark': generated with a key of fingerprint {record['key_fingerprint']}"
                          f", but --key has fingerprint {key_fingerprint(args.key)}; pass the key used at generation")
     return settings
-
 
 def report(result, args, line, tokenizer, token_ids):
     head, w = f"line {line}: " if line else "", result.get("window")
@@ -264,7 +247,6 @@ def report(result, args, line, tokenizer, token_ids):
         if w and tokenizer is not None:
             text += f"\n{head}  span: {tokenizer.decode(token_ids[w['start']:w['end']])!r}"
     print(text, flush=True)
-
 
 def read_jsonl(path, field):
     """(where, line number, text or token ids, the watermark params generation recorded) for each line of path."""
@@ -291,7 +273,6 @@ def read_jsonl(path, field):
             raise SystemExit(f"{where}: field {field!r} must be text or a list of token ids")
         inputs.append((where, number, value, row.get("watermark")))
     return inputs
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -344,7 +325,6 @@ def main(argv=None):
         except ValueError as e:
             raise SystemExit(f"{where}: {e}")
         report(result, args, line, tokenizer, ids)
-
 
 if __name__ == "__main__":
     main()

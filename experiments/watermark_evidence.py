@@ -25,11 +25,9 @@ import sample  # noqa: E402
 import train  # noqa: E402
 import watermark as wm  # noqa: E402
 
-
 def mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")
-
 
 def prompt_sets(examples, n, seed):
     """n seen prompts and n unseen: train.py's held-out split (its default seed and val_fraction), so unseen prompts
@@ -46,7 +44,6 @@ def prompt_sets(examples, n, seed):
         wa, wb = a["instruction"].split(), b["instruction"].split()
         unseen.append({"instruction": " ".join(wa[:len(wa) // 2] + wb[len(wb) // 2:]), "input": b["input"]})
     return {"seen": seen[:n], "unseen": unseen[:n]}, n_val
-
 
 def measuring_hook(tokenizer, args, prompts, watermark, modulus, entropy, spike):
     """generate's logits hook: bans ids past the tokenizer's (and EOS unless --stop_at_eos), records each live row's
@@ -66,7 +63,6 @@ def measuring_hook(tokenizer, args, prompts, watermark, modulus, entropy, spike)
         return logits if watermark is None else watermark(history, logits)
     return process
 
-
 def sample_texts(model, tokenizer, prompts, scheme, gamma, delta, args):
     """Generated ids for each prompt (multinomial at --temperature, top_p 1), and the mean entropy and spike entropy
     of the distributions they were sampled from."""
@@ -83,7 +79,6 @@ def sample_texts(model, tokenizer, prompts, scheme, gamma, delta, args):
                                    tokenizer.eos_id if args.stop_at_eos else None)
     return outputs, mean(entropy), mean(spike), alpha
 
-
 def score(texts, vocab_size, scheme, gamma, key, counting="pairs"):
     results = [wm.detect(ids, vocab_size, gamma, scheme, key, counting=counting) if ids else None for ids in texts]
     return {"T": mean([len(ids) for ids in texts]), "zs": [r["z_score"] for r in results if r],
@@ -92,7 +87,6 @@ def score(texts, vocab_size, scheme, gamma, key, counting="pairs"):
             "flagged": mean([bool(r and r["prediction"]) for r in results]),
             "hits": sum(bool(r and r["prediction"]) for r in results),
             "green": mean([r and r["green_fraction"] for r in results])}
-
 
 def table(args):
     """Table 2, then the false positives of the same run's unwatermarked texts."""
@@ -147,7 +141,6 @@ def table(args):
             print(f"| {scheme} | {gamma} | {counting} | {len(keys)} | " + " | ".join(cells) + " |", flush=True)
     print(f"table and false positives: {time.perf_counter() - start_time:.0f}s\n", flush=True)
 
-
 def overhead(args):
     """Decode cost of the watermark at batch 1, the case where its per-row Python work weighs most. The runs take
     turns (plain, cold, warm) so machine load hits all alike. Sampling at temperature 1 from random weights picks a
@@ -181,7 +174,6 @@ def overhead(args):
               f"({100 * warm / step:+.1f}%) warm (medians of {args.repeats}, {args.new_tokens} steps)", flush=True)
     print(f"watermark_overhead_batch1={100 * worst:.1f}%")
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["all", "table", "overhead"], default="all")
@@ -213,7 +205,6 @@ def main(argv=None):
         table(args)
     if args.part in ("all", "overhead"):
         overhead(args)
-
 
 if __name__ == "__main__":
     main()
