@@ -4,9 +4,8 @@ Supervised fine-tuning of LLaMA on instruction data: the Stanford Alpaca recipe 
     python train.py                                    # tiny LLaMA on seed_tasks.jsonl, on CPU, in about a minute
     torchrun --nproc_per_node=8 train.py --init=/path/to/llama-7b --data=alpaca_data.json
 
-Top to bottom: the recipe's settings (each a flag, --name=value; --help lists them), the model and LoRA, the
-tokenizer, the data (prompt format, loss mask, packing), the training loop's pieces, main; then the plumbing:
-checkpoint files in and out, the resume state, the command line.
+Top to bottom: the settings (each a flag, --name=value; --help lists them), the model and LoRA, the tokenizer, the
+data, the training loop's pieces, main; then the plumbing: checkpoint files in and out, resume, the command line.
 """
 import argparse
 import glob
@@ -53,21 +52,15 @@ dtype = "bfloat16"                # autocast dtype; "float32" turns mixed precis
 compile = False
 activation_checkpointing = False
 save_hf = False                   # also write out_dir/hf/: the model in Hugging Face's layout (transformers, vLLM)
-# LoRA (Hu et al., 2021): freeze the model, train a low-rank update of its linear layers: a 7-8B model on one GPU
-# (README). alpaca-lora used rank 8, alpha 16, dropout 0.05 and --learning_rate=3e-4 (adapters want a far higher
-# rate than full fine-tuning's 2e-5: set it yourself) on wq and wv only; every linear layer of the blocks here, as
-# QLoRA (Dettmers et al., 2023) found that needed to match full fine-tuning.
+# LoRA (Hu et al., 2021) trains a low-rank update of a frozen model: 7-8B on one GPU. Set --learning_rate=3e-4 or so
+# (alpaca-lora's). All linear layers, not alpaca-lora's wq,wv: QLoRA found that needed to match full fine-tuning.
 lora_rank = 0                     # 0: full fine-tuning (Alpaca); R > 0: rank-R adapters on a frozen model
 lora_alpha = 16.0                 # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05               # on the adapters' input only
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"
-# The demo's recipe: with no --init there is no pretrained model to fine-tune, so the demo trains a tiny LLaMA from
-# scratch on the seed tasks. From scratch needs other settings than fine-tuning: many passes, small batches, a high
-# learning rate, Adam's second moment over fewer steps; these replace the settings above, only then. fp32: bf16
-# autocast gains little at this size. Two layers learn the examples by heart in far fewer passes than four (a deeper
-# model sits longer on a plateau first), and a 4000-piece vocabulary (nearly whole words) leaves fewer tokens to
-# learn; lr 3e-3 or more plateaus longer too. 28 passes: ~55 s on 2 idle CPU cores, loss 8.3 -> ~0.1, the training
-# answer word for word (ROUGE-L 1.00), the held-out one noise (0.05): 171 examples are learned, not generalised from.
+# The demo (no --init) trains a tiny LLaMA from scratch on the seed tasks, which wants many passes, small batches and
+# a high rate. 2 layers and 4000 pieces (nearly whole words) learn them by heart sooner than 4 layers or lr >= 3e-3:
+# ~55 s on 2 CPU cores, loss 8.3 -> 0.1, training answer ROUGE-L 1.00, held-out 0.05; fp32, as bf16 gains nothing.
 tiny_model = dict(dim=128, n_layers=2, n_heads=4, vocab_size=4000, multiple_of=32, max_seq_len=512)
 tiny_recipe = dict(epochs=28, batch_size=8, learning_rate=2e-3, warmup_ratio=0.05, beta2=0.99, dtype="float32")
 
@@ -87,8 +80,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     head_dim: Optional[int] = None    # dim // n_heads unless a checkpoint says otherwise (HF's head_dim)
-    # Llama 3.1+: RoPE frequencies stretched for long context, with the factors of Meta's reference.
-    use_scaled_rope: bool = False
+    use_scaled_rope: bool = False     # Llama 3.1+: RoPE stretched for long context, by Meta's factors below
     rope_scaling_factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -106,19 +98,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # The mean of squares is taken in fp32: bf16 has too few bits to normalise well.
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = y.type_as(x) * self.weight
-        # Under autocast the matmuls that follow would each cast their own bf16 copy (three for q, k, v, two for
-        # the FFN), and each copy costs a pass forward and one back; cast once here instead, to the same values.
+        y = x.float()  # the mean of squares in fp32: bf16 has too few bits to normalise well
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # Under autocast each matmul that follows (q, k, v; two of the FFN) would cast its own bf16 copy, a pass
+        # forward and back each: cast once here instead, to the same values.
         if torch.is_autocast_enabled(x.device.type):
             return y.to(torch.get_autocast_dtype(x.device.type))
         return y
 
 def rope_inv_freq(config, device=None):
-    # The rotary frequencies of each head's feature pairs, in fp32; for Llama 3.1+ scaled as Meta's apply_scaling:
-    # long wavelengths slowed by the factor, short ones kept, the band between blended smoothly.
+    # Rotary frequencies in fp32; Llama 3.1+ as Meta's apply_scaling: long waves slowed, short kept, between blended.
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim)
     if not config.use_scaled_rope:
         return inv_freq
@@ -129,14 +118,13 @@ def rope_inv_freq(config, device=None):
     return torch.where(wavelen < config.original_max_seq_len / high, inv_freq, scaled)
 
 def rope_rotation(config, positions):
-    # cos + i sin per position (B, T) and feature pair, complex64, made once per forward from integer positions: exact
-    # in fp32 whatever the blocks compute in (FSDP2's MixedPrecisionPolicy casts floating-point inputs, not complex).
+    # cos + i sin per position (B, T) and pair, complex64, once per forward: exact in fp32 whatever the blocks compute
+    # in (FSDP2's MixedPrecisionPolicy casts floating-point inputs, not complex ones).
     angles = positions.float()[..., None] * rope_inv_freq(config, positions.device)
     return torch.polar(torch.ones_like(angles), angles)[:, :, None]
 
 def apply_rope(x, rotation):
-    # Meta rotates interleaved pairs (x0, x1), ... of each head: as complex numbers x0 + i x1, one multiplication by
-    # cos + i sin in fp32: one kernel each way instead of about ten (a large share of an eager step on CPU).
+    # Meta rotates interleaved pairs (x0, x1): as complex x0 + i x1, one kernel each way instead of about ten.
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
@@ -156,22 +144,18 @@ class Attention(nn.Module):
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rotation).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:  # sampling: keys and values of earlier tokens come from the cache
-            cache_k, cache_v = cache
-            cache_k[:, :, cache_pos:cache_pos + T] = k
-            cache_v[:, :, cache_pos:cache_pos + T] = v
-            k, v = cache_k[:, :, :cache_pos + T], cache_v[:, :, :cache_pos + T]
+            for stored, new in zip(cache, (k, v)):
+                stored[:, :, cache_pos:cache_pos + T] = new
+            k, v = (stored[:, :, :cache_pos + T].to(q.dtype) for stored in cache)  # no copy when dtypes match
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 def ffn_hidden_dim(config):
     # LLaMA's rule: 2/3 of 4*dim (SwiGLU has three matrices), scaled, rounded up to a multiple of multiple_of.
-    hidden = int(2 * 4 * config.dim / 3)
-    if config.ffn_dim_multiplier is not None:
-        hidden = int(config.ffn_dim_multiplier * hidden)
-    return config.multiple_of * ((hidden + config.multiple_of - 1) // config.multiple_of)
+    hidden = int((config.ffn_dim_multiplier or 1) * int(2 * 4 * config.dim / 3))
+    return config.multiple_of * math.ceil(hidden / config.multiple_of)
 
 class FeedForward(nn.Module):
     def __init__(self, config):
@@ -211,9 +195,8 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
 
     def forward(self, tokens, positions=None, mask=None, targets=None, cache=None, cache_pos=0, last_only=False):
-        # Logits (B, T, vocab), or given targets the summed cross-entropy where a target is not -100. mask (B, 1, T, S):
-        # True where a query may attend to a key. cache: per layer (k, v) of (B, n_kv_heads, S_max, head_dim), written
-        # at cache_pos..cache_pos+T. last_only: only the last position's logits, all that sampling needs.
+        # Logits (B, T, vocab), or with targets the summed cross-entropy where a target is not -100. mask (B, 1, T, S):
+        # where a query may see a key. cache: per layer (k, v), written at cache_pos. last_only: for sampling.
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=tokens.device).expand(B, T)
@@ -228,9 +211,8 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.logits(h[:, -1:] if last_only else h)
-        # Only response tokens carry a loss, so only they go through the (large) output layer. Their count is
-        # padded to a multiple of 256 with ignored entries: few distinct shapes, as each new one costs a kernel
-        # setup on CPU and a recompile under torch.compile.
+        # Only response tokens (a loss) go through the large output layer, their count padded to a multiple of 256:
+        # few distinct shapes, as each new one costs a kernel setup on CPU and a recompile under torch.compile.
         targets = targets.flatten()
         keep = (targets != -100).nonzero().squeeze(1)
         pad = -len(keep) % 256
@@ -254,14 +236,13 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = Transformer(config)
         try:  # strict: a missing, unexpected or misshapen tensor is named
-            model.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in state.items()}, assign=True)
+            model.load_state_dict({k: v.to(dtype or v.dtype) for k, v in state.items()}, assign=True)
         except RuntimeError as e:
             raise SystemExit(f"{path}: {e}")
         return model
 
 class LoRALinear(nn.Module):
-    # A frozen linear layer plus a trainable low-rank update (Hu et al., 2021): y = W x + (alpha / R) B A x, with A
-    # (R x in) and B (out x R) in fp32. The weight keeps its name (wq.weight): merged, the names are the base's.
+    # y = W x + (alpha / R) B A x: W frozen, A (R x in) and B (out x R) trained, in fp32. W keeps its name (wq.weight).
     def __init__(self, base, rank, alpha, dropout):
         super().__init__()
         self.weight = base.weight
@@ -269,15 +250,13 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, device=base.weight.device))
         self.scale, self.dropout = alpha / rank, dropout
 
-    def forward(self, x):
-        # In x's dtype, as autocast would do: a bf16 model also runs without it (the end-of-run answers).
-        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
-        update = F.linear(F.linear(F.dropout(x, self.dropout, self.training), a), b)
+    def forward(self, x):  # in x's dtype, as autocast would: a bf16 model runs without it too (the end's answers)
+        update = F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_a.to(x.dtype)),
+                          self.lora_b.to(x.dtype))
         return F.linear(x, self.weight) + self.scale * update
 
 def add_lora(model, rank, alpha, dropout, targets, seed):
-    # The adapters' initial values are drawn on the CPU from a seeded generator (the same on any number of processes):
-    # A as nn.Linear draws a weight (uniform +-1/sqrt(in), as PEFT), B zero, so step 0 is the base model exactly.
+    # Seeded on the CPU (alike on any number of processes): A drawn as nn.Linear (and PEFT), B zero: step 0 is the base.
     known = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
     if not targets or any(t not in known for t in targets):
         raise SystemExit(f"--lora_targets={','.join(targets)}: expected some of {','.join(known)}")
@@ -291,9 +270,8 @@ def add_lora(model, rank, alpha, dropout, targets, seed):
             if ".lora_" in name}
 
 def merge_lora(state, scale):
-    # W + scale * B A, every tensor in fp32 as a full run writes them (W + B A rounded to bf16 loses much of B A).
-    for name in [n for n in state if n.endswith(".lora_a")]:
-        prefix = name[:-len("lora_a")]
+    # W + scale * B A, all in fp32 as a full run writes them (W + B A rounded to bf16 loses much of B A).
+    for prefix in [n[:-len("lora_a")] for n in state if n.endswith(".lora_a")]:
         a, b = state.pop(prefix + "lora_a").float(), state.pop(prefix + "lora_b").float()
         state[prefix + "weight"] = state[prefix + "weight"].float() + scale * (b @ a)
     return {name: t.float() for name, t in state.items()}
@@ -305,14 +283,13 @@ def apply_adapters(state, path):
         meta, adapters = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
     if "lora_rank" not in meta or "lora_alpha" not in meta:
         raise SystemExit(f"{path}: no lora_rank/lora_alpha in its metadata: not an adapters file of train.py")
-    for name, t in adapters.items():
-        weight, dim = state.get(name.rsplit(".", 1)[0] + ".weight"), int(name.endswith(".lora_a"))
-        if weight is None or t.shape[dim] != weight.shape[dim]:
-            raise SystemExit(f"{path}: adapter '{name}' of shape {tuple(t.shape)} does not fit the base model")
-    return merge_lora({**state, **adapters}, float(meta["lora_alpha"]) / int(meta["lora_rank"]))
+    try:
+        return merge_lora({**state, **adapters}, float(meta["lora_alpha"]) / int(meta["lora_rank"]))
+    except (KeyError, RuntimeError) as e:
+        raise SystemExit(f"{path}: this adapters file does not fit the base model ({e})")
 
 def find_tokenizer(folder):
-    # Meta's file in HF's Llama 3 repos is original/tokenizer.model; none: tokenizer.model, for the caller to report.
+    # HF's Llama 3 repos keep Meta's file in original/; none found: tokenizer.model, for the caller to report.
     paths = [os.path.join(folder, n) for n in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")]
     return next((p for p in paths if os.path.exists(p)), paths[0])
 
@@ -325,11 +302,7 @@ class Tokenizer:
             head = f.readline(200)
         if head.startswith(b"{") or re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", head):
             import tiktoken
-            if head.startswith(b"{"):
-                ranks, pattern, special = read_tokenizer_json(path)
-            else:
-                ranks, pattern = read_tiktoken_ranks(path), LLAMA3_PATTERN
-                special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL)}
+            ranks, pattern, special = (read_tokenizer_json if head.startswith(b"{") else read_tiktoken_ranks)(path)
             self.tt = tiktoken.Encoding(os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks,
                                         special_tokens=special)
             self.bos_id, self.eos_id = special["<|begin_of_text|>"], special["<|end_of_text|>"]
@@ -423,17 +396,15 @@ def read_examples(path):
     return examples
 
 def tokenize_example(tokenizer, example, max_seq_len, stats):
-    # Ids of prompt + response + EOS, and how many lead ids are prompt (no loss). As in Alpaca, the joint tokenization
-    # (text the tokenizer really produces); the prompt is what it shares with the prompt alone, so a piece straddling
-    # the boundary (":-" of "Response:-") counts as response and no character of the response goes unsupervised.
+    # Ids of prompt + response + EOS, and how many lead ids are prompt (no loss). As Alpaca, the joint tokenization; the
+    # prompt is what it shares with the prompt alone, so a piece straddling the boundary counts as response.
     prompt = format_prompt(example["instruction"], example["input"])
     ids, alone = tokenizer.encode(prompt + example["output"], bos=True, eos=True), tokenizer.encode(prompt, bos=True)
     n_prompt = next((i for i, (a, b) in enumerate(zip(ids, alone)) if a != b), len(alone))
     prompt_ids, response_ids = ids[:n_prompt], ids[n_prompt:]
     if len(prompt_ids) + len(response_ids) > max_seq_len:
-        # Cut the middle of the prompt first (keeping its start and the "### Response:" cue), and the end of the
-        # response only if it alone would leave the prompt less than a quarter of the row: every example keeps
-        # supervised tokens, unlike plain right-truncation which can drop the whole response.
+        # Cut the prompt's middle (keeping its start and the "### Response:" cue), the response's end only past 3/4 of
+        # the row: every example keeps supervised tokens, where right-truncation can drop the whole response.
         keep = max(max_seq_len - len(response_ids), max_seq_len // 4)
         if len(prompt_ids) > keep:
             stats["prompts_cut"] += 1
@@ -459,13 +430,11 @@ def pack(examples, max_seq_len):
     return rows
 
 def make_batch(rows, examples, dev):
-    # Targets are -100 where there is no loss; positions restart and the mask keeps each example to itself (causal).
+    # Targets are -100 where there is no loss; positions restart; the mask keeps each example (and padding, doc -1)
+    # to itself, causal.
     length = max(sum(len(examples[i][0]) - 1 for i in row) for row in rows)
     length = 64 * math.ceil(max(length, 1) / 64)  # few distinct shapes (see Transformer.forward)
-    tokens = torch.zeros(len(rows), length, dtype=torch.long)
-    positions = torch.zeros(len(rows), length, dtype=torch.long)
-    targets = torch.full((len(rows), length), -100, dtype=torch.long)
-    doc = torch.full((len(rows), length), -1, dtype=torch.long)  # padding is a document of its own
+    tokens, positions, targets, doc = (torch.full((len(rows), length), fill) for fill in (0, 0, -100, -1))
     for r, row in enumerate(rows):
         t = 0
         for d, (ids, n_prompt) in enumerate(examples[i] for i in row):
@@ -491,12 +460,13 @@ def lr_at(step, total_steps, learning_rate, warmup_ratio):
         return learning_rate * step / warmup
     return learning_rate * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
-def evaluate(model, examples, dev, autocast, max_seq_len, micro_batch_size):
+def evaluate(model, examples, dev, autocast, args):
     # Mean loss per response token over the validation examples, across all processes.
     model.eval()
     loss_sum = torch.zeros(2, device=dev)
     with torch.no_grad():
-        for micro in split_rows(pack(examples, max_seq_len), dist.get_rank(), dist.get_world_size(), micro_batch_size):
+        for micro in split_rows(pack(examples, args.max_seq_len), dist.get_rank(), dist.get_world_size(),
+                                args.micro_batch_size):
             tokens, targets, positions, mask = make_batch(micro, examples, dev)
             with autocast:
                 loss_sum[0] += model(tokens, positions, mask, targets).float()
@@ -505,13 +475,13 @@ def evaluate(model, examples, dev, autocast, max_seq_len, micro_batch_size):
     model.train()
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
 
-def greedy_answer(model, tokenizer, instruction, input, dev, dtype, max_new_tokens=300):
-    # The end-of-run demo's answer (sample.py is the real sampler): the prompt once, then one token at a time on the
-    # KV cache (in dtype, the blocks' compute dtype). Every process runs it (FSDP).
+def greedy_answer(model, tokenizer, instruction, input, dev, max_new_tokens=300):
+    # The end of a run's answer (sample.py is the sampler): greedy, on a KV cache (fp32: right for a model computing in
+    # fp32 or, under FSDP's policy or LoRA, bf16). Every process runs it.
     model.eval()
     ids, config = tokenizer.encode(format_prompt(instruction, input), bos=True), model.args
     shape = (1, config.n_kv_heads or config.n_heads, len(ids) + max_new_tokens, config.head_dim)
-    cache = [tuple(torch.zeros(shape, device=dev, dtype=dtype) for _ in "kv") for _ in range(config.n_layers)]
+    cache = [tuple(torch.zeros(shape, device=dev) for _ in "kv") for _ in range(config.n_layers)]
     new, tokens = [], torch.tensor([ids], device=dev)
     with torch.no_grad():
         while len(new) < max_new_tokens and len(ids) + len(new) < config.max_seq_len:
@@ -536,29 +506,21 @@ def flops_of(rows, examples, config, frozen=False):
         total += 6 * config.n_layers * config.dim * n * n
     return total
 
-def measure_peak_flops(dev, dt):
-    # A GPU's dense bf16 peak from its spec sheet; a CPU has none: time a large matmul in dt and call that the peak.
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        peak = next((v for k, v in {"A100": 312e12, "H100": 989e12, "H200": 989e12}.items() if k in name), None)
-        return peak if dt == torch.bfloat16 else None
-    a, best = torch.randn(1024, 1024, dtype=dt), float("inf")
-    for i in range(40):  # the best of 30 after 10 to warm up: the mean of a few swings by 2x on a CPU
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0) if i >= 10 else best
-    return 2 * 1024 ** 3 / best
+def gpu_peak_flops(dev, dt):
+    # For MFU: a GPU's bf16 peak from its spec sheet. None for a CPU (a timed matmul swings 2x within minutes).
+    if dev.type != "cuda" or dt != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(dev)
+    return next((v for k, v in {"A100": 312e12, "H100": 989e12, "H200": 989e12}.items() if k in name), None)
 
-def show_answers(model, tokenizer, examples, dev, dtype, log):
-    # Greedy answers to a training instruction and a held-out one: a small model learns the first long before it
-    # generalises to the second. ROUGE-L (F-measure of the longest common word subsequence) says how close.
+def show_answers(model, tokenizer, examples, dev, log):
+    # A training and a held-out instruction: a small model learns the first long before it generalises to the second.
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     for kind, example in zip(("training", "held-out"), examples):
-        # At most twice the reference's length (32 to 300 tokens): an untrained model that never says EOS would
-        # otherwise decode 300 tokens twice, a long wait at the end of a short run.
+        # At most twice the reference's length (32-300 tokens): an untrained model may never say EOS.
         cap = min(300, max(32, 2 * len(tokenizer.encode(example["output"]))))
-        reply = greedy_answer(model, tokenizer, example["instruction"], example["input"], dev, dtype, cap)
+        reply = greedy_answer(model, tokenizer, example["instruction"], example["input"], dev, cap)
         rouge = scorer.score(example["output"], reply)["rougeL"].fmeasure
         log(f"\n{kind} instruction: {example['instruction']}"
             + (f"\ninput: {example['input']}" if example["input"] else "")
@@ -627,7 +589,7 @@ def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable "
         f"({100 * n_trainable / n_params:.2f}%{lora}), {config.n_layers} layers, dim {config.dim}, vocab "
         f"{config.vocab_size}; {world_size} process(es) on {dev.type}, {args.dtype}")
-    return model, bool(mp)
+    return model
 
 def start_processes(device):
     # One process (python train.py) or many (torchrun, FSDP): a process group either way, so the code is the same.
@@ -654,7 +616,7 @@ def main(argv=None):
     amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
     tokenizer, train_raw, val_raw, train_set, val_set = prepare_data(args, log)
-    model, mixed = build_model(args, tokenizer, dev, amp_dtype, world_size, log)
+    model = build_model(args, tokenizer, dev, amp_dtype, world_size, log)
     config = model.args
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   betas=(args.beta1, args.beta2), eps=1e-8, weight_decay=args.weight_decay,
@@ -662,14 +624,11 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     step = first_step = load_resume_state(model, optimizer, args.out_dir) if args.resume else 0
-    if args.resume:
-        log(f"resumed from {args.out_dir} at step {step}")
-    peak_flops = measure_peak_flops(dev, amp_dtype)
-    log(f"training: {total_steps} steps of {args.batch_size} examples, lr {args.learning_rate}, "
-        f"{args.micro_batch_size} packed rows of {args.max_seq_len} per forward")
-    lora_meta = {"lora_rank": str(args.lora_rank), "lora_alpha": str(args.lora_alpha), "init": args.init,
-                 "lora_targets": args.lora_targets, "lora_dropout": str(args.lora_dropout)} if args.lora_rank else None
-
+    peak_flops = gpu_peak_flops(dev, amp_dtype)
+    log(f"training: {total_steps} steps of {args.batch_size} examples, lr {args.learning_rate}, {args.micro_batch_size}"
+        f" packed rows of {args.max_seq_len} per forward" + (f"; resumed from {args.out_dir} at step {step}"
+                                                              if args.resume else ""))
+    lora_meta = {k: str(getattr(args, k)) for k in ("init", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout")}
     t_start = time.perf_counter()
     spent = {"setup": t_start - t_main, "steps": 0.0, "validation": 0.0, "saving": 0.0}  # seconds, for the summary
     while step < total_steps:
@@ -682,8 +641,7 @@ def main(argv=None):
         batch = [train_set[i] for i in shuffled[k * args.batch_size:(k + 1) * args.batch_size]]
         rows = pack(batch, args.max_seq_len)
         n_targets = sum(len(ids) - n_prompt for ids, n_prompt in batch)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, total_steps, args.learning_rate, args.warmup_ratio)
+        optimizer.param_groups[0]["lr"] = lr = lr_at(step, total_steps, args.learning_rate, args.warmup_ratio)
         micro_batches = split_rows(rows, rank, world_size, args.micro_batch_size)
         loss_sum = torch.zeros((), device=dev)
         for i, micro in enumerate(micro_batches):
@@ -710,30 +668,28 @@ def main(argv=None):
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             eta = (time.perf_counter() - t_start) / (step - first_step) * (total_steps - step)
-            log(f"step {step}/{total_steps} | loss {loss_sum.item() / n_targets:.4f} | lr "
-                f"{lr_at(step - 1, total_steps, args.learning_rate, args.warmup_ratio):.2e} | grad norm "
+            log(f"step {step}/{total_steps} | loss {loss_sum.item() / n_targets:.4f} | lr {lr:.2e} | grad norm "
                 f"{grad_norm.item():.2f} | {sum(len(ids) - 1 for ids, _ in batch) / dt:,.0f} tok/s"
                 + (f" | mfu {100 * mfu:.1f}%" if peak_flops else "")
                 + f" | mem {memory / 2 ** 30:.2f} GiB | eta {eta / 60:.1f} min", flush=True)
         if val_set and (step % args.eval_interval == 0 or step == total_steps):
             t1 = time.perf_counter()
-            loss = evaluate(model, val_set, dev, autocast, args.max_seq_len, args.micro_batch_size)
-            log(f"step {step}: validation loss {loss:.4f}")
+            log(f"step {step}: validation loss {evaluate(model, val_set, dev, autocast, args):.4f}")
             spent["validation"] += time.perf_counter() - t1
         if step % args.save_interval == 0 or step == total_steps:
             t1 = time.perf_counter()
-            save_checkpoint(model, optimizer, step, config, tokenizer.path, args.out_dir, lora_meta, args.save_hf)
+            save_checkpoint(model, optimizer, step, config, tokenizer.path, args.out_dir,
+                            lora_meta if args.lora_rank else None, args.save_hf)
             log(f"saved {args.out_dir}")
             spent["saving"] += time.perf_counter() - t1
 
     t1 = time.perf_counter()
-    show_answers(model, tokenizer, [train_raw[0], *val_raw[:1]], dev, amp_dtype if mixed else torch.float32, log)
+    show_answers(model, tokenizer, [train_raw[0], *val_raw[:1]], dev, log)
     spent["answers"] = time.perf_counter() - t1
     log("\ntime: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items())
         + f"; {time.perf_counter() - t_main:.1f} s in all (after Python's imports)")
     dist.destroy_process_group()
 
-# ----------------------------------------------------------------------------------------------------------------
 # Plumbing: checkpoint files in (Meta's and Hugging Face's layouts, their tokenizers), checkpoint files out (Meta's
 # layout, the resume state, Hugging Face's layout), the command line.
 
@@ -741,12 +697,11 @@ def read_meta_checkpoint(path):
     with open(os.path.join(path, "params.json")) as f:
         params = json.load(f)
     config = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-              for f in sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))]
+    # Without rope.freqs, the rotary table Meta stores: we compute it.
+    shards = [{k: v for k, v in torch.load(f, map_location="cpu", mmap=True, weights_only=True).items()
+               if k != "rope.freqs"} for f in sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))]
     if not shards:
         raise SystemExit(f"{path}: no consolidated.*.pth files")
-    for shard in shards:
-        shard.pop("rope.freqs", None)  # Meta stores the rotary table; we compute it
     # Meta's Llama 3.2 files carry output.weight (a copy of the embedding); ours omit it when tied.
     config.tie_word_embeddings = "output.weight" not in shards[0]
     if config.vocab_size <= 0:  # LLaMA-1 writes -1 and leaves the size to the tokenizer
@@ -767,8 +722,7 @@ def read_meta_checkpoint(path):
         state[name] = pieces[0] if pieces[0].shape == full else torch.cat(pieces, dim=dims[0])
     return config, state
 
-# Hugging Face's names for ModelArgs' fields in config.json and for the tensors: read_hf_checkpoint maps them in,
-# export_hf out.
+# Hugging Face's names of ModelArgs' fields (config.json) and of the tensors, for read_hf_checkpoint and export_hf.
 HF_CONFIG = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
                  n_kv_heads="num_key_value_heads", vocab_size="vocab_size", norm_eps="rms_norm_eps",
                  head_dim="head_dim", max_seq_len="max_position_embeddings", tie_word_embeddings="tie_word_embeddings",
@@ -857,8 +811,8 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_to
 LLAMA3_SPECIAL += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
 
 def read_tiktoken_ranks(path):
-    # Meta's format: a base64 token and its rank per line. (tiktoken's load_tiktoken_bpe caches files by path,
-    # so it would return a stale copy after a path's file is replaced, as out_dir's is.)
+    # Meta's format: a base64 token and its rank per line; then Meta's pattern and special tokens. (tiktoken's
+    # load_tiktoken_bpe caches files by path: a stale copy after a path's file is replaced, as out_dir's is.)
     import base64
     ranks = {}
     with open(path, "rb") as f:
@@ -868,7 +822,7 @@ def read_tiktoken_ranks(path):
                 ranks[base64.b64decode(token)] = int(rank)
             except ValueError:
                 raise SystemExit(f"{path}:{lineno}: expected a base64 token and its rank")
-    return ranks
+    return ranks, LLAMA3_PATTERN, {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL)}
 
 def read_tokenizer_json(path):
     # The BPE ranks and split pattern of a byte-level tokenizer.json (Llama 3's), for tiktoken. Its token ids serve
@@ -905,10 +859,9 @@ def write_atomic(path, payload):
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
 
-# The resume state is out_dir/resume/: the model and optimizer, sharded (torch.distributed.checkpoint, so a run may
-# resume on another number of processes), and step.json, written last, which marks it complete. With LoRA it holds
-# only what trains (the adapters and their optimizer state): the frozen model is --init's. A save writes
-# resume.tmp/, then repair_resume swaps it in.
+# The resume state is out_dir/resume/<n>/, n counting saves: model and optimizer (with LoRA only what trains) sharded
+# by torch.distributed.checkpoint, so a run may resume on another number of processes, then step.json, which marks it
+# complete. The newest complete one is read; a save deletes the others once its own is complete.
 
 def save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, lora_meta=None, save_hf=False):
     # The model in Meta's layout (what sample.py and from_pretrained read), then the resume state. With LoRA
@@ -930,37 +883,22 @@ def save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, lor
         if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
             with open(tokenizer_path, "rb") as f:
                 write_atomic(os.path.join(out_dir, "tokenizer.model"), f.read())
-        repair_resume(out_dir)  # after it only resume/ may exist, so the renames below cannot fail
     del full
+    states = resume_states(out_dir)  # listed by every process before any writes to them: one name for the new one
     dist.barrier()
-    dcp.save(trainable_state(model, optimizer), checkpoint_id=os.path.join(out_dir, "resume.tmp"))
+    new = os.path.join(out_dir, "resume", str(int(os.path.basename(states[-1])) + 1 if states else 1))
+    dcp.save(trainable_state(model, optimizer), checkpoint_id=new)
     if dist.get_rank() == 0:
-        write_atomic(os.path.join(out_dir, "resume.tmp", "step.json"), json.dumps({"step": step}).encode())
-        repair_resume(out_dir)
+        write_atomic(os.path.join(new, "step.json"), json.dumps({"step": step}).encode())
+        for old in states:  # a delete cut short leaves an older state, or one without step.json: both ignored
+            shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
-def repair_resume(out_dir):
-    # Rank 0: the newest complete state (with step.json) becomes resume/, the rest goes, whatever a save or a crash in
-    # it left; each step below leaves a state this repairs again, so a crash here is harmless too.
-    resume_dir, tmp_dir, old_dir = (os.path.join(out_dir, name) for name in ("resume", "resume.tmp", "resume.old"))
-    complete = {d: os.path.exists(os.path.join(d, "step.json")) for d in (resume_dir, tmp_dir, old_dir)}
-
-    def discard(path):
-        shutil.rmtree(path, ignore_errors=True)
-        if os.path.exists(path):  # e.g. NFS keeps .nfs* files of deleted open files: move it out of the way
-            os.replace(path, f"{path}.stale.{time.time_ns()}")
-            print(f"warning: could not delete {path}; moved to {path}.stale.*, delete it by hand", file=sys.stderr)
-
-    if complete[tmp_dir]:  # saved in full (newest): the old state aside, the new one in, then the old one gone
-        discard(old_dir)
-        if os.path.exists(resume_dir):
-            os.replace(resume_dir, old_dir)
-        os.replace(tmp_dir, resume_dir)
-    elif complete[old_dir] and not complete[resume_dir]:  # an older save, moved aside when a crash came
-        discard(resume_dir)
-        os.replace(old_dir, resume_dir)
-    for path in (tmp_dir, old_dir):
-        discard(path)
+def resume_states(out_dir, complete=False):
+    # out_dir/resume/<n>, oldest first (complete: only those with step.json).
+    root = os.path.join(out_dir, "resume")
+    names = sorted((n for n in os.listdir(root) if n.isdigit()), key=int) if os.path.isdir(root) else []
+    return [d for d in (os.path.join(root, n) for n in names) if not complete or os.path.exists(f"{d}/step.json")]
 
 def trainable_state(model, optimizer):
     # As saved and loaded: only what trains (dcp.load refuses a checkpoint that lacks any of it).
@@ -971,22 +909,17 @@ def trainable_state(model, optimizer):
 def load_resume_state(model, optimizer, out_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    if dist.get_rank() == 0:
-        repair_resume(out_dir)
-    dist.barrier()
-    resume_dir = os.path.join(out_dir, "resume")
-    if not os.path.exists(os.path.join(resume_dir, "step.json")):
+    if not (states := resume_states(out_dir, complete=True)):
         raise SystemExit(f"--resume: no saved state in {out_dir}")
     state = trainable_state(model, optimizer)
-    dcp.load(state, checkpoint_id=resume_dir)
+    dcp.load(state, checkpoint_id=states[-1])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
-    with open(os.path.join(resume_dir, "step.json")) as f:
+    with open(os.path.join(states[-1], "step.json")) as f:
         return json.load(f)["step"]
 
 def export_hf(state, config, tokenizer_path, folder):
-    # A LlamaForCausalLM folder (transformers 4.x and 5.x, vLLM) from the import's tables read backwards, with the
-    # stop ids in generation_config.json; written to folder.tmp, then renamed into place.
+    # A LlamaForCausalLM folder (transformers 4.x, 5.x, vLLM), stop ids in generation_config.json; via folder.tmp.
     from safetensors.torch import save_file
     tokenizer, kv_heads = Tokenizer(tokenizer_path), config.n_kv_heads or config.n_heads
     tensors = {hf: state[name] for hf, name in hf_names(config).items() if name in state}
@@ -1007,21 +940,18 @@ def export_hf(state, config, tokenizer_path, folder):
     # Where each kind of tokenizer file sits in a Hugging Face folder (Llama 3's Meta file goes to original/).
     name = ("tokenizer.json" if raw.startswith(b"{") else os.path.join("original", "tokenizer.model")
             if hasattr(tokenizer, "tt") else "tokenizer.model")
-    tmp, old = folder + ".tmp", folder + ".old"
+    tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     for file, payload in (("config.json", hf), ("generation_config.json", generation), (name, raw)):
         with open(os.path.join(tmp, file), "wb") as f:
             f.write(payload if isinstance(payload, bytes) else json.dumps(payload, indent=2).encode())
-    if os.path.exists(folder):
-        os.replace(folder, old)
+    shutil.rmtree(folder, ignore_errors=True)  # a crash here leaves no hf/ (never half of one); the next save writes it
     os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 def parse_args(argv):
-    # The settings at the top as flags, --name=value, their values there as defaults (a boolean also bare:
-    # --resume). Without --init the demo's tiny_recipe replaces Alpaca's values; a flag given overrides either.
+    # The settings at the top as flags, their values as defaults (booleans also bare); tiny_recipe's without --init.
     def parse_bool(text):
         if text.lower() not in ("true", "false", "1", "0"):
             raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")

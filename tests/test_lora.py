@@ -160,7 +160,7 @@ def test_lora_run_writes_merged_weights_and_the_adapters_alone(lora_dir, straigh
         train.apply_adapters({**base, "layers.0.attention.wq.weight": torch.zeros(8, 8)},
                              str(out / "adapters.safetensors"))
     # The resume state holds only the adapters (and their optimizer state).
-    saved = dcp.FileSystemReader(str(out / "resume")).read_metadata().state_dict_metadata
+    saved = dcp.FileSystemReader(train.resume_states(str(out))[-1]).read_metadata().state_dict_metadata
     model_keys = [k for k in saved if k.startswith("model.")]
     assert len(model_keys) == 2 * 7 * 2 and all(".lora_" in k for k in model_keys)
 

@@ -1,5 +1,5 @@
-"""train.py's resume state survives its own leftovers: whatever mix of resume/, resume.tmp/ and resume.old/ a crash
-leaves (complete, half-written or half-deleted), --resume reads the newest complete state and the next save works.
+"""train.py's resume state survives its own leftovers: whatever mix of numbered states under resume/ a crash leaves
+(complete, half-written or half-deleted), --resume reads the newest complete one and the next save works.
 Real saves of a tiny model through torch.distributed.checkpoint, in one gloo process."""
 import itertools
 import os
@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 import train
 
@@ -63,11 +64,12 @@ def states(group, tmp_path_factory):
     for step in (1, 2, 3):
         train_step(model, optimizer)
         save(model, optimizer, step, root / "run", mp)
-        shutil.copytree(root / "run" / "resume", root / f"step{step}")
+        (state,) = os.listdir(root / "run" / "resume")  # a save leaves only its own
+        assert state == str(step)
+        shutil.copytree(root / "run" / "resume" / state, root / f"step{step}")
         saved[step] = weights(model)
     mp.undo()
     return root, saved
-
 
 def place(state_dir, target, kind):
     """Put a copy of a complete state at target: 'complete', or 'partial' (no step.json and a shard missing: a
@@ -78,20 +80,18 @@ def place(state_dir, target, kind):
         shards = sorted(f for f in os.listdir(target) if f.endswith(".distcp"))
         os.remove(target / shards[0])
 
-
 KINDS = (None, "complete", "partial")
 
-
-@pytest.mark.parametrize("old,resume,tmp", list(itertools.product(KINDS, repeat=3)))
-def test_every_mix_of_leftovers_resumes_and_saves_again(states, tmp_path, monkeypatch, old, resume, tmp):
+@pytest.mark.parametrize("first,second,third", list(itertools.product(KINDS, repeat=3)))
+def test_every_mix_of_leftovers_resumes_and_saves_again(states, tmp_path, monkeypatch, first, second, third):
     root, saved = states
     out = tmp_path / "out"
-    os.makedirs(out)
-    # Oldest to newest, as save_checkpoint makes them: resume.old is step 1, resume step 2, resume.tmp step 3.
-    for name, kind, step in (("resume.old", old, 1), ("resume", resume, 2), ("resume.tmp", tmp, 3)):
+    os.makedirs(out / "resume")
+    for step, kind in ((1, first), (2, second), (3, third)):
         if kind:
-            place(root / f"step{step}", out / name, kind)
-    newest = next((step for kind, step in ((tmp, 3), (resume, 2), (old, 1)) if kind == "complete"), None)
+            place(root / f"step{step}", out / "resume" / str(step), kind)
+    (out / "resume" / "notes.txt").write_text("not a state: left alone")
+    newest = next((step for kind, step in ((third, 3), (second, 2), (first, 1)) if kind == "complete"), None)
     if newest is None:
         with pytest.raises(SystemExit, match="no saved state"):
             load(out, monkeypatch)
@@ -99,54 +99,66 @@ def test_every_mix_of_leftovers_resumes_and_saves_again(states, tmp_path, monkey
         step, w, optimizer = load(out, monkeypatch)
         assert step == newest and torch.equal(w, saved[newest])
         assert optimizer.state  # AdamW moments came back too
-    assert not (out / "resume.old").exists() and not (out / "resume.tmp").exists()
 
     model, optimizer = tiny()
     train_step(model, optimizer)
-    save(model, optimizer, 4, out, monkeypatch)  # the save that used to raise ENOTEMPTY
-    assert sorted(d for d in os.listdir(out) if d.startswith("resume")) == ["resume"]
+    save(model, optimizer, 4, out, monkeypatch)
+    # Numbered after every leftover, complete or not, so it never writes into one; the leftovers are gone.
+    last = max((step for step, kind in ((1, first), (2, second), (3, third)) if kind), default=0)
+    assert sorted(os.listdir(out / "resume")) == [str(last + 1), "notes.txt"]
     step, w, _ = load(out, monkeypatch)
     assert step == 4 and torch.equal(w, weights(model))
 
+def test_a_new_state_is_numbered_past_every_leftover(states, tmp_path, monkeypatch):
+    root, _ = states
+    out = tmp_path / "out"
+    place(root / "step1", out / "resume" / "1", "complete")
+    place(root / "step2", out / "resume" / "7", "partial")  # a save killed inside dcp.save
+    model, optimizer = tiny()
+    save(model, optimizer, 5, out, monkeypatch)
+    assert os.listdir(out / "resume") == ["8"] and load(out, monkeypatch)[0] == 5
 
-@pytest.mark.parametrize("crash_at", range(6))
-def test_crash_at_each_rename_or_delete_of_a_save(states, tmp_path, monkeypatch, crash_at):
-    """save_checkpoint dies at its n-th os.replace or shutil.rmtree (the file system operations of the rename
-    dance); the next --resume and save then behave as if the crashed save had either finished or never begun."""
+@pytest.mark.parametrize("crash_at", range(4))
+def test_crash_at_each_step_of_a_save(states, tmp_path, monkeypatch, crash_at):
+    """save_checkpoint dies at its n-th file system step on resume/ (dcp.save, writing step.json, deleting each
+    older state, half way through); the next --resume and save then behave as if the crashed save had either
+    finished or never begun."""
     root, saved = states
     out = tmp_path / "out"
-    os.makedirs(out)
-    place(root / "step1", out / "resume", "complete")
+    place(root / "step1", out / "resume" / "1", "complete")
+    place(root / "step2", out / "resume" / "2", "partial")
     model, optimizer = tiny()
     train_step(model, optimizer)
     train_step(model, optimizer)
-    calls, real_replace, real_rmtree = [], os.replace, shutil.rmtree
+    calls = []
+    real_dcp_save, real_write, real_rmtree = dcp.save, train.write_atomic, shutil.rmtree
 
-    def dying(real):
+    def dying(real, name):
         def operation(*args, **kwargs):
-            if "resume" in str(args[0]):
-                calls.append((real.__name__, str(args[0])))
-            if "resume" in str(args[0]) and len(calls) == crash_at + 1:
-                if real is real_rmtree:  # die half way through the delete
-                    shards = [f for f in os.listdir(args[0]) if f.endswith(".distcp")] if os.path.isdir(args[0]) else []
-                    if shards:
-                        os.remove(os.path.join(args[0], shards[0]))
-                raise KeyboardInterrupt("killed")
+            target = str(kwargs.get("checkpoint_id", args[0]))
+            if os.sep + "resume" + os.sep in target:
+                calls.append(name)
+                if len(calls) == crash_at + 1:
+                    if name == "dcp.save":  # half the shards written, no metadata
+                        real(*args, **kwargs)
+                        os.remove(os.path.join(target, ".metadata"))
+                    elif name == "rmtree" and os.path.isdir(target):  # die half way through the delete
+                        os.remove(os.path.join(target, sorted(os.listdir(target))[0]))
+                    raise KeyboardInterrupt("killed")
             return real(*args, **kwargs)
         return operation
 
-    monkeypatch.setattr(os, "replace", dying(real_replace))
-    monkeypatch.setattr(shutil, "rmtree", dying(real_rmtree))
+    monkeypatch.setattr(dcp, "save", dying(real_dcp_save, "dcp.save"))
+    monkeypatch.setattr(train, "write_atomic", dying(real_write, "write_atomic"))
+    monkeypatch.setattr(shutil, "rmtree", dying(real_rmtree, "rmtree"))
     try:
         save(model, optimizer, 2, out, monkeypatch)
         crashed = False
     except KeyboardInterrupt:
         crashed = True
-    monkeypatch.setattr(os, "replace", real_replace)
-    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    monkeypatch.undo()
+    assert crashed and calls == ["dcp.save", "write_atomic", "rmtree", "rmtree"][:crash_at + 1]
     step, w, _ = load(out, monkeypatch)
-    assert step in (1, 2) and torch.equal(w, weights(model) if step == 2 else saved[1])
-    assert crashed or step == 2
+    assert step == (2 if crash_at >= 2 else 1) and torch.equal(w, weights(model) if step == 2 else saved[1])
     save(model, optimizer, 3, out, monkeypatch)
-    assert sorted(d for d in os.listdir(out) if d.startswith("resume")) == ["resume"]
-    assert load(out, monkeypatch)[0] == 3
+    assert len(os.listdir(out / "resume")) == 1 and load(out, monkeypatch)[0] == 3
