@@ -940,11 +940,22 @@ def export_hf(state, config, tokenizer_path, folder):
     # Where each kind of tokenizer file sits in a Hugging Face folder (Llama 3's Meta file goes to original/).
     name = ("tokenizer.json" if raw.startswith(b"{") else os.path.join("original", "tokenizer.model")
             if hasattr(tokenizer, "tt") else "tokenizer.model")
+    files = {"config.json": hf, "generation_config.json": generation, name: raw}
+    # transformers and vLLM find BOS through tokenizer_config.json: an --init folder's own tokenizer files go along;
+    # for a sentencepiece model without them, one naming BOS and EOS (transformers converts tokenizer.model itself).
+    source = os.path.dirname(tokenizer_path).removesuffix(os.sep + "original")
+    for extra in {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} - set(files):
+        if os.path.exists(os.path.join(source, extra)):
+            with open(os.path.join(source, extra), "rb") as f:
+                files[extra] = f.read()
+    if "tokenizer_config.json" not in files and not hasattr(tokenizer, "tt"):
+        files["tokenizer_config.json"] = dict(bos_token=tokenizer.sp.id_to_piece(tokenizer.bos_id), add_bos_token=True,
+                                              eos_token=tokenizer.sp.id_to_piece(tokenizer.eos_id), add_eos_token=False)
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    for file, payload in (("config.json", hf), ("generation_config.json", generation), (name, raw)):
+    for file, payload in files.items():
         with open(os.path.join(tmp, file), "wb") as f:
             f.write(payload if isinstance(payload, bytes) else json.dumps(payload, indent=2).encode())
     shutil.rmtree(folder, ignore_errors=True)  # a crash here leaves no hf/ (never half of one); the next save writes it

@@ -349,6 +349,32 @@ def demo_tokenizer(tmp_path_factory):
     return train.Tokenizer(path)
 
 
+def test_save_hf_tokenizer_reads_in_transformers_with_our_ids_and_bos(demo_tokenizer, tmp_path):
+    # The demo's sentencepiece model, exported: AutoTokenizer (as vLLM loads it) gives our ids, BOS first, and EOS.
+    model = train.Transformer(train.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=demo_tokenizer.vocab_size,
+                                              multiple_of=16, max_seq_len=64))
+    train.export_hf(model.state_dict(), model.args, demo_tokenizer.path, str(tmp_path / "hf"))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.eos_token_id == demo_tokenizer.eos_id
+    for text in seed_texts()[:20]:
+        assert hf(text)["input_ids"] == demo_tokenizer.encode(text, bos=True)
+
+def test_save_hf_takes_an_init_folders_own_tokenizer_files(demo_tokenizer, tmp_path, tiktoken_file):
+    for folder, tokenizer in (("sp", demo_tokenizer.path), ("llama3", tiktoken_file)):
+        init = tmp_path / folder
+        (init / "original").mkdir(parents=True)
+        where = init / "tokenizer.model" if folder == "sp" else init / "original" / "tokenizer.model"
+        where.write_bytes(open(tokenizer, "rb").read())
+        own = {name: json.dumps({"from": folder, "file": name}) for name in
+               ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
+        for name, text in own.items():
+            (init / name).write_text(text)
+        config = train.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=train.Tokenizer(str(where)).vocab_size,
+                                 multiple_of=16, max_seq_len=64)
+        train.export_hf(train.Transformer(config).state_dict(), config, str(where), str(tmp_path / f"{folder}.hf"))
+        for name, text in own.items():  # as the producer wrote them, byte for byte
+            assert (tmp_path / f"{folder}.hf" / name).read_text() == text, (folder, name)
+
 def test_training_input_is_the_joint_tokenization_on_every_seed_task(demo_tokenizer, tiktoken_file):
     stats = {"prompts_cut": 0, "responses_cut": 0, "tokens_dropped": 0}
     for tok in (demo_tokenizer, train.Tokenizer(tiktoken_file)):
