@@ -35,7 +35,8 @@ BOOTSTRAP = 1000
 
 # 1. Pairing. A and B are JSONL or JSON arrays: sample.py's records (id, instruction, input, output, generator),
 # self-instruct's predictions (no id, the text in `response`), alpaca_eval's model_outputs.json. Items align on `id`
-# when both files share ids (sample.py writes the eval set's), else on (instruction, input). Problems stop the run.
+# when both files share ids, else on (instruction, input); --eval_set (self-instruct's tasks, `<id>#<k>` for the k-th
+# of several instances, the ids sample.py writes) fixes the items and their order. Problems stop the run.
 
 def string(r, *names, optional=False):
     """Field names[0] of record r (or the first alternative it has) as a string; an optional one defaults to ""."""
@@ -45,28 +46,46 @@ def string(r, *names, optional=False):
         raise SystemExit(f"{r['where']}: field '{names[0]}'{alt} {'is not' if optional else 'missing or not'} a string")
     return value
 
+def parse_item(r):
+    """where, id, instruction, input of record r; whitespace around the text goes (self-instruct's ends in newlines)."""
+    return {"where": r["where"], "id": None if r.get("id") is None else str(r["id"]),
+            "instruction": string(r, "instruction").strip(), "input": string(r, "input", optional=True).strip()}
+
 def load_outputs(path, name):
-    """The model's name and its outputs; whitespace around the text is ignored (self-instruct's ends in newlines)."""
+    """The model's name and its outputs."""
     records = read_records(path)
-    rows = [{"where": r["where"], "id": None if r.get("id") is None else str(r["id"]),
-             "instruction": string(r, "instruction").strip(), "input": string(r, "input", optional=True).strip(),
-             "output": string(r, "output", "response")} for r in records]
+    rows = [dict(parse_item(r), output=string(r, "output", "response")) for r in records]
     generators = sorted({str(r["generator"]) for r in records if r.get("generator")})
     if name is None and len(generators) > 1:
         raise SystemExit(f"{path}: outputs of several generators ({', '.join(generators)}); "
                          "split the file or name the model with --name_a/--name_b")
     return name or (generators + [os.path.splitext(os.path.basename(path))[0]])[0], rows
 
-def align(path_a, rows_a, path_b, rows_b, allow_missing=False):
-    """Pair A's and B's outputs item by item, in A's order; problems are listed, and stop without --allow_missing."""
+def load_eval_set(path):
+    """The eval set's items in its order: Alpaca records, or self-instruct's tasks with an item per instance."""
+    rows = []
+    for r in read_records(path):
+        instances = r.get("instances", [r])
+        if not isinstance(instances, list) or not instances or not all(isinstance(x, dict) for x in instances):
+            raise SystemExit(f"{r['where']}: field 'instances' must be a non-empty list of objects")
+        rows += [dict(r, input=x.get("input"), id=None if r.get("id") is None else
+                      f"{r['id']}#{k}" if len(instances) > 1 else r["id"]) for k, x in enumerate(instances)]
+    return [parse_item(r) for r in rows]
+
+def align(path_a, rows_a, path_b, rows_b, allow_missing=False, eval_set=None):
+    """Pair A's and B's outputs item by item, in the eval set's order (else A's); problems are listed, and stop
+    without --allow_missing."""
+    eval_rows = load_eval_set(eval_set) if eval_set else []
     ids_a, ids_b = {r["id"] for r in rows_a}, {r["id"] for r in rows_b}
     # Ids from two different systems may follow different schemes; then only the text can pair them up.
-    use_ids = None not in ids_a | ids_b and bool(ids_a & ids_b)
+    use_ids = (None not in ids_a | ids_b and bool(ids_a & ids_b)
+               and (not eval_set or any(r["id"] in ids_a for r in eval_rows)))
     key = (lambda r: r["id"]) if use_ids else (lambda r: (r["instruction"], r["input"]))
     problems, bad = [], set()  # bad: the keys of the items left out
 
     def problem(r, message):
-        problems.append(f"{r['where']}: item {key(r) if use_ids else key(r)[0][:50]!r} {message}")
+        name = repr(r["id"]) if use_ids else repr(r["instruction"][:50]) + (f" ({r['id']})" if r["id"] else "")
+        problems.append(f"{r['where']}: item {name} {message}")
         bad.add(key(r))
 
     def index(rows):  # key -> row, in the file's order
@@ -74,24 +93,26 @@ def align(path_a, rows_a, path_b, rows_b, allow_missing=False):
         for r in rows:
             if key(r) in by_key:
                 problem(r, f"duplicates {by_key[key(r)]['where']}")
-            if not r["output"].strip():
+            if "output" in r and not r["output"].strip():  # (the eval set has none)
                 problem(r, "has an empty output")
             by_key.setdefault(key(r), r)
         return by_key
     a, b = index(rows_a), index(rows_b)
-    for rows, other_rows, other_path in ((a, b, path_b), (b, a, path_a)):
-        for k, r in rows.items():
-            if k not in other_rows:
-                problem(r, f"missing from {other_path}")
+    order = index(eval_rows) if eval_set else a  # the items, in their order
+    for k in dict.fromkeys([*order, *a, *b]):  # each item once, named at its line in the eval set, else A's, else B's
+        for path, rows in ((path_a, a), (path_b, b)) + (((eval_set, order),) if eval_set else ()):
+            if k not in rows:
+                problem(order.get(k) or a.get(k) or b[k], f"missing from {path}")
     if problems:
         shown = "\n".join(problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else []))
         if not allow_missing:
             raise SystemExit(f"{shown}\n{len(problems)} alignment problem(s): fix the files, or pass --allow_missing "
                              f"to leave these {len(bad)} item(s) out")
         print(f"{shown}\n--allow_missing: leaving {len(bad)} item(s) out", file=sys.stderr)
-    items = [{"id": a[k]["id"] or b[k]["id"] or "h" + digest(*k)[:10],  # no ids: one from the text, every run the same
+    # Without ids, one from the text: the same on every run.
+    items = [{"id": order[k]["id"] or a[k]["id"] or b[k]["id"] or "h" + digest(*k)[:10],
               "instruction": a[k]["instruction"], "input": a[k]["input"], "out_a": a[k]["output"],
-              "out_b": b[k]["output"]} for k in a if k not in bad]
+              "out_b": b[k]["output"]} for k in order if k not in bad]
     print(f"aligned {len(items)} items on {'id' if use_ids else '(instruction, input)'}", file=sys.stderr)
     return items
 
@@ -100,7 +121,7 @@ def prepare(args):
     name_b, rows_b = load_outputs(args.b, args.name_b)
     if name_a == name_b:
         raise SystemExit(f"both models are named {name_a!r}; tell them apart with --name_a/--name_b")
-    items = align(args.a, rows_a, args.b, rows_b, args.allow_missing)
+    items = align(args.a, rows_a, args.b, rows_b, args.allow_missing, args.eval_set)
     if not items:
         raise SystemExit("no items to compare")
     return name_a, name_b, items
@@ -540,6 +561,7 @@ def main(argv=None):
         p.add_argument("--b", required=True, help="outputs of model B")
         p.add_argument("--name_a", help="name of model A (default: the 'generator' field, else the file name)")
         p.add_argument("--name_b", help="name of model B")
+        p.add_argument("--eval_set", help="self-instruct style eval set that fixes the items and their order")
         p.add_argument("--allow_missing", action="store_true", help="leave out (and list) problem items, not stop")
         p.add_argument("--seed", type=int, default=0, help="seed for the order of responses and the bootstrap")
         p.add_argument("--judgments", nargs="+" if p is report else None, default=["judgments.jsonl"] if p is report

@@ -94,7 +94,7 @@ def test_logistic_fit_and_length_controlled_win_rate():
 
 # Alignment.
 
-def test_alignment_on_id_and_text(tmp_path):
+def test_alignment_on_id_text_and_eval_set(tmp_path):
     a, b = outputs(tmp_path, ["x0", "x1", "x2"], ["y0", "y1", "y2"])
     items = ep.align(a, ep.load_outputs(a, None)[1], b, ep.load_outputs(b, None)[1])
     assert [(i["id"], i["out_a"], i["out_b"]) for i in items] == [("t0", "x0", "y0"), ("t1", "x1", "y1"),
@@ -118,6 +118,13 @@ def test_alignment_on_id_and_text(tmp_path):
     assert [i["out_a"] for i in items] == ["x2", "x0", "x1"] and [i["out_b"] for i in items] == ["y2", "y0", "y1"]
     assert [i["id"] for i in items] == [i["id"] for i in ep.align(a2, ep.load_outputs(a2, None)[1], b2, rows)]
     assert all(i["id"].startswith("h") for i in items)
+    # The eval set fixes the order and the ids.
+    eval_rows = [{"id": f"user_oriented_task_{i}", "motivation_app": "Grammarly", "instruction": f"Task {i}",
+                  "instances": [{"input": "" if i % 2 else f"input {i}", "output": "ref"}]} for i in (1, 2, 0)]
+    ev = write_jsonl(tmp_path / "eval.jsonl", eval_rows)
+    items = ep.align(a, ep.load_outputs(a, None)[1], b2, rows, eval_set=ev)
+    assert [(i["id"], i["out_a"], i["out_b"]) for i in items] == [(f"user_oriented_task_{i}", f"x{i}", f"y{i}")
+                                                                   for i in (1, 2, 0)]
 
 
 def test_alignment_problems_are_listed_and_stop(tmp_path):
@@ -148,6 +155,12 @@ def test_bad_input_files_name_file_and_line(tmp_path):
     (tmp_path / "list.jsonl").write_text('{"instruction": "x", "output": "y"}\n["x", "y"]\n')
     with pytest.raises(SystemExit, match=r"list.jsonl:2: expected a JSON object"):
         ep.load_outputs(str(tmp_path / "list.jsonl"), None)
+    ev = write_jsonl(tmp_path / "eval.jsonl", [{"id": "u0", "instruction": "Task 0", "instances": []}])
+    with pytest.raises(SystemExit, match=r"eval.jsonl:1: field 'instances'"):
+        ep.load_eval_set(ev)
+    ev = write_jsonl(tmp_path / "eval.jsonl", [{"id": "u0", "instruction": ["Task 0"]}])
+    with pytest.raises(SystemExit, match=r"eval.jsonl:1: field 'instruction' missing or not a string"):
+        ep.load_eval_set(ev)
 
 
 # Human sessions: piped keystrokes.
@@ -461,9 +474,9 @@ def test_help_runs():
 
 # The field's files: self-instruct's eval set and predictions, sample.py's ids, alpaca_eval's JSON.
 
-def self_instruct_items():
-    """(id, instruction, input) of three tasks as in self-instruct's user_oriented_instructions.jsonl, with the ids
-    sample.py gives them (<id>#<k> for the k-th of a task's several instances); the second has two instances."""
+def self_instruct_set(tmp_path):
+    """Three tasks as in self-instruct's user_oriented_instructions.jsonl, and the (id, instruction, input) of their
+    items with the ids sample.py gives them (<id>#<k> for the k-th of a task's several instances)."""
     tasks = [{"id": "user_oriented_task_0", "motivation_app": "Grammarly", "instruction": "Fix the grammar.",
               "instances": [{"input": "She no went.", "output": "She did not go."}]},
              {"id": "user_oriented_task_1", "motivation_app": "Gmail", "instruction": "Write a subject line.",
@@ -473,11 +486,11 @@ def self_instruct_items():
               "instances": [{"input": "", "output": "Tea time!"}]}]
     items = [(t["id"] if len(t["instances"]) == 1 else f"{t['id']}#{k}", t["instruction"], x["input"])
              for t in tasks for k, x in enumerate(t["instances"])]
-    return items
+    return write_jsonl(tmp_path / "user_oriented_instructions.jsonl", tasks), items
 
 
 def test_self_instruct_predictions_sample_ids_and_alpaca_eval_outputs_align(tmp_path, capsys):
-    items = self_instruct_items()
+    ev, items = self_instruct_set(tmp_path)
     # sample.py's records: the eval set's ids and its settings, here in reverse order.
     a = write_jsonl(tmp_path / "alpaca.jsonl", [
         {"id": i, "instruction": ins, "input": inp, "output": f"alpaca {k}", "generator": "alpaca-7b",
@@ -494,6 +507,9 @@ def test_self_instruct_predictions_sample_ids_and_alpaca_eval_outputs_align(tmp_
     assert [i for i, _, _ in items] == ["user_oriented_task_0", "user_oriented_task_1#0", "user_oriented_task_1#1",
                                         "user_oriented_task_2"]
     assert name_b == "text-davinci-003_predictions" and "on (instruction, input)" in capsys.readouterr().err
+    aligned = ep.align(a, ep.load_outputs(a, None)[1], b, rows_b, eval_set=ev)  # the eval set's order and ids
+    assert [(x["id"], x["out_a"], x["out_b"]) for x in aligned] == [
+        (i, f"alpaca {3 - k}", f" davinci {k}") for k, (i, _, _) in enumerate(items)]
 
     # Two sample.py files: aligned on the ids, for single- and multi-instance tasks alike.
     a2 = write_jsonl(tmp_path / "llama.jsonl", [dict(json.loads(line), output="llama", generator="llama-7b")
@@ -501,6 +517,23 @@ def test_self_instruct_predictions_sample_ids_and_alpaca_eval_outputs_align(tmp_
     aligned = ep.align(a, ep.load_outputs(a, None)[1], a2, ep.load_outputs(a2, None)[1])
     assert [x["id"] for x in aligned] == [i for i, _, _ in reversed(items)]
     assert "4 items on id" in capsys.readouterr().err
+    aligned = ep.align(a, ep.load_outputs(a, None)[1], a2, ep.load_outputs(a2, None)[1], eval_set=ev)
+    assert [x["id"] for x in aligned] == [i for i, _, _ in items] and "4 items on id" in capsys.readouterr().err
+    # Both outputs files must be complete against the eval set, and hold nothing else.
+    rows_a2 = [r for r in ep.load_outputs(a2, None)[1] if r["id"] != "user_oriented_task_1#0"]
+    rows_a2.append(dict(rows_a2[0], id="user_oriented_task_9", where=f"{a2}:5"))
+    with pytest.raises(SystemExit) as e:
+        ep.align(a, ep.load_outputs(a, None)[1], a2, rows_a2, eval_set=ev)
+    assert f"{ev}:2: item 'user_oriented_task_1#0' missing from {a2}\n" in str(e.value)
+    assert f"{a2}:5: item 'user_oriented_task_9' missing from {ev}\n" in str(e.value)
+    assert f"{a2}:5: item 'user_oriented_task_9' missing from {a}\n" in str(e.value)
+    with pytest.raises(SystemExit, match=r"user_oriented_instructions.jsonl:2: item 'Write a subject line.' "
+                       r"\(user_oriented_task_1#0\) missing from .*predictions.jsonl"):
+        ep.align(a, ep.load_outputs(a, None)[1], b, rows_b[:1] + rows_b[2:], eval_set=ev)
+    # The flag, through the command line: the session goes in the eval set's order.
+    run = run_cli("human", "--a", a, "--b", a2, "--eval_set", ev, "--annotator", "x", "--judgments",
+                  str(tmp_path / "j.jsonl"), stdin="q\n")
+    assert run.returncode == 0 and "item 1 of 4 (user_oriented_task_0)" in run.stdout, run.stderr
 
     # alpaca_eval's model_outputs.json: a JSON array of {instruction, output, generator, dataset}.
     c = tmp_path / "model_outputs.json"
@@ -511,6 +544,9 @@ def test_self_instruct_predictions_sample_ids_and_alpaca_eval_outputs_align(tmp_
     assert name_c == "text_davinci_003" and rows_c[0]["where"] == f"{c}: item 0"
     aligned = ep.align(a, ep.load_outputs(a, None)[1], str(c), rows_c, allow_missing=True)
     assert [(x["instruction"], x["out_b"]) for x in aligned] == [("Write a tweet about tea.", "gpt 3")]
+    aligned = ep.align(str(c), rows_c, str(c), rows_c, eval_set=str(c))  # an eval set without ids: the text's id
+    assert [x["id"] for x in aligned] == [ep.align(str(c), rows_c, str(c), rows_c)[0]["id"]]
+    assert aligned[0]["id"].startswith("h")
     c.write_text('[{"instruction": "x", "output": 3}]')
     with pytest.raises(SystemExit, match=r"model_outputs.json: item 0: field 'output' \(or 'response'\)"):
         ep.load_outputs(str(c), None)
