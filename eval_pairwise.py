@@ -369,28 +369,39 @@ def run_human(args):
     names, items, done, file = session(args, args.annotator)
     width = max(20, shutil.get_terminal_size().columns - 1)
     print(wrap(f"{len(items)} items, {sum(i['id'] in done for i in items)} already judged by {args.annotator}. "
-               "Which response is better? 1 or 2, t = tie, s = skip, q = quit.", width, ""))
-    for n, item in enumerate(items, 1):
-        if item["id"] in done:
-            continue
+               "Which response is better? 1 or 2, t = tie, s = skip, b = back one item, q = quit.", width, ""))
+
+    def unjudged(start):  # the first item from `start` on without this annotator's verdict
+        return next((n for n in range(start, len(items)) if items[n]["id"] not in done), len(items))
+    n = unjudged(0)
+    while n < len(items):
+        item, earlier = items[n], done.get(items[n]["id"])
         first = order_first(args.seed, args.annotator, item["id"])  # the model shown as Response 1
-        print("\n" + f"-- item {n} of {len(items)} ({item['id']}) ".ljust(width, "-")[:width])
+        print("\n" + f"-- item {n + 1} of {len(items)} ({item['id']}) ".ljust(width, "-")[:width])
         for title, text in (("Instruction", item["instruction"]), ("Input", item["input"]),
                             ("Response 1", item[f"out_{first}"]), ("Response 2", item[f"out_{OTHER[first]}"])):
             if text:
                 print(f"{title}:\n{wrap(text, width)}")
+        if earlier:  # back here with b
+            said = {first: "Response 1", OTHER[first]: "Response 2"}.get(earlier["verdict"], earlier["verdict"])
+            print(wrap(f"(your earlier verdict: {said}; answer again to replace it)", width, ""))
         key = None
-        while key not in ("1", "2", "t", "s", "q"):
+        while key not in ("1", "2", "t", "s", "b", "q"):
             try:
-                key = input("[1/2/t/s/q] > ").strip().lower()
+                key = input("[1/2/t/s/b/q] > ").strip().lower()
             except (EOFError, KeyboardInterrupt):  # end of input or Ctrl-C: quit
                 print()
                 key = "q"
         if key == "q":
             break
+        if key == "b":
+            n = max(0, n - 1)
+            continue
+        # Append-only: a new verdict for an item is a later line, and the last line per (annotator, item) counts.
         done[item["id"]] = judgment(args.annotator, item, names, first,
                                     {"1": first, "2": OTHER[first], "t": "tie", "s": "skip"}[key])
         append_jsonl(file, done[item["id"]])
+        n = unjudged(n + 1)
     file.close()
     left = sum(item["id"] not in done for item in items)
     print(wrap(f"{args.annotator}: {len(items) - left} of {len(items)} items judged"

@@ -165,35 +165,45 @@ def test_bad_input_files_name_file_and_line(tmp_path):
 
 # Human sessions: piped keystrokes.
 
-def test_human_session_quit_resume_bad_key_and_narrow_terminal(tmp_path):
+def test_human_session_quit_resume_back_bad_key_and_narrow_terminal(tmp_path):
     url = "https://example.com/" + "x" * 60
     a, b = outputs(tmp_path, [f"first model answer {i} with a link {url}" for i in range(5)],
                    [f"second model reply {i}\n  indented line" for i in range(5)])
     judgments = str(tmp_path / "judgments.jsonl")
     args = ["human", "--a", a, "--b", b, "--annotator", "alice", "--judgments", judgments]
-    run = run_cli(*args, stdin="1\n2\nt\nq\n", columns=30)
+    run = run_cli(*args, stdin="1\n2\nb\nt\nq\n", columns=30)
     assert run.returncode == 0, run.stderr
     assert "alpaca" not in run.stdout and "davinci" not in run.stdout  # blind
-    for line in run.stdout.replace("[1/2/t/s/q] > ", "\n").splitlines():
+    for line in run.stdout.replace("[1/2/t/s/b/q] > ", "\n").splitlines():
         assert len(line) <= 30, line
+    assert "(your earlier verdict:\nResponse 2; answer again to\nreplace it)" in run.stdout  # b showed item 2 again
     first = {i: ep.order_first(0, "alice", f"t{i}") for i in range(5)}
     records = read_lines(judgments)
     assert [(r["item"], r["verdict"], r["first"]) for r in records] == [
-        ("t0", first[0], first[0]), ("t1", ep.OTHER[first[1]], first[1]), ("t2", "tie", first[2])]
+        ("t0", first[0], first[0]), ("t1", ep.OTHER[first[1]], first[1]), ("t1", "tie", first[1])]
     assert all(r["model_a"] == "alpaca-ckpt" and r["model_b"] == "davinci-003" for r in records)
     assert all("time" in r for r in records)
 
-    # Resume: starts at the fourth item; end of input quits cleanly.
+    # Resume: starts at the third item; end of input quits cleanly.
     run = run_cli(*args, stdin="s\n")
     assert run.returncode == 0, run.stderr
-    assert "item 4 of 5 (t3)" in run.stdout and "item 1 of 5" not in run.stdout
-    assert "4 of 5 items judged; 1 left" in run.stdout
-    assert [(r["item"], r["verdict"]) for r in read_lines(judgments)[3:]] == [("t3", "skip")]
+    assert "item 3 of 5 (t2)" in run.stdout and "item 1 of 5" not in run.stdout
+    assert "3 of 5 items judged; 2 left" in run.stdout
+    assert [(r["item"], r["verdict"]) for r in read_lines(judgments)[3:]] == [("t2", "skip")]
+    # Back into the last session's verdicts: a later line for the same item, which the report then reads.
+    run = run_cli(*args, stdin="b\n1\n")
+    assert run.returncode == 0, run.stderr
+    assert "item 4 of 5 (t3)" in run.stdout and "(your earlier verdict: skip; answer again" in run.stdout
+    assert run.stdout.count("item 4 of 5 (t3)") == 2 and "3 of 5 items judged; 2 left" in run.stdout
+    assert [(r["item"], r["verdict"]) for r in read_lines(judgments)[4:]] == [("t2", first[2])]
+    alice = ep.report_numbers(ep.load_judgments([judgments]), None, 0)["raters"]["alice"]
+    assert (alice["items"], alice["ties"], alice["skips"], alice["wins"]) == (3, 1, 0, [first[0], first[2]].count("a"))
 
-    # A second annotator; a bad key is asked again.
+    # A second annotator; a bad key is asked again, b on the first item shows it again.
     run = run_cli("human", "--a", a, "--b", b, "--annotator", "carol", "--judgments", judgments, stdin="x\nb\n2\n")
     assert run.returncode == 0, run.stderr
-    carol = read_lines(judgments)[4:]
+    assert run.stdout.count("item 1 of 5 (t0)") == 2
+    carol = read_lines(judgments)[5:]
     assert [(r["item"], r["verdict"]) for r in carol] == [("t0", ep.OTHER[ep.order_first(0, "carol", "t0")])]
 
 
