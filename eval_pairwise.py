@@ -14,7 +14,7 @@ verdict, answer, key}]. The last record per (annotator, item) counts.
 
 import argparse
 import concurrent.futures
-import datetime
+from datetime import datetime, timezone
 import hashlib
 import json
 import math
@@ -73,8 +73,7 @@ def load_eval_set(path):
     return [parse_item(r) for r in rows]
 
 def align(path_a, rows_a, path_b, rows_b, allow_missing=False, eval_set=None):
-    """Pair A's and B's outputs item by item, in the eval set's order (else A's); problems are listed, and stop
-    without --allow_missing."""
+    """Pair A's and B's outputs by item, in the eval set's order (else A's); problems stop unless --allow_missing."""
     eval_rows = load_eval_set(eval_set) if eval_set else []
     ids_a, ids_b = {r["id"] for r in rows_a}, {r["id"] for r in rows_b}
     # Ids from two different systems may follow different schemes; then only the text can pair them up.
@@ -347,8 +346,7 @@ def run_report(args):
 
 def judgment(annotator, item, names, first, verdict, **extra):
     return {"annotator": annotator, "item": item["id"], "model_a": names[0], "model_b": names[1], "first": first,
-            "verdict": verdict, **extra,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "verdict": verdict, **extra, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 def latest(records):
     """The last record per (annotator, item): judging again supersedes."""
@@ -372,7 +370,7 @@ def run_human(args):
                "Which response is better? 1 or 2, t = tie, s = skip, b = back one item, q = quit.", width, ""))
 
     def unjudged(start):  # the first item from `start` on without this annotator's verdict
-        return next((n for n in range(start, len(items)) if items[n]["id"] not in done), len(items))
+        return next((i for i in range(start, len(items)) if items[i]["id"] not in done), len(items))
     n = unjudged(0)
     while n < len(items):
         item, earlier = items[n], done.get(items[n]["id"])
@@ -394,14 +392,11 @@ def run_human(args):
                 key = "q"
         if key == "q":
             break
-        if key == "b":
-            n = max(0, n - 1)
-            continue
-        # Append-only: a new verdict for an item is a later line, and the last line per (annotator, item) counts.
-        done[item["id"]] = judgment(args.annotator, item, names, first,
-                                    {"1": first, "2": OTHER[first], "t": "tie", "s": "skip"}[key])
-        append_jsonl(file, done[item["id"]])
-        n = unjudged(n + 1)
+        if key != "b":  # append-only: a new verdict for an item is a later line, and the last one counts
+            done[item["id"]] = judgment(args.annotator, item, names, first,
+                                        {"1": first, "2": OTHER[first], "t": "tie", "s": "skip"}[key])
+            append_jsonl(file, done[item["id"]])
+        n = max(0, n - 1) if key == "b" else unjudged(n + 1)
     file.close()
     left = sum(item["id"] not in done for item in items)
     print(wrap(f"{args.annotator}: {len(items) - left} of {len(items)} items judged"
@@ -429,9 +424,8 @@ def run_judge(args):
             if key in answers or stop.is_set() or usd() >= args.max_usd:
                 continue
             try:
-                response = client.chat.completions.create(
-                    model=args.model, temperature=0, max_tokens=args.max_new_tokens,
-                    messages=judge_messages(item, first))
+                response = client.chat.completions.create(model=args.model, messages=judge_messages(item, first),
+                                                          temperature=0, max_tokens=args.max_new_tokens)
             except openai.OpenAIError as e:  # what is left after the client's retries: stop, with one message
                 stop.set()
                 raise SystemExit(f"judge API error on item {item['id']}: {e}")
