@@ -237,6 +237,11 @@ def summarize(verdicts, lengths, seed):
             "wilson": list(wilson(wins, wins + losses)), "sign_p": sign_test(wins, losses),
             "lc_win_rate": lc[0], "lc_se": lc[1], "length_slope": lc[2]}
 
+def majority(votes):
+    """The verdict most of the votes give (skips do not vote); a draw between the most given is a tie."""
+    (most, verdict), (second, _) = sorted(((votes.count(v), v) for v in ("a", "b", "tie")), reverse=True)[:2]
+    return verdict if most > second else "tie"
+
 # 5. The report. report_numbers is the data (what --json writes); markdown() is a view of it.
 
 def report_numbers(records, lengths, seed):
@@ -247,17 +252,21 @@ def report_numbers(records, lengths, seed):
     humans = sorted(a for a in by_rater if not a.startswith("judge:"))
     judges = sorted(a for a in by_rater if a.startswith("judge:"))
     verdicts = {a: {item: r["verdict"] for item, r in by_rater[a].items()} for a in humans + judges}
+    if len(humans) > 1:  # the humans as one rater: a panel's verdict, and what a judge should agree with
+        voted = dict.fromkeys(i for h in humans for i, v in verdicts[h].items() if v != "skip")
+        verdicts["humans (majority)"] = {i: majority([verdicts[h].get(i) for h in humans]) for i in voted}
     raters = {a: summarize(verdicts[a], lengths, seed) for a in verdicts}
     for a in raters:  # position bias: how often decisive answers chose the response shown first (50%: none)
         picks, agree = [], []  # agree: the judge's two orders of a pair gave the same verdict
-        for r in by_rater[a].values():
+        for r in by_rater.get(a, {}).values():
             orders = r.get("orders") or ([{"first": r["first"], "verdict": r["verdict"]}] if r.get("first") else [])
             picks += [o["verdict"] == o["first"] for o in orders if o["verdict"] in ("a", "b")]
             agree += [orders[0]["verdict"] == orders[1]["verdict"]] if len(orders) == 2 else []
         raters[a].update(decisive_answers=len(picks), pairs_in_both_orders=len(agree),
                          first_position_share=float(np.mean(picks)) if picks else math.nan,
                          position_consistency=float(np.mean(agree)) if agree else math.nan)
-    pairs = [(x, y) for i, x in enumerate(humans) for y in humans[i + 1:]] + [(j, h) for j in judges for h in humans]
+    pairs = [(x, y) for i, x in enumerate(humans) for y in humans[i + 1:]]
+    pairs += [(j, h) for j in judges for h in humans + (["humans (majority)"] if len(humans) > 1 else [])]
     agreement = []
     for x, y in pairs:
         common = [i for i, v in verdicts[x].items() if v != "skip" and verdicts[y].get(i, "skip") != "skip"]

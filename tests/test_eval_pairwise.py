@@ -419,15 +419,24 @@ def test_report_headline_agreement_and_files(tmp_path, capsys):
     alice = ["a"] * 90 + ["b"] * 89 + ["tie"] * 73
     bob = alice[:200] + ["a"] * 52
     carol = ["b"] + alice[1:]
-    judgments = make_judgments(tmp_path / "j.jsonl", {"alice": alice, "bob": bob, "carol": carol})
+    judge = alice[:5] + ["b"] + alice[6:]
+    judgments = make_judgments(tmp_path / "j.jsonl", {"alice": alice, "bob": bob, "carol": carol, "judge:x": judge})
     js = str(tmp_path / "report.json")
     ep.main(["report", *report_outputs(tmp_path, 252), "--judgments", judgments, "--json", js])
     out = capsys.readouterr().out
     assert "- alice: alpaca wins 90 versus 89 for davinci, with 73 ties; no significant difference" in out
     assert "| alice | 252 | 90 | 89 | 73 | 0 | 50.2% (" in out and "p = 1.000" in out
     summary = json.load(open(js))
-    assert summary["items"] == 252 and summary["judgments"] == 3 * 252
+    assert summary["items"] == 252 and summary["judgments"] == 4 * 252
+    # The humans as one rater: item 0 is a, a, b -> a; the last 52 tie, a, tie -> tie; so alice's verdicts.
+    assert "| humans (majority) | 252 | 90 | 89 | 73 | 0 | 50.2% (" in out
+    assert list(summary["raters"]) == ["alice", "bob", "carol", "judge:x", "humans (majority)"]
     pairs = {tuple(p["raters"]): p for p in summary["agreement"]}
+    assert pairs["judge:x", "humans (majority)"]["agreement"] == pytest.approx(251 / 252)
+    assert list(pairs) == [("alice", "bob"), ("alice", "carol"), ("bob", "carol"), ("judge:x", "alice"),
+                           ("judge:x", "bob"), ("judge:x", "carol"), ("judge:x", "humans (majority)")]
+    assert [ep.majority(v) for v in (["a", "b", "tie"], ["a", "b"], ["b", "skip", None], ["b", "a", "b"])] == [
+        "tie", "tie", "b", "b"]  # a draw is a tie; skips do not vote
     # bob agrees on the first 200 items and says 'a' where alice said 'tie' on the last 52.
     observed, expected = 200 / 252, (90 * 142 + 89 * 89 + 73 * 21) / 252 ** 2
     assert pairs["alice", "bob"]["agreement"] == pytest.approx(observed)
@@ -443,6 +452,7 @@ def test_report_latest_judgment_wins(tmp_path):
                             "first": "b", "verdict": "a", "len_a": 51, "len_b": 41}) + "\n")
     summary = ep.report_numbers(ep.load_judgments([path]), None, 0)
     assert (summary["raters"]["alice"]["wins"], summary["raters"]["alice"]["losses"]) == (2, 0)
+    assert list(summary["raters"]) == ["alice"]  # one human: no majority row
 
 
 def test_report_errors_name_file_and_line(tmp_path):
