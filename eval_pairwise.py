@@ -14,7 +14,7 @@ verdict, answer, key}]. The last record per (annotator, item) counts.
 
 import argparse
 import concurrent.futures
-import datetime
+from datetime import datetime, timezone
 import hashlib
 import json
 import math
@@ -35,7 +35,8 @@ BOOTSTRAP = 1000
 
 # 1. Pairing. A and B are JSONL or JSON arrays: sample.py's records (id, instruction, input, output, generator),
 # self-instruct's predictions (no id, the text in `response`), alpaca_eval's model_outputs.json. Items align on `id`
-# when both files share ids (sample.py writes the eval set's), else on (instruction, input). Problems stop the run.
+# when both files share ids, else on (instruction, input); --eval_set (self-instruct's tasks, `<id>#<k>` for the k-th
+# of several instances, the ids sample.py writes) fixes the items and their order. Problems stop the run.
 
 def string(r, *names, optional=False):
     """Field names[0] of record r (or the first alternative it has) as a string; an optional one defaults to ""."""
@@ -45,28 +46,45 @@ def string(r, *names, optional=False):
         raise SystemExit(f"{r['where']}: field '{names[0]}'{alt} {'is not' if optional else 'missing or not'} a string")
     return value
 
+def parse_item(r):
+    """where, id, instruction, input of record r; whitespace around the text goes (self-instruct's ends in newlines)."""
+    return {"where": r["where"], "id": None if r.get("id") is None else str(r["id"]),
+            "instruction": string(r, "instruction").strip(), "input": string(r, "input", optional=True).strip()}
+
 def load_outputs(path, name):
-    """The model's name and its outputs; whitespace around the text is ignored (self-instruct's ends in newlines)."""
+    """The model's name and its outputs."""
     records = read_records(path)
-    rows = [{"where": r["where"], "id": None if r.get("id") is None else str(r["id"]),
-             "instruction": string(r, "instruction").strip(), "input": string(r, "input", optional=True).strip(),
-             "output": string(r, "output", "response")} for r in records]
+    rows = [dict(parse_item(r), output=string(r, "output", "response")) for r in records]
     generators = sorted({str(r["generator"]) for r in records if r.get("generator")})
     if name is None and len(generators) > 1:
         raise SystemExit(f"{path}: outputs of several generators ({', '.join(generators)}); "
                          "split the file or name the model with --name_a/--name_b")
     return name or (generators + [os.path.splitext(os.path.basename(path))[0]])[0], rows
 
-def align(path_a, rows_a, path_b, rows_b, allow_missing=False):
-    """Pair A's and B's outputs item by item, in A's order; problems are listed, and stop without --allow_missing."""
+def load_eval_set(path):
+    """The eval set's items in its order: Alpaca records, or self-instruct's tasks with an item per instance."""
+    rows = []
+    for r in read_records(path):
+        instances = r.get("instances", [r])
+        if not isinstance(instances, list) or not instances or not all(isinstance(x, dict) for x in instances):
+            raise SystemExit(f"{r['where']}: field 'instances' must be a non-empty list of objects")
+        rows += [dict(r, input=x.get("input"), id=None if r.get("id") is None else
+                      f"{r['id']}#{k}" if len(instances) > 1 else r["id"]) for k, x in enumerate(instances)]
+    return [parse_item(r) for r in rows]
+
+def align(path_a, rows_a, path_b, rows_b, allow_missing=False, eval_set=None):
+    """Pair A's and B's outputs by item, in the eval set's order (else A's); problems stop unless --allow_missing."""
+    eval_rows = load_eval_set(eval_set) if eval_set else []
     ids_a, ids_b = {r["id"] for r in rows_a}, {r["id"] for r in rows_b}
     # Ids from two different systems may follow different schemes; then only the text can pair them up.
-    use_ids = None not in ids_a | ids_b and bool(ids_a & ids_b)
+    use_ids = (None not in ids_a | ids_b and bool(ids_a & ids_b)
+               and (not eval_set or any(r["id"] in ids_a for r in eval_rows)))
     key = (lambda r: r["id"]) if use_ids else (lambda r: (r["instruction"], r["input"]))
     problems, bad = [], set()  # bad: the keys of the items left out
 
     def problem(r, message):
-        problems.append(f"{r['where']}: item {key(r) if use_ids else key(r)[0][:50]!r} {message}")
+        name = repr(r["id"]) if use_ids else repr(r["instruction"][:50]) + (f" ({r['id']})" if r["id"] else "")
+        problems.append(f"{r['where']}: item {name} {message}")
         bad.add(key(r))
 
     def index(rows):  # key -> row, in the file's order
@@ -74,24 +92,26 @@ def align(path_a, rows_a, path_b, rows_b, allow_missing=False):
         for r in rows:
             if key(r) in by_key:
                 problem(r, f"duplicates {by_key[key(r)]['where']}")
-            if not r["output"].strip():
+            if "output" in r and not r["output"].strip():  # (the eval set has none)
                 problem(r, "has an empty output")
             by_key.setdefault(key(r), r)
         return by_key
     a, b = index(rows_a), index(rows_b)
-    for rows, other_rows, other_path in ((a, b, path_b), (b, a, path_a)):
-        for k, r in rows.items():
-            if k not in other_rows:
-                problem(r, f"missing from {other_path}")
+    order = index(eval_rows) if eval_set else a  # the items, in their order
+    for k in dict.fromkeys([*order, *a, *b]):  # each item once, named at its line in the eval set, else A's, else B's
+        for path, rows in ((path_a, a), (path_b, b)) + (((eval_set, order),) if eval_set else ()):
+            if k not in rows:
+                problem(order.get(k) or a.get(k) or b[k], f"missing from {path}")
     if problems:
         shown = "\n".join(problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else []))
         if not allow_missing:
             raise SystemExit(f"{shown}\n{len(problems)} alignment problem(s): fix the files, or pass --allow_missing "
                              f"to leave these {len(bad)} item(s) out")
         print(f"{shown}\n--allow_missing: leaving {len(bad)} item(s) out", file=sys.stderr)
-    items = [{"id": a[k]["id"] or b[k]["id"] or "h" + digest(*k)[:10],  # no ids: one from the text, every run the same
+    # Without ids, one from the text: the same on every run.
+    items = [{"id": order[k]["id"] or a[k]["id"] or b[k]["id"] or "h" + digest(*k)[:10],
               "instruction": a[k]["instruction"], "input": a[k]["input"], "out_a": a[k]["output"],
-              "out_b": b[k]["output"]} for k in a if k not in bad]
+              "out_b": b[k]["output"]} for k in order if k not in bad]
     print(f"aligned {len(items)} items on {'id' if use_ids else '(instruction, input)'}", file=sys.stderr)
     return items
 
@@ -100,7 +120,7 @@ def prepare(args):
     name_b, rows_b = load_outputs(args.b, args.name_b)
     if name_a == name_b:
         raise SystemExit(f"both models are named {name_a!r}; tell them apart with --name_a/--name_b")
-    items = align(args.a, rows_a, args.b, rows_b, args.allow_missing)
+    items = align(args.a, rows_a, args.b, rows_b, args.allow_missing, args.eval_set)
     if not items:
         raise SystemExit("no items to compare")
     return name_a, name_b, items
@@ -217,6 +237,11 @@ def summarize(verdicts, lengths, seed):
             "wilson": list(wilson(wins, wins + losses)), "sign_p": sign_test(wins, losses),
             "lc_win_rate": lc[0], "lc_se": lc[1], "length_slope": lc[2]}
 
+def majority(votes):
+    """The verdict most of the votes give (skips do not vote); a draw between the most given is a tie."""
+    (most, verdict), (second, _) = sorted(((votes.count(v), v) for v in ("a", "b", "tie")), reverse=True)[:2]
+    return verdict if most > second else "tie"
+
 # 5. The report. report_numbers is the data (what --json writes); markdown() is a view of it.
 
 def report_numbers(records, lengths, seed):
@@ -227,17 +252,21 @@ def report_numbers(records, lengths, seed):
     humans = sorted(a for a in by_rater if not a.startswith("judge:"))
     judges = sorted(a for a in by_rater if a.startswith("judge:"))
     verdicts = {a: {item: r["verdict"] for item, r in by_rater[a].items()} for a in humans + judges}
+    if len(humans) > 1:  # the humans as one rater: a panel's verdict, and what a judge should agree with
+        voted = dict.fromkeys(i for h in humans for i, v in verdicts[h].items() if v != "skip")
+        verdicts["humans (majority)"] = {i: majority([verdicts[h].get(i) for h in humans]) for i in voted}
     raters = {a: summarize(verdicts[a], lengths, seed) for a in verdicts}
     for a in raters:  # position bias: how often decisive answers chose the response shown first (50%: none)
         picks, agree = [], []  # agree: the judge's two orders of a pair gave the same verdict
-        for r in by_rater[a].values():
+        for r in by_rater.get(a, {}).values():
             orders = r.get("orders") or ([{"first": r["first"], "verdict": r["verdict"]}] if r.get("first") else [])
             picks += [o["verdict"] == o["first"] for o in orders if o["verdict"] in ("a", "b")]
             agree += [orders[0]["verdict"] == orders[1]["verdict"]] if len(orders) == 2 else []
         raters[a].update(decisive_answers=len(picks), pairs_in_both_orders=len(agree),
                          first_position_share=float(np.mean(picks)) if picks else math.nan,
                          position_consistency=float(np.mean(agree)) if agree else math.nan)
-    pairs = [(x, y) for i, x in enumerate(humans) for y in humans[i + 1:]] + [(j, h) for j in judges for h in humans]
+    pairs = [(x, y) for i, x in enumerate(humans) for y in humans[i + 1:]]
+    pairs += [(j, h) for j in judges for h in humans + (["humans (majority)"] if len(humans) > 1 else [])]
     agreement = []
     for x, y in pairs:
         common = [i for i, v in verdicts[x].items() if v != "skip" and verdicts[y].get(i, "skip") != "skip"]
@@ -326,8 +355,7 @@ def run_report(args):
 
 def judgment(annotator, item, names, first, verdict, **extra):
     return {"annotator": annotator, "item": item["id"], "model_a": names[0], "model_b": names[1], "first": first,
-            "verdict": verdict, **extra,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "verdict": verdict, **extra, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 def latest(records):
     """The last record per (annotator, item): judging again supersedes."""
@@ -348,28 +376,36 @@ def run_human(args):
     names, items, done, file = session(args, args.annotator)
     width = max(20, shutil.get_terminal_size().columns - 1)
     print(wrap(f"{len(items)} items, {sum(i['id'] in done for i in items)} already judged by {args.annotator}. "
-               "Which response is better? 1 or 2, t = tie, s = skip, q = quit.", width, ""))
-    for n, item in enumerate(items, 1):
-        if item["id"] in done:
-            continue
+               "Which response is better? 1 or 2, t = tie, s = skip, b = back one item, q = quit.", width, ""))
+
+    def unjudged(start):  # the first item from `start` on without this annotator's verdict
+        return next((i for i in range(start, len(items)) if items[i]["id"] not in done), len(items))
+    n = unjudged(0)
+    while n < len(items):
+        item, earlier = items[n], done.get(items[n]["id"])
         first = order_first(args.seed, args.annotator, item["id"])  # the model shown as Response 1
-        print("\n" + f"-- item {n} of {len(items)} ({item['id']}) ".ljust(width, "-")[:width])
+        print("\n" + f"-- item {n + 1} of {len(items)} ({item['id']}) ".ljust(width, "-")[:width])
         for title, text in (("Instruction", item["instruction"]), ("Input", item["input"]),
                             ("Response 1", item[f"out_{first}"]), ("Response 2", item[f"out_{OTHER[first]}"])):
             if text:
                 print(f"{title}:\n{wrap(text, width)}")
+        if earlier:  # back here with b
+            said = {first: "Response 1", OTHER[first]: "Response 2"}.get(earlier["verdict"], earlier["verdict"])
+            print(wrap(f"(your earlier verdict: {said}; answer again to replace it)", width, ""))
         key = None
-        while key not in ("1", "2", "t", "s", "q"):
+        while key not in ("1", "2", "t", "s", "b", "q"):
             try:
-                key = input("[1/2/t/s/q] > ").strip().lower()
+                key = input("[1/2/t/s/b/q] > ").strip().lower()
             except (EOFError, KeyboardInterrupt):  # end of input or Ctrl-C: quit
                 print()
                 key = "q"
         if key == "q":
             break
-        done[item["id"]] = judgment(args.annotator, item, names, first,
-                                    {"1": first, "2": OTHER[first], "t": "tie", "s": "skip"}[key])
-        append_jsonl(file, done[item["id"]])
+        if key != "b":  # append-only: a new verdict for an item is a later line, and the last one counts
+            done[item["id"]] = judgment(args.annotator, item, names, first,
+                                        {"1": first, "2": OTHER[first], "t": "tie", "s": "skip"}[key])
+            append_jsonl(file, done[item["id"]])
+        n = max(0, n - 1) if key == "b" else unjudged(n + 1)
     file.close()
     left = sum(item["id"] not in done for item in items)
     print(wrap(f"{args.annotator}: {len(items) - left} of {len(items)} items judged"
@@ -397,9 +433,8 @@ def run_judge(args):
             if key in answers or stop.is_set() or usd() >= args.max_usd:
                 continue
             try:
-                response = client.chat.completions.create(
-                    model=args.model, temperature=0, max_tokens=args.max_new_tokens,
-                    messages=judge_messages(item, first))
+                response = client.chat.completions.create(model=args.model, messages=judge_messages(item, first),
+                                                          temperature=0, max_tokens=args.max_new_tokens)
             except openai.OpenAIError as e:  # what is left after the client's retries: stop, with one message
                 stop.set()
                 raise SystemExit(f"judge API error on item {item['id']}: {e}")
@@ -540,6 +575,7 @@ def main(argv=None):
         p.add_argument("--b", required=True, help="outputs of model B")
         p.add_argument("--name_a", help="name of model A (default: the 'generator' field, else the file name)")
         p.add_argument("--name_b", help="name of model B")
+        p.add_argument("--eval_set", help="self-instruct style eval set that fixes the items and their order")
         p.add_argument("--allow_missing", action="store_true", help="leave out (and list) problem items, not stop")
         p.add_argument("--seed", type=int, default=0, help="seed for the order of responses and the bootstrap")
         p.add_argument("--judgments", nargs="+" if p is report else None, default=["judgments.jsonl"] if p is report

@@ -94,7 +94,7 @@ def test_logistic_fit_and_length_controlled_win_rate():
 
 # Alignment.
 
-def test_alignment_on_id_and_text(tmp_path):
+def test_alignment_on_id_text_and_eval_set(tmp_path):
     a, b = outputs(tmp_path, ["x0", "x1", "x2"], ["y0", "y1", "y2"])
     items = ep.align(a, ep.load_outputs(a, None)[1], b, ep.load_outputs(b, None)[1])
     assert [(i["id"], i["out_a"], i["out_b"]) for i in items] == [("t0", "x0", "y0"), ("t1", "x1", "y1"),
@@ -118,6 +118,13 @@ def test_alignment_on_id_and_text(tmp_path):
     assert [i["out_a"] for i in items] == ["x2", "x0", "x1"] and [i["out_b"] for i in items] == ["y2", "y0", "y1"]
     assert [i["id"] for i in items] == [i["id"] for i in ep.align(a2, ep.load_outputs(a2, None)[1], b2, rows)]
     assert all(i["id"].startswith("h") for i in items)
+    # The eval set fixes the order and the ids.
+    eval_rows = [{"id": f"user_oriented_task_{i}", "motivation_app": "Grammarly", "instruction": f"Task {i}",
+                  "instances": [{"input": "" if i % 2 else f"input {i}", "output": "ref"}]} for i in (1, 2, 0)]
+    ev = write_jsonl(tmp_path / "eval.jsonl", eval_rows)
+    items = ep.align(a, ep.load_outputs(a, None)[1], b2, rows, eval_set=ev)
+    assert [(i["id"], i["out_a"], i["out_b"]) for i in items] == [(f"user_oriented_task_{i}", f"x{i}", f"y{i}")
+                                                                   for i in (1, 2, 0)]
 
 
 def test_alignment_problems_are_listed_and_stop(tmp_path):
@@ -148,39 +155,55 @@ def test_bad_input_files_name_file_and_line(tmp_path):
     (tmp_path / "list.jsonl").write_text('{"instruction": "x", "output": "y"}\n["x", "y"]\n')
     with pytest.raises(SystemExit, match=r"list.jsonl:2: expected a JSON object"):
         ep.load_outputs(str(tmp_path / "list.jsonl"), None)
+    ev = write_jsonl(tmp_path / "eval.jsonl", [{"id": "u0", "instruction": "Task 0", "instances": []}])
+    with pytest.raises(SystemExit, match=r"eval.jsonl:1: field 'instances'"):
+        ep.load_eval_set(ev)
+    ev = write_jsonl(tmp_path / "eval.jsonl", [{"id": "u0", "instruction": ["Task 0"]}])
+    with pytest.raises(SystemExit, match=r"eval.jsonl:1: field 'instruction' missing or not a string"):
+        ep.load_eval_set(ev)
 
 
 # Human sessions: piped keystrokes.
 
-def test_human_session_quit_resume_bad_key_and_narrow_terminal(tmp_path):
+def test_human_session_quit_resume_back_bad_key_and_narrow_terminal(tmp_path):
     url = "https://example.com/" + "x" * 60
     a, b = outputs(tmp_path, [f"first model answer {i} with a link {url}" for i in range(5)],
                    [f"second model reply {i}\n  indented line" for i in range(5)])
     judgments = str(tmp_path / "judgments.jsonl")
     args = ["human", "--a", a, "--b", b, "--annotator", "alice", "--judgments", judgments]
-    run = run_cli(*args, stdin="1\n2\nt\nq\n", columns=30)
+    run = run_cli(*args, stdin="1\n2\nb\nt\nq\n", columns=30)
     assert run.returncode == 0, run.stderr
     assert "alpaca" not in run.stdout and "davinci" not in run.stdout  # blind
-    for line in run.stdout.replace("[1/2/t/s/q] > ", "\n").splitlines():
+    for line in run.stdout.replace("[1/2/t/s/b/q] > ", "\n").splitlines():
         assert len(line) <= 30, line
+    assert "(your earlier verdict:\nResponse 2; answer again to\nreplace it)" in run.stdout  # b showed item 2 again
     first = {i: ep.order_first(0, "alice", f"t{i}") for i in range(5)}
     records = read_lines(judgments)
     assert [(r["item"], r["verdict"], r["first"]) for r in records] == [
-        ("t0", first[0], first[0]), ("t1", ep.OTHER[first[1]], first[1]), ("t2", "tie", first[2])]
+        ("t0", first[0], first[0]), ("t1", ep.OTHER[first[1]], first[1]), ("t1", "tie", first[1])]
     assert all(r["model_a"] == "alpaca-ckpt" and r["model_b"] == "davinci-003" for r in records)
     assert all("time" in r for r in records)
 
-    # Resume: starts at the fourth item; end of input quits cleanly.
+    # Resume: starts at the third item; end of input quits cleanly.
     run = run_cli(*args, stdin="s\n")
     assert run.returncode == 0, run.stderr
-    assert "item 4 of 5 (t3)" in run.stdout and "item 1 of 5" not in run.stdout
-    assert "4 of 5 items judged; 1 left" in run.stdout
-    assert [(r["item"], r["verdict"]) for r in read_lines(judgments)[3:]] == [("t3", "skip")]
+    assert "item 3 of 5 (t2)" in run.stdout and "item 1 of 5" not in run.stdout
+    assert "3 of 5 items judged; 2 left" in run.stdout
+    assert [(r["item"], r["verdict"]) for r in read_lines(judgments)[3:]] == [("t2", "skip")]
+    # Back into the last session's verdicts: a later line for the same item, which the report then reads.
+    run = run_cli(*args, stdin="b\n1\n")
+    assert run.returncode == 0, run.stderr
+    assert "item 4 of 5 (t3)" in run.stdout and "(your earlier verdict: skip; answer again" in run.stdout
+    assert run.stdout.count("item 4 of 5 (t3)") == 2 and "3 of 5 items judged; 2 left" in run.stdout
+    assert [(r["item"], r["verdict"]) for r in read_lines(judgments)[4:]] == [("t2", first[2])]
+    alice = ep.report_numbers(ep.load_judgments([judgments]), None, 0)["raters"]["alice"]
+    assert (alice["items"], alice["ties"], alice["skips"], alice["wins"]) == (3, 1, 0, [first[0], first[2]].count("a"))
 
-    # A second annotator; a bad key is asked again.
+    # A second annotator; a bad key is asked again, b on the first item shows it again.
     run = run_cli("human", "--a", a, "--b", b, "--annotator", "carol", "--judgments", judgments, stdin="x\nb\n2\n")
     assert run.returncode == 0, run.stderr
-    carol = read_lines(judgments)[4:]
+    assert run.stdout.count("item 1 of 5 (t0)") == 2
+    carol = read_lines(judgments)[5:]
     assert [(r["item"], r["verdict"]) for r in carol] == [("t0", ep.OTHER[ep.order_first(0, "carol", "t0")])]
 
 
@@ -396,15 +419,24 @@ def test_report_headline_agreement_and_files(tmp_path, capsys):
     alice = ["a"] * 90 + ["b"] * 89 + ["tie"] * 73
     bob = alice[:200] + ["a"] * 52
     carol = ["b"] + alice[1:]
-    judgments = make_judgments(tmp_path / "j.jsonl", {"alice": alice, "bob": bob, "carol": carol})
+    judge = alice[:5] + ["b"] + alice[6:]
+    judgments = make_judgments(tmp_path / "j.jsonl", {"alice": alice, "bob": bob, "carol": carol, "judge:x": judge})
     js = str(tmp_path / "report.json")
     ep.main(["report", *report_outputs(tmp_path, 252), "--judgments", judgments, "--json", js])
     out = capsys.readouterr().out
     assert "- alice: alpaca wins 90 versus 89 for davinci, with 73 ties; no significant difference" in out
     assert "| alice | 252 | 90 | 89 | 73 | 0 | 50.2% (" in out and "p = 1.000" in out
     summary = json.load(open(js))
-    assert summary["items"] == 252 and summary["judgments"] == 3 * 252
+    assert summary["items"] == 252 and summary["judgments"] == 4 * 252
+    # The humans as one rater: item 0 is a, a, b -> a; the last 52 tie, a, tie -> tie; so alice's verdicts.
+    assert "| humans (majority) | 252 | 90 | 89 | 73 | 0 | 50.2% (" in out
+    assert list(summary["raters"]) == ["alice", "bob", "carol", "judge:x", "humans (majority)"]
     pairs = {tuple(p["raters"]): p for p in summary["agreement"]}
+    assert pairs["judge:x", "humans (majority)"]["agreement"] == pytest.approx(251 / 252)
+    assert list(pairs) == [("alice", "bob"), ("alice", "carol"), ("bob", "carol"), ("judge:x", "alice"),
+                           ("judge:x", "bob"), ("judge:x", "carol"), ("judge:x", "humans (majority)")]
+    assert [ep.majority(v) for v in (["a", "b", "tie"], ["a", "b"], ["b", "skip", None], ["b", "a", "b"])] == [
+        "tie", "tie", "b", "b"]  # a draw is a tie; skips do not vote
     # bob agrees on the first 200 items and says 'a' where alice said 'tie' on the last 52.
     observed, expected = 200 / 252, (90 * 142 + 89 * 89 + 73 * 21) / 252 ** 2
     assert pairs["alice", "bob"]["agreement"] == pytest.approx(observed)
@@ -420,6 +452,7 @@ def test_report_latest_judgment_wins(tmp_path):
                             "first": "b", "verdict": "a", "len_a": 51, "len_b": 41}) + "\n")
     summary = ep.report_numbers(ep.load_judgments([path]), None, 0)
     assert (summary["raters"]["alice"]["wins"], summary["raters"]["alice"]["losses"]) == (2, 0)
+    assert list(summary["raters"]) == ["alice"]  # one human: no majority row
 
 
 def test_report_errors_name_file_and_line(tmp_path):
@@ -461,9 +494,9 @@ def test_help_runs():
 
 # The field's files: self-instruct's eval set and predictions, sample.py's ids, alpaca_eval's JSON.
 
-def self_instruct_items():
-    """(id, instruction, input) of three tasks as in self-instruct's user_oriented_instructions.jsonl, with the ids
-    sample.py gives them (<id>#<k> for the k-th of a task's several instances); the second has two instances."""
+def self_instruct_set(tmp_path):
+    """Three tasks as in self-instruct's user_oriented_instructions.jsonl, and the (id, instruction, input) of their
+    items with the ids sample.py gives them (<id>#<k> for the k-th of a task's several instances)."""
     tasks = [{"id": "user_oriented_task_0", "motivation_app": "Grammarly", "instruction": "Fix the grammar.",
               "instances": [{"input": "She no went.", "output": "She did not go."}]},
              {"id": "user_oriented_task_1", "motivation_app": "Gmail", "instruction": "Write a subject line.",
@@ -473,11 +506,11 @@ def self_instruct_items():
               "instances": [{"input": "", "output": "Tea time!"}]}]
     items = [(t["id"] if len(t["instances"]) == 1 else f"{t['id']}#{k}", t["instruction"], x["input"])
              for t in tasks for k, x in enumerate(t["instances"])]
-    return items
+    return write_jsonl(tmp_path / "user_oriented_instructions.jsonl", tasks), items
 
 
 def test_self_instruct_predictions_sample_ids_and_alpaca_eval_outputs_align(tmp_path, capsys):
-    items = self_instruct_items()
+    ev, items = self_instruct_set(tmp_path)
     # sample.py's records: the eval set's ids and its settings, here in reverse order.
     a = write_jsonl(tmp_path / "alpaca.jsonl", [
         {"id": i, "instruction": ins, "input": inp, "output": f"alpaca {k}", "generator": "alpaca-7b",
@@ -494,6 +527,9 @@ def test_self_instruct_predictions_sample_ids_and_alpaca_eval_outputs_align(tmp_
     assert [i for i, _, _ in items] == ["user_oriented_task_0", "user_oriented_task_1#0", "user_oriented_task_1#1",
                                         "user_oriented_task_2"]
     assert name_b == "text-davinci-003_predictions" and "on (instruction, input)" in capsys.readouterr().err
+    aligned = ep.align(a, ep.load_outputs(a, None)[1], b, rows_b, eval_set=ev)  # the eval set's order and ids
+    assert [(x["id"], x["out_a"], x["out_b"]) for x in aligned] == [
+        (i, f"alpaca {3 - k}", f" davinci {k}") for k, (i, _, _) in enumerate(items)]
 
     # Two sample.py files: aligned on the ids, for single- and multi-instance tasks alike.
     a2 = write_jsonl(tmp_path / "llama.jsonl", [dict(json.loads(line), output="llama", generator="llama-7b")
@@ -501,6 +537,23 @@ def test_self_instruct_predictions_sample_ids_and_alpaca_eval_outputs_align(tmp_
     aligned = ep.align(a, ep.load_outputs(a, None)[1], a2, ep.load_outputs(a2, None)[1])
     assert [x["id"] for x in aligned] == [i for i, _, _ in reversed(items)]
     assert "4 items on id" in capsys.readouterr().err
+    aligned = ep.align(a, ep.load_outputs(a, None)[1], a2, ep.load_outputs(a2, None)[1], eval_set=ev)
+    assert [x["id"] for x in aligned] == [i for i, _, _ in items] and "4 items on id" in capsys.readouterr().err
+    # Both outputs files must be complete against the eval set, and hold nothing else.
+    rows_a2 = [r for r in ep.load_outputs(a2, None)[1] if r["id"] != "user_oriented_task_1#0"]
+    rows_a2.append(dict(rows_a2[0], id="user_oriented_task_9", where=f"{a2}:5"))
+    with pytest.raises(SystemExit) as e:
+        ep.align(a, ep.load_outputs(a, None)[1], a2, rows_a2, eval_set=ev)
+    assert f"{ev}:2: item 'user_oriented_task_1#0' missing from {a2}\n" in str(e.value)
+    assert f"{a2}:5: item 'user_oriented_task_9' missing from {ev}\n" in str(e.value)
+    assert f"{a2}:5: item 'user_oriented_task_9' missing from {a}\n" in str(e.value)
+    with pytest.raises(SystemExit, match=r"user_oriented_instructions.jsonl:2: item 'Write a subject line.' "
+                       r"\(user_oriented_task_1#0\) missing from .*predictions.jsonl"):
+        ep.align(a, ep.load_outputs(a, None)[1], b, rows_b[:1] + rows_b[2:], eval_set=ev)
+    # The flag, through the command line: the session goes in the eval set's order.
+    run = run_cli("human", "--a", a, "--b", a2, "--eval_set", ev, "--annotator", "x", "--judgments",
+                  str(tmp_path / "j.jsonl"), stdin="q\n")
+    assert run.returncode == 0 and "item 1 of 4 (user_oriented_task_0)" in run.stdout, run.stderr
 
     # alpaca_eval's model_outputs.json: a JSON array of {instruction, output, generator, dataset}.
     c = tmp_path / "model_outputs.json"
@@ -511,6 +564,9 @@ def test_self_instruct_predictions_sample_ids_and_alpaca_eval_outputs_align(tmp_
     assert name_c == "text_davinci_003" and rows_c[0]["where"] == f"{c}: item 0"
     aligned = ep.align(a, ep.load_outputs(a, None)[1], str(c), rows_c, allow_missing=True)
     assert [(x["instruction"], x["out_b"]) for x in aligned] == [("Write a tweet about tea.", "gpt 3")]
+    aligned = ep.align(str(c), rows_c, str(c), rows_c, eval_set=str(c))  # an eval set without ids: the text's id
+    assert [x["id"] for x in aligned] == [ep.align(str(c), rows_c, str(c), rows_c)[0]["id"]]
+    assert aligned[0]["id"].startswith("h")
     c.write_text('[{"instruction": "x", "output": 3}]')
     with pytest.raises(SystemExit, match=r"model_outputs.json: item 0: field 'output' \(or 'response'\)"):
         ep.load_outputs(str(c), None)
