@@ -14,7 +14,6 @@ verdict, answer, key}]. The last record per (annotator, item) counts.
 
 import argparse
 import concurrent.futures
-from datetime import datetime, timezone
 import hashlib
 import json
 import math
@@ -24,6 +23,7 @@ import shutil
 import sys
 import textwrap
 import threading
+from datetime import datetime, timezone
 
 import numpy as np
 
