@@ -6,9 +6,8 @@ Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a who
     python sample.py --checkpoint=out/tiny --in=eval.jsonl --out=outputs.jsonl
     python sample.py --checkpoint=out/tiny --serve                           # web demo + OpenAI-compatible API
 
-Reads top to bottom: choosing the next token, generating (KV cache, batches of prompts of different lengths),
-answering a prompt or a file, main; then plumbing (resumable files, processes) and the web demo. The model and the
-Alpaca prompt come from train.py, so sampling sees exactly the text and the model that training did.
+The lesson first (the next token, generating a batch, answering), then plumbing, then the web demo. The model and
+the Alpaca prompt come from train.py, so sampling sees exactly the text and the model that training did.
 """
 import argparse
 import base64
@@ -42,9 +41,8 @@ seed = 1337
 batch_size = 16
 
 def sample_next(logits, temperature, top_k, top_p, u):
-    """The next token of each row of logits (B, V): greedy at temperature 0, else drawn from the softmax cut to the
-    top_k likeliest tokens, then to the fewest likeliest holding top_p of the probability. u (B,) in (0, 1] are the
-    rows' own uniform draws, so a row's choice never depends on the other rows of the batch."""
+    """Next token of each row of logits (B, V): greedy at temperature 0, else drawn from the softmax cut to the top_k
+    likeliest, then to the fewest holding top_p. u (B,) in (0, 1]: each row's own draw, so rows never interact."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -65,24 +63,20 @@ def sample_next(logits, temperature, top_k, top_p, u):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
              logits_processor=None, eos_id=None, on_token=None):
-    """The new token ids for each prompt (a list of token ids), generated as one batch, every row as if alone:
-    prompts are left-padded and the padding masked out, each row's positions start at 0, and each row draws from
-    its own random stream, seeded by seed (an int) or seed[i] (a list). A row ends at eos_id (an id or a set),
-    after max_new_tokens, or at the model's context. logits_processor(prev_tokens, logits) may rewrite each step's
-    (B, V) logits (the watermark's hook); on_token(i, id) sees each new id of row i as it comes, for streaming."""
+    """New token ids for each prompt (a list of ids), generated as one batch, every row exactly as if alone: own
+    positions from 0, padding masked, own random stream (seed, or seed[i] from a list). A row ends at eos_id (an id
+    or a set), after max_new_tokens, or at the context. logits_processor(prev_tokens, logits) may rewrite each step's
+    logits (the watermark's hook); on_token(i, id) sees each new id of row i as it comes (streaming)."""
     config, param = model.args, next(model.parameters())
     device, dtype = param.device, param.dtype
     stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
     B, lengths = len(prompts), [len(p) for p in prompts]
-    if not prompts:
-        return []
-    if min(lengths) == 0 or max(lengths) >= config.max_seq_len:
+    if prompts and (min(lengths) == 0 or max(lengths) >= config.max_seq_len):
         raise ValueError(f"prompts must have 1 to {config.max_seq_len - 1} tokens, got {min(lengths)}..{max(lengths)}")
     budget = [min(max_new_tokens, config.max_seq_len - n) for n in lengths]
-    steps, L = max(budget), max(lengths)
+    steps, L = max(budget, default=0), max(lengths, default=0)
     if steps <= 0:
         return [[] for _ in prompts]
-
     # Left padding lines up every row's last prompt token at slot L-1, so one decode step serves all rows.
     # Pad slots are masked out of every row's attention, and positions count from each row's first real token.
     pad = torch.tensor([L - n for n in lengths], device=device)
@@ -94,11 +88,9 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     prefill_mask = (causal & real[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
     decode_mask = real[:, None, None, :] if L > min(lengths) else None
     shape = (B, config.n_kv_heads or config.n_heads, L + steps, config.head_dim)
-    cache = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-             for _ in range(config.n_layers)]
+    cache = [tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in "kv") for _ in range(config.n_layers)]
     seeds = seed if isinstance(seed, (list, tuple)) else [seed] * B
     uniforms = torch.stack([1 - torch.rand(steps, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    uniforms = uniforms.to(device)
     history, new_ids, running = [list(p) for p in prompts], [[] for _ in prompts], [True] * B
 
     tokens = torch.tensor([[0] * (L - n) + list(p) for n, p in zip(lengths, prompts)], device=device)
@@ -106,7 +98,7 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     for step in range(steps):
         if logits_processor is not None:
             logits = logits_processor(history, logits)
-        next_tokens = sample_next(logits, temperature, top_k, top_p, uniforms[:, step])
+        next_tokens = sample_next(logits, temperature, top_k, top_p, uniforms[:, step].to(device))
         for i, token in enumerate(next_tokens.tolist()):
             history[i].append(token)
             if running[i] and token not in stop_ids:
@@ -167,20 +159,17 @@ def interact(model, tokenizer, args, logits_processor):
         turn += 1
 
 def read_items(path):
-    """(id, dataset, instruction, input) for each instance of an evaluation file, checked before any work starts.
-    Takes the Alpaca format ({instruction, input}, a JSON array or JSONL; alpaca_eval's set too) and the
-    self-instruct one ({id, instruction, instances: [{input}]}). An item's id is its 'id' (with #k for its k-th
-    instance, k from 0, when it has several), else its line number in a JSONL file or its index in a JSON array.
-    Its dataset is its record's 'dataset' (as in alpaca_eval's set), else the file's name without extension."""
+    """The items of an evaluation file, all checked before any work: Alpaca's {instruction, input} (JSONL or a JSON
+    array, alpaca_eval's too) or self-instruct's {id, instruction, instances: [{input}]}. id: the record's 'id' (#k
+    for its k-th of several instances), else its line (JSONL) or index (array); dataset: its own, else the file's."""
     items, seen = [], {}
     for where, number, record in read_records(path):
         if not isinstance(record, dict):
             raise SystemExit(f"{where}: expected a JSON object")
         instruction, instances = record.get("instruction"), record.get("instances", [record])
         if not isinstance(instruction, str) or not instruction.strip():
-            problem = "missing" if instruction is None else "is empty" if isinstance(instruction, str) else \
-                "must be a string"
-            raise SystemExit(f"{where}: field 'instruction' {problem}")
+            problem = "must be a string" if not isinstance(instruction, str) else "is empty"
+            raise SystemExit(f"{where}: field 'instruction' {'missing' if instruction is None else problem}")
         if not isinstance(instances, list) or not instances:
             raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
         dataset = record.get("dataset", os.path.splitext(os.path.basename(path))[0])
@@ -199,9 +188,8 @@ def read_items(path):
     return items
 
 def run_batches(model, tokenizer, items, args, settings, logits_processor, processes):
-    """Answer items, appending each batch's lines to a working JSONL as they come: --out itself, or x.jsonl for
-    --out=x.json; under torchrun each process appends to its own shard, x.jsonl.rank<r>-of-<N>. At the end the
-    working JSONL is rewritten in input order with every line, then the JSON array, each atomically."""
+    """Answer items, appending each batch to a working JSONL (--out, or x.jsonl for --out=x.json; under torchrun a
+    shard per process, x.jsonl.rank<r>-of-<N>), then rewrite it in input order, then the JSON array, atomically."""
     rank, world_size, barrier = processes
     for item in items:
         item["prompt_ids"] = tokenizer.encode(format_prompt(item["instruction"], item["input"]), bos=True)
@@ -212,8 +200,7 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
     os.makedirs(os.path.dirname(work) or ".", exist_ok=True)
     finished, _ = read_outputs(work, settings)
     barrier()  # every process has read the files before any writes to them, so all split the same list
-    # Prompts of similar length share a batch, so little compute goes to padding; dealing the sorted list out
-    # in turn gives every process a like share of long and short prompts.
+    # Like lengths share a batch (little padding); dealt out in turn, every process gets long and short prompts.
     todo = sorted((item for item in items if item["id"] not in finished), key=lambda item: len(item["prompt_ids"]))
     if rank == 0:
         print(f"{len(items)} items, {len(items) - len(todo)} already in {work}, {len(todo)} to generate"
@@ -223,8 +210,7 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
     with open(own, "a", encoding="utf-8") as out, tqdm(total=len(todo), unit="item", disable=rank > 0) as progress:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            # Each item samples from its own stream, keyed by its id: its output does not depend on which
-            # batch or process it lands in, so a resumed or split run gives the outputs of an uninterrupted one.
+            # Each item's own random stream, keyed by its id: no output depends on its batch, process or a resume.
             seeds = [zlib.crc32(f"{args.seed}/{item['id']}".encode()) for item in batch]
             outputs = generate(model, [item["prompt_ids"] for item in batch], args.max_new_tokens, args.temperature,
                                args.top_k, args.top_p, seeds, logits_processor, tokenizer.stop_ids)
@@ -293,8 +279,7 @@ def parse_args(argv=None):
     add("--top_p", type=float, default=top_p, help="1 for no cut")
     add("--seed", type=int, default=seed)
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-        help="default: bfloat16 on a GPU that has it, else float32")
+    add("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on a GPU with it, else float32")
     add("--compile", action="store_true", help="torch.compile the model (slow start, fast steps)")
     add("--watermark", action="store_true", help="watermark the outputs (see watermark.py)")
     add("--gamma", type=float, default=0.25, help="watermark: fraction of green tokens")
@@ -306,16 +291,15 @@ def parse_args(argv=None):
     add("--host", default="127.0.0.1", help="0.0.0.0 to let other machines in")
     add("--port", type=int, default=8000, help="0 for any free port")
     add("--no_watermark", action="store_true", help="the demo watermarks every output unless this")
-    add("--moderation_base_url", default=None,
-        help="content filter endpoint (default: OpenAI's when OPENAI_API_KEY is set; else no filter)")
+    add("--moderation_base_url", help="content filter endpoint (default: OpenAI's if OPENAI_API_KEY is set, else none)")
     add("--flags", default="flags.jsonl", help="JSONL that flagged outputs are appended to")
     add("--max_body_bytes", type=int, default=256 * 1024)
     add("--max_prompt_tokens", type=int, default=0, help="0: the model's context")
     add("--max_tokens_cap", type=int, default=512, help="the most tokens one request may ask for")
     add("--max_queue", type=int, default=64, help="requests waiting beyond this get a 503")
     args = parser.parse_args(argv)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1 \
-            or args.batch_size < 1:
+    if min(args.temperature, args.top_k) < 0 or min(args.max_new_tokens, args.batch_size) < 1 or args.top_p <= 0 \
+            or args.top_p > 1:
         parser.error("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1")
     args.watermark = not args.no_watermark if args.serve else args.watermark
     if args.dtype is None:
@@ -415,37 +399,27 @@ def join_processes(args):
         torch.cuda.set_device(args.device)
     return dist.get_rank(), world_size, dist.barrier
 
-# The web demo (--serve). Alpaca was released with one: outputs went through OpenAI's content filter, every output
-# was watermarked, and users were asked to flag what worried them. The page talks to our OpenAI-compatible API, so
-# the same server can also stand in for OpenAI as the teacher of generate_instructions.py or the judge of
-# eval_pairwise.py. Everything the model or a user wrote reaches the page as text (textContent), never as HTML.
+# The web demo (--serve), as Alpaca's: a content filter, every output watermarked, a button to flag outputs. The page
+# talks to our OpenAI-compatible API, which can also stand in for OpenAI as the teacher of generate_instructions.py
+# or the judge of eval_pairwise.py. What the model or a user wrote reaches the page as text, never as HTML.
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Alpaca demo: {{model}}</title><style>
-body { font: 16px/1.45 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem; color: #222 }
-.notice { background: #fff8e1; border: 1px solid #e0c060; border-radius: 6px; padding: .6rem .9rem; font-size: .9rem }
-label { display: block; margin-top: .7rem; font-weight: 600 } .row { display: flex; gap: 1rem } .row label { flex: 1 }
-textarea, input { font: inherit; font-weight: 400; width: 100%; box-sizing: border-box; padding: .4rem }
-button { font: inherit; margin: .8rem .5rem 0 0; padding: .4rem 1.1rem } #status { color: #555; font-size: .9rem }
-#output { white-space: pre-wrap; border: 1px solid #ccc; border-radius: 6px; padding: .7rem; min-height: 3rem }
-</style></head><body><h1>Alpaca demo: {{model}}</h1>
+<title>Alpaca demo: {{model_name}}</title><style>
+body { font: 16px/1.45 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem }
+label { display: block; margin-top: .7rem } textarea, input { font: inherit; width: 100%; box-sizing: border-box }
+.notice { background: #fff8e1; padding: .5rem } #output { white-space: pre-wrap; border: 1px solid #ccc; padding: .5em }
+</style></head><body><h1>Alpaca demo: {{model_name}}</h1>
 <p class="notice"><b>Terms of use:</b> research use only, not for commercial use. The model's answers can be wrong,
 biased or offensive; do not rely on them and do not enter personal information. Flagged outputs are saved for the
-researchers running this demo.<br><b>Content filter:</b> {{filter}}.<br><b>Watermark:</b> {{watermark}}.</p>
+researchers running this demo.<br><b>Content filter:</b> {{filter_state}}.<br><b>Watermark:</b> {{watermark_state}}.</p>
 <label for="instruction">Instruction</label><textarea id="instruction" rows="3"></textarea>
-<label for="input">Input (optional)</label><textarea id="input" rows="2"></textarea><div class="row">
-<label>Temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="{{temperature}}"></label>
-<label>Top-p <input id="top_p" type="number" min="0.01" max="1" step="0.05" value="{{top_p}}"></label>
-<label>Max tokens <input id="max_tokens" type="number" min="1" max="{{cap}}" value="{{max_tokens}}"></label></div>
-<button id="generate">Generate</button><button id="stop" disabled>Stop</button><h2>Response</h2><div id="output"></div>
-<p id="status"></p><label for="reason">Reason for flagging (optional)</label><input id="reason">
-<button id="flag" disabled>Flag this output</button>
+<label for="input">Input (optional)</label><textarea id="input" rows="2"></textarea>
+<p><button id="generate">Generate</button></p><h2>Response</h2><div id="output"></div><p id="status"></p>
+<label for="reason">Reason for flagging (optional)</label><input id="reason">
+<p><button id="flag" disabled>Flag this output</button></p>
 <script>
 const $ = id => document.getElementById(id), say = text => $("status").textContent = text;
-const busy = on => { $("generate").disabled = $("flag").disabled = on; $("stop").disabled = !on; };
-let controller = null, last = null;
-$("stop").onclick = () => controller.abort();
-$("instruction").onkeydown = e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("generate").click(); };
+let last = null;
 $("generate").onclick = async () => {
   const instruction = $("instruction").value.trim(), input = $("input").value.trim();
   if (!instruction) return say("Type an instruction first.");
@@ -454,12 +428,10 @@ $("generate").onclick = async () => {
   let text = "", status = "", buffer = "";
   $("output").textContent = "";
   say("Generating...");
-  busy(true);
-  controller = new AbortController();
+  $("generate").disabled = $("flag").disabled = true;
   try {
-    const response = await fetch("/v1/chat/completions", {method: "POST", signal: controller.signal,
-      headers: {"Content-Type": "application/json"}, body: JSON.stringify({model: "demo", messages, stream: true,
-        temperature: +$("temperature").value, top_p: +$("top_p").value, max_tokens: +$("max_tokens").value})});
+    const response = await fetch("/v1/chat/completions", {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({model: "demo", messages, stream: true})});
     if (!response.ok) throw new Error((await response.json()).error.message);
     const reader = response.body.getReader(), decoder = new TextDecoder();
     for (let read = await reader.read(); !read.done; read = await reader.read()) {
@@ -474,12 +446,10 @@ $("generate").onclick = async () => {
           : reason ? (reason === "length" ? "Stopped at the token limit." : "Done.") : status;
       }
     }
-  } catch (e) {
-    status = e.name === "AbortError" ? "Stopped." : "Error: " + e.message;
-  }
+  } catch (e) { status = "Error: " + e.message; }
   last = {instruction, input, output: text};
   say(status);
-  busy(false);
+  $("generate").disabled = $("flag").disabled = false;
 };
 $("flag").onclick = async () => {
   $("flag").disabled = true;
@@ -495,8 +465,7 @@ PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inl
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'".format(base64.b64encode(hashlib.sha256(
         PAGE.split("<script>")[1].split("</script>")[0].encode()).digest()).decode())
 MAX_DISCARD_BYTES = 64 << 20  # an oversized body is read and dropped up to this, so its client gets the 413
-ENDPOINTS = {"/": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST",
-             "/flag": "POST"}
+ENDPOINTS = {"/": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/flag": "POST"}
 INF = float("inf")
 
 class ApiError(Exception):
@@ -523,22 +492,16 @@ def chat_to_alpaca(messages):
     user's, is the instruction; system messages and earlier turns, in order, become the input."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    turns = []  # (role, content)
     for i, message in enumerate(messages):
         role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
-        if role not in ("system", "developer", "user", "assistant"):
+        if role not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{i}]: 'role' must be system, user or assistant", f"messages[{i}].role")
-        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text" and
-                                             isinstance(part.get("text"), str) for part in content):
-            content = "".join(part["text"] for part in content)
         if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}]: 'content' must be a string or a list of text parts",
-                           f"messages[{i}].content")
-        turns.append((role, content))
-    if turns[-1][0] != "user" or not turns[-1][1].strip():
+            raise ApiError(400, f"messages[{i}]: 'content' must be a string", f"messages[{i}].content")
+    *earlier, (role, instruction) = [(message["role"], message["content"]) for message in messages]
+    if role != "user" or not instruction.strip():
         raise ApiError(400, "the last message must be the user's, and not empty", "messages")
-    return turns[-1][1], "\n\n".join(content if role in ("system", "developer") else f"{role.title()}: {content}"
-                                     for role, content in turns[:-1])
+    return instruction, "\n\n".join(text if role == "system" else f"{role.title()}: {text}" for role, text in earlier)
 
 def read_request(body, chat, demo):
     """A completion request checked field by field, as a job for the worker. /v1/completions continues its
@@ -573,8 +536,7 @@ def read_request(body, chat, demo):
     cap, context, n = demo.args.max_tokens_cap, demo.model.args.max_seq_len, len(prompt_ids)
     max_tokens = min(demo.args.max_new_tokens, cap, context - n)
     for name in ("max_tokens", "max_completion_tokens"):
-        if (asked := number(body, name, None, 1, INF, integer=True)) is None:
-            continue
+        asked = number(body, name, max_tokens, 1, INF, integer=True)
         if asked > context - n and context - n < cap:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                            f"{n + asked} tokens ({n} in the {where}, {asked} in the completion): after this {where} "
@@ -584,13 +546,11 @@ def read_request(body, chat, demo):
             raise ApiError(400, f"{name} is too large: {asked}. This server gives at most {cap} completion tokens "
                            f"per request, whereas you provided {asked}.", name, "integer_above_max_value")
         max_tokens = asked
-    options, seed = body.get("stream_options"), number(body, "seed", None, 0, 2**63 - 1, integer=True)
     return SimpleNamespace(
         instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop, stream=stream,
         temperature=number(body, "temperature", demo.args.temperature, 0, 2),
         top_p=max(number(body, "top_p", demo.args.top_p, 0, 1), 1e-6),  # 0: the likeliest token only
-        seed=secrets.randbelow(2**63) if seed is None else seed,
-        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        seed=number(body, "seed", secrets.randbelow(2**63), 0, 2**63 - 1, integer=True),
         pieces=queue.Queue(), cancelled=threading.Event(), ids=[], shown="", text="", finish_reason=None, error=None,
         holdback=max(map(len, stop), default=1) - 1)  # text that may start a stop string waits until it cannot
 
@@ -635,9 +595,8 @@ def run_jobs(demo):
             generate(demo.model, [job.prompt_ids for job in batch], max(job.max_tokens for job in batch),
                      batch[0].temperature, demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
                      logits_processor=demo.logits_processor, on_token=on_token)
-            for job in batch:
-                if job.finish_reason is None:
-                    finish(job, "length")
+            for job in (job for job in batch if job.finish_reason is None):
+                finish(job, "length")
         except Stop:
             pass
         except Exception as e:  # one failed batch must not take the demo down
@@ -666,8 +625,7 @@ def log_flag(demo, flagged_by, instruction, input, output, reason):
         os.fsync(f.fileno())
 
 class DemoHandler(BaseHTTPRequestHandler):
-    """One thread per connection (ThreadingHTTPServer): a client that connects and sends nothing holds only
-    its own thread, and only for `timeout` seconds."""
+    """A thread per connection: a client that connects and sends nothing holds only its own, for `timeout` s."""
     protocol_version, timeout, streaming = "HTTP/1.1", 60, False  # keep-alive, as the openai client expects
 
     def do_GET(self):
@@ -679,9 +637,6 @@ class DemoHandler(BaseHTTPRequestHandler):
                 raise ApiError(405, f"use {ENDPOINTS[path]} for {path}")
             if path == "/":
                 self.send(200, demo.page.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})
-            elif path == "/v1/models":
-                self.send(200, {"object": "list", "data": [{"id": demo.model_name, "object": "model",
-                                                            "created": demo.started, "owned_by": "sample.py"}]})
             elif path == "/flag":
                 body = self.read_json()
                 if not isinstance(body, dict) or not isinstance(body.get("output"), str):
@@ -702,9 +657,8 @@ class DemoHandler(BaseHTTPRequestHandler):
 
     def read_json(self):
         length, limit = self.headers.get("Content-Length", ""), self.server.demo.args.max_body_bytes
-        if not length.isdigit():
-            self.close_connection = True  # where the body ends is unknown: this connection cannot go on
-            raise ApiError(411, "send the body with a Content-Length header")
+        if not length.isdigit():  # where a body ends is unknown: none is read, and the connection ends after this
+            length, self.close_connection = "0", True
         if int(length) > limit:
             # A client sends its whole body before it reads the answer: closing on an unread body resets the
             # connection under it, and it sees a broken pipe instead of the 413. So read the body and drop it, up
@@ -756,25 +710,22 @@ class DemoHandler(BaseHTTPRequestHandler):
         while (piece := self.next_piece(job)) is not None:
             if live and piece:
                 self.send_event(chunk(piece))
-        if job.error and live:
-            return self.send_event(ApiError(500, job.error, kind="server_error").body)
-        if job.error:
-            raise ApiError(500, job.error, kind="server_error")
+        if job.error:  # mid-stream, the error is the stream's last event
+            error = ApiError(500, job.error, kind="server_error")
+            return self.send_event(error.body) if live else self.send(error.status, error.body)
         text, finish_reason, extra = job.text, job.finish_reason, {"watermark": demo.watermark_params}
         if categories := moderate(demo, text):
             log_flag(demo, "content_filter", job.instruction, job.input, text,
                      f"output flagged: {', '.join(categories)}")
             text, finish_reason = "", "content_filter"
             extra["content_filter"] = {"flagged": True, "categories": categories}
-        n_prompt, n_completion = len(job.prompt_ids), len(job.ids)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
         if not job.stream:
+            n_prompt, n_completion = len(job.prompt_ids), len(job.ids)
+            usage = dict(prompt_tokens=n_prompt, completion_tokens=n_completion, total_tokens=n_prompt + n_completion)
             return self.send(200, chunk(text, finish_reason, first=True, usage=usage, **extra))
         if not live:
             self.send_event(chunk(text, first=True))
         self.send_event(chunk(None, finish_reason, **extra))
-        if job.include_usage:
-            self.send_event({**reply, "choices": [], "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
 
     def next_piece(self, job):
@@ -818,20 +769,17 @@ def make_server(model, tokenizer, args):
     resume_jsonl(args.flags)  # cuts a torn last line a killed demo left, so appends start on a line of their own
     demo = SimpleNamespace(
         model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation,
-        watermark_params=watermark.params if watermark else None, started=int(time.time()), queue=[],
+        watermark_params=watermark.params if watermark else None, queue=[], current=[], closing=False,
         model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(),
-        closing=False, current=[], flags_lock=threading.Lock(),
-        max_prompt_tokens=min(args.max_prompt_tokens or INF, model.args.max_seq_len - 1))
+        flags_lock=threading.Lock(), max_prompt_tokens=min(args.max_prompt_tokens or INF, model.args.max_seq_len - 1))
     demo.filter_state = (f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged "
                          "prompts are refused and flagged outputs withheld") if moderation else \
         "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
     demo.watermark_state = "off" if watermark is None else ("on, every output: {scheme}, gamma {gamma}, delta "
         "{delta}, key fingerprint {key_fingerprint} (check with watermark.py detect)").format(**watermark.params)
     demo.page = PAGE
-    for name, value in {"model": demo.model_name, "filter": demo.filter_state, "watermark": demo.watermark_state,
-                        "temperature": args.temperature, "top_p": args.top_p, "cap": args.max_tokens_cap,
-                        "max_tokens": min(args.max_new_tokens, args.max_tokens_cap)}.items():
-        demo.page = demo.page.replace("{{%s}}" % name, html.escape(str(value)))
+    for name in ("model_name", "filter_state", "watermark_state"):
+        demo.page = demo.page.replace("{{%s}}" % name, html.escape(getattr(demo, name)))
     server = ThreadingHTTPServer((args.host, args.port), DemoHandler)
     server.demo, demo.worker = demo, threading.Thread(target=run_jobs, args=(demo,), daemon=True)
     demo.worker.start()
@@ -849,8 +797,7 @@ def close_server(server):
 def serve(model, tokenizer, args):
     server = make_server(model, tokenizer, args)
     (host, port), demo = server.server_address[:2], server.demo
-    local = host in ("127.0.0.1", "localhost", "::1")
-    note = "" if local else f"\nnote: bound to {host}, so other machines can reach this demo"
+    note = "" if host in ("127.0.0.1", "localhost", "::1") else f"\nnote: bound to {host}: other machines can reach it"
     print(f"Serving {demo.model_name} at http://{host}:{port}/ (OpenAI-compatible API at http://{host}:{port}/v1); "
           f"Ctrl-C stops\ncontent filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\n"
           f"flags go to {args.flags}{note}", flush=True)

@@ -103,8 +103,6 @@ def test_page_states_terms_filter_and_watermark(start):
     assert "Content filter:</b> off (no OPENAI_API_KEY" in page
     assert "lefthash, gamma 0.5, delta 3.0, key fingerprint " + watermark.key_fingerprint(15485863) in page
     assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy.split("style-src")[0]
-    models = client(url).models.list()
-    assert [m.id for m in models.data] == ["tiny"]
 
 
 def test_completions_and_chat_with_the_openai_client(start):
@@ -120,10 +118,9 @@ def test_completions_and_chat_with_the_openai_client(start):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     assert reply.model_extra["watermark"] == demo.watermark_params and demo.watermark_params["gamma"] == 0.25
     chunks = list(api.completions.create(model="tiny", prompt="Numbers like", max_tokens=12, temperature=0,
-                                         stream=True, stream_options={"include_usage": True}))
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
-    assert chunks[-1].usage.completion_tokens == len(ids)
+                                         stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
 
     # /v1/chat/completions: the last user message is the instruction, the system message the input
     text, ids = expected(demo, format_prompt("Translate the sentence.", "Le chat dort."), 16)
@@ -136,11 +133,11 @@ def test_completions_and_chat_with_the_openai_client(start):
     assert all(c.object == "chat.completion.chunk" for c in chunks) and len(chunks) > 3  # streamed in pieces
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
-    # earlier turns become the input; content may come as a list of text parts
+    # earlier turns become the input
     text, _ = expected(demo, format_prompt("And now?", "Be brief.\n\nUser: Hi\n\nAssistant: Hello"), 8)
     reply = api.chat.completions.create(model="tiny", max_tokens=8, temperature=0, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": [{"type": "text", "text": "And now?"}]}])
+        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "And now?"}])
     assert reply.choices[0].message.content == text
     # sampling is seeded per request: the same seed gives the same text, and the hook (ban + watermark) holds
     one, two = (api.completions.create(model="tiny", prompt="The cat", max_tokens=20, temperature=1.0, seed=s)
@@ -237,14 +234,16 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(start):
     # what a page on another site could send from the user's browser without a CORS preflight
     assert post(url, "/flag", {"output": "spam"}, {"Content-Type": "text/plain"})[0] == 415
     assert post(url, "/v1/completions", {"prompt": "hi", "top_p": 0, "max_tokens": 2})[0] == 200  # as OpenAI
-    # GET on a POST endpoint, a missing page, a body without Content-Length
+    # GET on a POST endpoint, a missing page; a body without Content-Length is read as none, and the connection ends
     for path, status in (("/v1/completions", 405), ("/nope", 404)):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url + path)
         assert e.value.code == status and json.loads(e.value.read())["error"]["message"]
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as raw:
-        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
-        assert raw.recv(100).startswith(b"HTTP/1.1 411")
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        answer = b"".join(iter(lambda: raw.recv(4096), b""))  # to the end: the server closed the connection
+        assert answer.startswith(b"HTTP/1.1 400") and b"not valid JSON" in answer
     # the openai client sees these as its own exceptions
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client(url).completions.create(model="tiny", prompt="hi", max_tokens=1000)
@@ -307,7 +306,7 @@ def test_an_oversized_body_gets_its_413_and_the_server_goes_on(start):
     conn.request("POST", "/flag", b'{"output": "x"}', {"Content-Type": "text/plain"})
     response = conn.getresponse()
     assert response.status == 415 and response.read()
-    conn.request("GET", "/v1/models")
+    conn.request("GET", "/")
     assert conn.getresponse().status == 200
     conn.close()
 
