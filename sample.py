@@ -9,20 +9,7 @@ Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a who
 The lesson first (the next token, generating a batch, answering), then plumbing, then the web demo. The model and
 the Alpaca prompt come from train.py, so sampling sees exactly the text and the model that training did.
 """
-import argparse
-import base64
-import hashlib
-import html
-import json
-import os
-import queue
-import secrets
-import select
-import socket
-import sys
-import threading
-import time
-import zlib
+import argparse, base64, hashlib, html, json, os, queue, re, secrets, sys, threading, time, zlib
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -33,12 +20,8 @@ import torch
 from train import Tokenizer, Transformer, find_tokenizer, format_prompt, read_records
 
 # Decoding defaults. Greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off.
-max_new_tokens = 256
-temperature = 0.7
-top_k = 0
-top_p = 0.9
-seed = 1337
-batch_size = 16
+max_new_tokens, temperature, top_k, top_p, seed = 256, 0.7, 0, 0.9, 1337
+batch_size = 16  # prompts per batch
 
 def sample_next(logits, temperature, top_k, top_p, u):
     """Next token of each row of logits (B, V): greedy at temperature 0, else drawn from the softmax cut to the top_k
@@ -66,7 +49,7 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     """New token ids for each prompt (a list of ids), generated as one batch, every row exactly as if alone: own
     positions from 0, padding masked, own random stream (seed, or seed[i] from a list). A row ends at eos_id (an id
     or a set), after max_new_tokens, or at the context. logits_processor(prev_tokens, logits) may rewrite each step's
-    logits (the watermark's hook); on_token(i, id) sees each new id of row i as it comes (streaming)."""
+    logits (the watermark's hook); on_token(i, id) sees each new id of row i as it comes; a true return ends row i."""
     config, param = model.args, next(model.parameters())
     device, dtype = param.device, param.dtype
     stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
@@ -79,10 +62,8 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
         return [[] for _ in prompts]
     # Left padding lines up every row's last prompt token at slot L-1, so one decode step serves all rows.
     # Pad slots are masked out of every row's attention, and positions count from each row's first real token.
-    pad = torch.tensor([L - n for n in lengths], device=device)
-    slots = torch.arange(L + steps, device=device)
-    positions = (slots - pad[:, None]).clamp(min=0)
-    real = slots >= pad[:, None]  # (B, S): which cache slots hold a row's own tokens
+    pad, slots = torch.tensor([L - n for n in lengths], device=device)[:, None], torch.arange(L + steps, device=device)
+    positions, real = (slots - pad).clamp(min=0), slots >= pad  # real (B, S): the cache slots of a row's own tokens
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
     # A pad query sees only itself: one that sees nothing gives NaN on some backends, and NaN would reach the cache.
     prefill_mask = (causal & real[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
@@ -92,7 +73,6 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     seeds = seed if isinstance(seed, (list, tuple)) else [seed] * B
     uniforms = torch.stack([1 - torch.rand(steps, generator=torch.Generator().manual_seed(s)) for s in seeds])
     history, new_ids, running = [list(p) for p in prompts], [[] for _ in prompts], [True] * B
-
     tokens = torch.tensor([[0] * (L - n) + list(p) for n, p in zip(lengths, prompts)], device=device)
     logits = model(tokens, positions[:, :L], prefill_mask[:, None], cache=cache, last_only=True)[:, -1]
     for step in range(steps):
@@ -103,9 +83,9 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
             history[i].append(token)
             if running[i] and token not in stop_ids:
                 new_ids[i].append(token)
-                if on_token is not None:
-                    on_token(i, token)
-            running[i] = running[i] and token not in stop_ids and len(new_ids[i]) < budget[i]
+                running[i] = not (on_token and on_token(i, token)) and len(new_ids[i]) < budget[i]
+            else:
+                running[i] = False
         if not any(running):
             break
         pos = L + step
@@ -114,15 +94,14 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     return new_ids
 
 def settled(text, shown, holdback=0):
-    """How much of a growing decoded text can be shown: not half a character (the ids so far are decoded as a
-    whole, since sentencepiece joins pieces across token boundaries), nor the last `holdback` characters."""
+    """How much of a growing text (all ids decoded at once: pieces join across tokens) can be shown: not half a
+    character, nor the last `holdback` characters."""
     end = len(text.rstrip("\ufffd")) - holdback
     return end if end > len(shown) and text.startswith(shown) else len(shown)
 
 def print_answer(model, tokenizer, args, instruction, input, logits_processor, seed):
     """Answer one instruction, printing the response as it grows; (tokens, seconds)."""
     ids, shown, start = [], "", time.time()
-
     def on_token(row, token):
         nonlocal shown
         ids.append(token)
@@ -130,7 +109,6 @@ def print_answer(model, tokenizer, args, instruction, input, logits_processor, s
         end = settled(text, shown)
         print(text[len(shown):end], end="", flush=True)
         shown = text[:end]
-
     try:
         generate(model, [tokenizer.encode(format_prompt(instruction, input), bos=True)], args.max_new_tokens,
                  args.temperature, args.top_k, args.top_p, seed, logits_processor, tokenizer.stop_ids, on_token)
@@ -247,19 +225,16 @@ def load(args):
     return model, tokenizer
 
 def make_logits_processor(args, model, tokenizer):
-    """(hook, watermark): the watermark, if asked for, and a ban on ids the tokenizer cannot decode (a model's
-    vocabulary can be padded past its tokenizer's, and an untrained model may pick those ids)."""
+    """(hook, watermark): the watermark if asked for, and a ban on ids past the tokenizer's (padded vocabularies)."""
     watermark, n_tokens = None, tokenizer.vocab_size
     if args.watermark:
         import watermark as wm  # only needed here, so sample.py runs without it
         watermark = wm.WatermarkProcessor(model.args.vocab_size, gamma=args.gamma, delta=args.delta,
                                           scheme=args.scheme, key=args.key)
-
     def process(prev_tokens, logits):
         logits = logits if watermark is None else watermark(prev_tokens, logits)
         logits[:, n_tokens:] = float("-inf")
         return logits
-
     return (process if watermark is not None or n_tokens < model.args.vocab_size else None), watermark
 
 def parse_args(argv=None):
@@ -280,7 +255,6 @@ def parse_args(argv=None):
     add("--seed", type=int, default=seed)
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on a GPU with it, else float32")
-    add("--compile", action="store_true", help="torch.compile the model (slow start, fast steps)")
     add("--watermark", action="store_true", help="watermark the outputs (see watermark.py)")
     add("--gamma", type=float, default=0.25, help="watermark: fraction of green tokens")
     add("--delta", type=float, default=2.0, help="watermark: logit bonus of green tokens")
@@ -311,12 +285,6 @@ def main(argv=None):
     items = read_items(args.inp) if args.inp else None  # bad input stops us here, before any loading
     processes = join_processes(args)  # under torchrun: this process's rank and device
     model, tokenizer = load(args)
-    if args.compile:
-        if args.device == "cpu":
-            # Freezing lets inductor pack the weights for the CPU's matmul kernels once, not at every step.
-            import torch._inductor.config as inductor_config
-            inductor_config.freezing = True
-        model = torch.compile(model, dynamic=True)
     if args.serve:
         return serve(model, tokenizer, args)
     logits_processor, watermark = make_logits_processor(args, model, tokenizer)
@@ -384,9 +352,8 @@ def read_outputs(work, settings):
     return finished, shards
 
 def join_processes(args):
-    """(rank, number of processes, barrier). Under torchrun each process holds the whole model on its own device
-    (one GPU each) and answers its share of the items. They meet only before and after the work, so a barrier
-    over gloo is all they share: no tensor crosses, generate() runs no collective."""
+    """(rank, world size, barrier). Under torchrun each process holds the whole model on its own device and answers
+    its share of the items; they meet only before and after the work (a gloo barrier), no tensor crosses."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return 0, 1, lambda: None
@@ -464,22 +431,16 @@ $("flag").onclick = async () => {
 PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inline'; connect-src 'self'; " \
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'".format(base64.b64encode(hashlib.sha256(
         PAGE.split("<script>")[1].split("</script>")[0].encode()).digest()).decode())
-MAX_DISCARD_BYTES = 64 << 20  # an oversized body is read and dropped up to this, so its client gets the 413
 ENDPOINTS = {"/": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/flag": "POST"}
 INF = float("inf")
 
 class ApiError(Exception):
     """A request the server refuses, answered with OpenAI's error body; the server goes on serving."""
-
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
-class Stop(Exception):
-    """Raised from on_token to end generate() early, once every job of the batch has its answer."""
-
 def number(body, name, default, low, high, integer=False):
-    value = body.get(name)
-    if value is None:
+    if (value := body.get(name)) is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
         bounds = f"from {low} to {high}" if high < INF else f"of at least {low}"
@@ -518,9 +479,8 @@ def read_request(body, chat, demo):
             raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
     if body.get("n") not in (None, 1):
         raise ApiError(400, "this server gives one choice per request: 'n' must be 1", "n")
-    for name in ("echo", "logprobs", "suffix", "tools"):
-        if body.get(name):
-            raise ApiError(400, f"'{name}' is not supported by this server", name)
+    if name := next((name for name in ("echo", "logprobs", "suffix", "tools") if body.get(name)), None):
+        raise ApiError(400, f"'{name}' is not supported by this server", name)
     stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
@@ -530,9 +490,8 @@ def read_request(body, chat, demo):
     if len(prompt_ids) > limit:
         raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server takes at most {limit}", where,
                        "context_length_exceeded")
-    # A request for more tokens than the server can give is refused with the most it can give, as OpenAI and vLLM
-    # do, rather than cut short: a reply cut at a limit the client never heard of looks like the model's own end.
-    # Without max_tokens, the default shrinks to what fits.
+    # Asking for more than the server can give is refused with the most it can give (as OpenAI and vLLM do): a reply
+    # cut at a limit the client never heard of looks like the model's own end. The default shrinks to what fits.
     cap, context, n = demo.args.max_tokens_cap, demo.model.args.max_seq_len, len(prompt_ids)
     max_tokens = min(demo.args.max_new_tokens, cap, context - n)
     for name in ("max_tokens", "max_completion_tokens"):
@@ -555,22 +514,20 @@ def read_request(body, chat, demo):
         holdback=max(map(len, stop), default=1) - 1)  # text that may start a stop string waits until it cannot
 
 def run_jobs(demo):
-    """The one thread that uses the model. It takes the oldest waiting job and up to --batch_size - 1 later ones
-    that sample alike, and generates them as one batch: generate() gives each row what it would give alone (own
-    seed, own random stream), so batching changes throughput, not outputs. Each job's text goes to its own queue
-    as it is produced (None ends it), so a slow reader slows only its own connection."""
+    """The one thread that uses the model: the oldest waiting job and up to --batch_size - 1 later ones that sample
+    alike make a batch. generate() gives each row what it would give alone, so batching changes throughput, not
+    outputs. Each job's text goes to its own queue (None ends it): a slow reader slows only its own connection."""
     def finish(job, reason):
         text = demo.tokenizer.decode(job.ids)
         cut = min((text.find(s) for s in job.stop if s in text), default=None)
         job.finish_reason, job.text = "stop" if cut is not None else reason, text[:cut]
         job.pieces.put(job.text[len(job.shown):] if job.text.startswith(job.shown) else "")
         job.pieces.put(None)
-
-    def on_token(row, token):
+    def on_token(row, token):  # True once the job has its answer: generate() then ends its row
         job = batch[row]
-        if job.finish_reason is None and (job.cancelled.is_set() or token in demo.tokenizer.stop_ids):
+        if job.cancelled.is_set() or token in demo.tokenizer.stop_ids:
             finish(job, "stop")
-        elif job.finish_reason is None:
+        else:
             job.ids.append(token)
             text = demo.tokenizer.decode(job.ids)
             if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
@@ -578,9 +535,7 @@ def run_jobs(demo):
             elif (end := settled(text, job.shown, job.holdback)) > len(job.shown):
                 job.pieces.put(text[len(job.shown):end])
                 job.shown = text[:end]
-        if all(job.finish_reason for job in batch):
-            raise Stop
-
+        return job.finish_reason is not None
     while True:
         with demo.waiting:
             while not demo.closing and all(job.cancelled.is_set() for job in demo.queue):
@@ -597,15 +552,13 @@ def run_jobs(demo):
                      logits_processor=demo.logits_processor, on_token=on_token)
             for job in (job for job in batch if job.finish_reason is None):
                 finish(job, "length")
-        except Stop:
-            pass
         except Exception as e:  # one failed batch must not take the demo down
             for job in (job for job in batch if job.finish_reason is None):
                 job.error = f"generation failed: {type(e).__name__}: {e}"
                 job.pieces.put(None)
 
 def moderate(demo, text):
-    """The categories the moderation endpoint flags text for: [] when clean, or when the filter is off."""
+    """The categories the moderation endpoint flags text for: [] when clean or when the filter is off."""
     if demo.moderation is None or not text.strip():
         return []
     import openai
@@ -638,13 +591,12 @@ class DemoHandler(BaseHTTPRequestHandler):
             if path == "/":
                 self.send(200, demo.page.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})
             elif path == "/flag":
-                body = self.read_json()
-                if not isinstance(body, dict) or not isinstance(body.get("output"), str):
-                    raise ApiError(400, "send the flagged 'output' (a string) in a JSON object", "output")
-                for name in ("instruction", "input", "reason"):
-                    if not isinstance(body.get(name, ""), str):
-                        raise ApiError(400, f"'{name}' must be a string", name)
-                log_flag(demo, "user", *(body.get(name, "") for name in ("instruction", "input", "output", "reason")))
+                body, names = self.read_json(), ("instruction", "input", "output", "reason")
+                if not isinstance(body, dict) or "output" not in body or not all(
+                        isinstance(body.get(name, ""), str) for name in names):
+                    raise ApiError(400, "send a JSON object: the flagged 'output', and 'instruction', 'input' and "
+                                   "'reason' if any, all strings", "output")
+                log_flag(demo, "user", *(body.get(name, "") for name in names))
                 self.send(200, {"flagged": True})
             else:
                 self.complete(self.read_json(), chat=path == "/v1/chat/completions")
@@ -659,14 +611,8 @@ class DemoHandler(BaseHTTPRequestHandler):
         length, limit = self.headers.get("Content-Length", ""), self.server.demo.args.max_body_bytes
         if not length.isdigit():  # where a body ends is unknown: none is read, and the connection ends after this
             length, self.close_connection = "0", True
-        if int(length) > limit:
-            # A client sends its whole body before it reads the answer: closing on an unread body resets the
-            # connection under it, and it sees a broken pipe instead of the 413. So read the body and drop it, up
-            # to a bound; past that, the connection closes after the 413.
-            left = min(int(length), MAX_DISCARD_BYTES)
-            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-                left -= len(chunk)
-            self.close_connection = int(length) > MAX_DISCARD_BYTES or left > 0
+        if int(length) > limit:  # refused unread, so the connection ends (a client still sending may miss the 413)
+            self.close_connection = True
             raise ApiError(413, f"the body is {length} bytes; this server takes at most {limit}")
         data = self.rfile.read(int(length))  # read before any refusal, so the connection can go on
         # Other pages in the user's browser can send text/plain here without asking; JSON needs CORS, never granted.
@@ -678,8 +624,8 @@ class DemoHandler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the body is not valid JSON ({e})")
 
     def complete(self, body, chat):
-        """Answer a completion in OpenAI's shape: whole, or streamed as server-sent events as its text comes. With
-        the content filter on, an output is checked whole before any of it is shown, so a stream comes in one piece."""
+        """Answer in OpenAI's shape, whole or streamed (server-sent events). With the content filter on, an output
+        is checked whole before any of it is shown, so a stream comes in one piece."""
         demo, job = self.server.demo, read_request(body, chat, self.server.demo)
         if categories := ", ".join(moderate(demo, "\n\n".join(filter(None, [job.instruction, job.input])))):
             log_flag(demo, "content_filter", job.instruction, job.input, "", f"prompt flagged: {categories}")
@@ -699,15 +645,13 @@ class DemoHandler(BaseHTTPRequestHandler):
         demo, kind = self.server.demo, "chat.completion" if chat else "text_completion"
         reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(16)}", "created": int(time.time()),
                  "object": kind + ".chunk" * (chat and job.stream), "model": demo.model_name}
-
         def chunk(text, finish_reason=None, first=False, **extra):  # text None: a stream's last chunk
             delta = {} if text is None else {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"delta" if job.stream else "message": delta} if chat else {"text": text or "", "logprobs": None}
             return {**reply, "choices": [{"index": 0, **choice, "finish_reason": finish_reason}], **extra}
-
         if live := job.stream and demo.moderation is None:
-            self.send_event(chunk("", first=True) if chat else None)
-        while (piece := self.next_piece(job)) is not None:
+            self.send_event(chunk("", first=True))
+        while (piece := job.pieces.get()) is not None:  # a client that left is noticed at the next write
             if live and piece:
                 self.send_event(chunk(piece))
         if job.error:  # mid-stream, the error is the stream's last event
@@ -728,22 +672,12 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.send_event(chunk(None, finish_reason, **extra))
         self.wfile.write(b"data: [DONE]\n\n")
 
-    def next_piece(self, job):
-        while True:  # a client that hung up leaves its socket readable with nothing to read
-            if select.select([self.connection], [], [], 0)[0] and not self.connection.recv(1, socket.MSG_PEEK):
-                raise ConnectionResetError
-            try:
-                return job.pieces.get(timeout=0.2)
-            except queue.Empty:
-                pass
-
     def send_event(self, payload):
-        """One server-sent event (None: none yet), starting the stream first; the stream ends with the connection."""
+        """One server-sent event, starting the stream first; the stream ends with the connection."""
         if not self.streaming:
             self.streaming = True
             self.send(200, b"", "text/event-stream", {"Cache-Control": "no-cache"})
-        if payload is not None:
-            self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+        self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
         self.wfile.flush()
 
     def send(self, status, data, content_type="application/json", headers={}):
@@ -777,9 +711,7 @@ def make_server(model, tokenizer, args):
         "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
     demo.watermark_state = "off" if watermark is None else ("on, every output: {scheme}, gamma {gamma}, delta "
         "{delta}, key fingerprint {key_fingerprint} (check with watermark.py detect)").format(**watermark.params)
-    demo.page = PAGE
-    for name in ("model_name", "filter_state", "watermark_state"):
-        demo.page = demo.page.replace("{{%s}}" % name, html.escape(getattr(demo, name)))
+    demo.page = re.sub(r"{{(\w+)}}", lambda name: html.escape(getattr(demo, name[1])), PAGE)
     server = ThreadingHTTPServer((args.host, args.port), DemoHandler)
     server.demo, demo.worker = demo, threading.Thread(target=run_jobs, args=(demo,), daemon=True)
     demo.worker.start()
