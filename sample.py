@@ -6,8 +6,7 @@ Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a who
     python sample.py --checkpoint=out/tiny --in=eval.jsonl --out=outputs.jsonl
     python sample.py --checkpoint=out/tiny --serve                           # web demo + OpenAI-compatible API
 
-The lesson first (the next token, generating a batch, answering), then plumbing, then the web demo. The model and
-the Alpaca prompt come from train.py, so sampling sees exactly the text and the model that training did.
+The lesson first, then plumbing, then the web demo. Model and prompt come from train.py, exactly as training saw them.
 """
 import argparse, base64, hashlib, html, json, os, queue, re, secrets, sys, threading, time, zlib
 from datetime import datetime, timedelta, timezone
@@ -28,8 +27,7 @@ def sample_next(logits, temperature, top_k, top_p, u):
     likeliest, then to the fewest holding top_p. u (B,) in (0, 1]: each row's own draw, so rows never interact."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    ids = None
+    probs, ids = torch.softmax(logits / temperature, dim=-1), None
     if 0 < top_k < probs.size(-1):
         probs, ids = probs.topk(top_k, dim=-1)
         probs = probs / probs.sum(-1, keepdim=True)
@@ -50,8 +48,7 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     positions from 0, padding masked, own random stream (seed, or seed[i] from a list). A row ends at eos_id (an id
     or a set), after max_new_tokens, or at the context. logits_processor(prev_tokens, logits) may rewrite each step's
     logits (the watermark's hook); on_token(i, id) sees each new id of row i as it comes; a true return ends row i."""
-    config, param = model.args, next(model.parameters())
-    device, dtype = param.device, param.dtype
+    config, device, dtype = model.args, next(model.parameters()).device, next(model.parameters()).dtype
     stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
     B, lengths = len(prompts), [len(p) for p in prompts]
     if prompts and (min(lengths) == 0 or max(lengths) >= config.max_seq_len):
@@ -94,8 +91,7 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     return new_ids
 
 def settled(text, shown, holdback=0):
-    """How much of a growing text (all ids decoded at once: pieces join across tokens) can be shown: not half a
-    character, nor the last `holdback` characters."""
+    """How much of a growing text (all ids decoded at once: pieces join) can show: no half character, no holdback."""
     end = len(text.rstrip("\ufffd")) - holdback
     return end if end > len(shown) and text.startswith(shown) else len(shown)
 
@@ -137,9 +133,8 @@ def interact(model, tokenizer, args, logits_processor):
         turn += 1
 
 def read_items(path):
-    """The items of an evaluation file, all checked before any work: Alpaca's {instruction, input} (JSONL or a JSON
-    array, alpaca_eval's too) or self-instruct's {id, instruction, instances: [{input}]}. id: the record's 'id' (#k
-    for its k-th of several instances), else its line (JSONL) or index (array); dataset: its own, else the file's."""
+    """An evaluation file's items, all checked first: Alpaca's {instruction, input} (JSONL or JSON array) or
+    self-instruct's {id, instruction, instances: [{input}]}. id: 'id' (#k for the k-th of several), else line/index."""
     items, seen = [], {}
     for where, number, record in read_records(path):
         if not isinstance(record, dict):
@@ -166,8 +161,8 @@ def read_items(path):
     return items
 
 def run_batches(model, tokenizer, items, args, settings, logits_processor, processes):
-    """Answer items, appending each batch to a working JSONL (--out, or x.jsonl for --out=x.json; under torchrun a
-    shard per process, x.jsonl.rank<r>-of-<N>), then rewrite it in input order, then the JSON array, atomically."""
+    """Append each batch's answers to a working JSONL (under torchrun a shard per process), then rewrite it in input
+    order, then the JSON array (--out=x.json works in x.jsonl), atomically."""
     rank, world_size, barrier = processes
     for item in items:
         item["prompt_ids"] = tokenizer.encode(format_prompt(item["instruction"], item["input"]), bos=True)
@@ -272,8 +267,8 @@ def parse_args(argv=None):
     add("--max_tokens_cap", type=int, default=512, help="the most tokens one request may ask for")
     add("--max_queue", type=int, default=64, help="requests waiting beyond this get a 503")
     args = parser.parse_args(argv)
-    if min(args.temperature, args.top_k) < 0 or min(args.max_new_tokens, args.batch_size) < 1 or args.top_p <= 0 \
-            or args.top_p > 1:
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 \
+            or args.batch_size < 1:
         parser.error("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1")
     args.watermark = not args.no_watermark if args.serve else args.watermark
     if args.dtype is None:
@@ -302,10 +297,8 @@ def main(argv=None):
         interact(model, tokenizer, args, logits_processor)
 
 # Plumbing: append-only files that survive a kill, and several processes.
-
 def resume_jsonl(path):
-    """The records of an append-only JSONL file ([] if there is none). A last line with no newline is the torn
-    write of a killed process: it is cut off, saying so. Any other line that does not parse stops the run."""
+    """An append-only JSONL's records ([] if none). A last line with no newline, a killed write, is cut off."""
     if not os.path.exists(path):
         return []
     with open(path, "r+b") as f:
@@ -335,8 +328,7 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 def read_outputs(work, settings):
-    """({id: record}, shards) of the lines already in the working JSONL and in the shards of any run's processes.
-    Lines written with other settings stop the run, since mixing them in one file would spoil an evaluation."""
+    """({id: record}, shards) already written; lines of other settings stop the run (they would spoil an evaluation)."""
     folder, name = os.path.dirname(work) or ".", os.path.basename(work)
     shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".rank"))
     finished = {}
@@ -352,8 +344,8 @@ def read_outputs(work, settings):
     return finished, shards
 
 def join_processes(args):
-    """(rank, world size, barrier). Under torchrun each process holds the whole model on its own device and answers
-    its share of the items; they meet only before and after the work (a gloo barrier), no tensor crosses."""
+    """(rank, world size, barrier). Under torchrun each process holds the whole model and answers its share; they
+    meet only before and after the work (a gloo barrier): no tensor crosses."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return 0, 1, lambda: None
@@ -366,16 +358,12 @@ def join_processes(args):
         torch.cuda.set_device(args.device)
     return dist.get_rank(), world_size, dist.barrier
 
-# The web demo (--serve), as Alpaca's: a content filter, every output watermarked, a button to flag outputs. The page
-# talks to our OpenAI-compatible API, which can also stand in for OpenAI as the teacher of generate_instructions.py
-# or the judge of eval_pairwise.py. What the model or a user wrote reaches the page as text, never as HTML.
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Alpaca demo: {{model_name}}</title><style>
-body { font: 16px/1.45 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem }
-label { display: block; margin-top: .7rem } textarea, input { font: inherit; width: 100%; box-sizing: border-box }
-.notice { background: #fff8e1; padding: .5rem } #output { white-space: pre-wrap; border: 1px solid #ccc; padding: .5em }
-</style></head><body><h1>Alpaca demo: {{model_name}}</h1>
+# The web demo (--serve), as Alpaca's: content filter, watermark, Flag button. Its OpenAI-compatible API can also be
+# the teacher of generate_instructions.py or the judge of eval_pairwise.py. Page text is set as text, never as HTML.
+PAGE = """<!doctype html><html lang="en"><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>Alpaca demo: {{model_name}}</title><style>body { font: 16px/1.45 sans-serif; max-width: 46rem; margin: auto }
+label { display: block; margin-top: .7rem } textarea, input { width: 100% } .notice { background: #fff8e1 }
+#output { white-space: pre-wrap; border: 1px solid #ccc; padding: .5em }</style><h1>Alpaca demo: {{model_name}}</h1>
 <p class="notice"><b>Terms of use:</b> research use only, not for commercial use. The model's answers can be wrong,
 biased or offensive; do not rely on them and do not enter personal information. Flagged outputs are saved for the
 researchers running this demo.<br><b>Content filter:</b> {{filter_state}}.<br><b>Watermark:</b> {{watermark_state}}.</p>
@@ -425,7 +413,7 @@ $("flag").onclick = async () => {
   say(response.ok ? "Thank you: the output is flagged for the researchers."
                   : "Flagging failed: " + (await response.json()).error.message);
 };
-</script></body></html>
+</script></html>
 """
 # Only the page's own script may run: even text that slipped into the page as HTML could not execute.
 PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inline'; connect-src 'self'; " \
@@ -449,8 +437,7 @@ def number(body, name, default, low, high, integer=False):
     return value
 
 def chat_to_alpaca(messages):
-    """(instruction, input) for chat messages. Alpaca's prompt has no turns: the last message, which must be the
-    user's, is the instruction; system messages and earlier turns, in order, become the input."""
+    """(instruction, input): Alpaca has no turns, so the last (user) message is the instruction, the rest the input."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
     for i, message in enumerate(messages):
@@ -465,8 +452,7 @@ def chat_to_alpaca(messages):
     return instruction, "\n\n".join(text if role == "system" else f"{role.title()}: {text}" for role, text in earlier)
 
 def read_request(body, chat, demo):
-    """A completion request checked field by field, as a job for the worker. /v1/completions continues its
-    prompt as raw text; /v1/chat/completions turns the messages into the Alpaca prompt."""
+    """A request checked field by field, as a job for the worker (completions: raw text; chat: Alpaca's prompt)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     where, prompt, input = "messages" if chat else "prompt", body.get("prompt"), ""
@@ -538,8 +524,7 @@ def run_jobs(demo):
         return job.finish_reason is not None
     while True:
         with demo.waiting:
-            while not demo.closing and all(job.cancelled.is_set() for job in demo.queue):
-                demo.waiting.wait()
+            demo.waiting.wait_for(lambda: demo.closing or not all(job.cancelled.is_set() for job in demo.queue))
             if demo.closing:
                 return
             demo.queue = [job for job in demo.queue if not job.cancelled.is_set()]  # their clients left
@@ -565,8 +550,7 @@ def moderate(demo, text):
     try:
         result = demo.moderation.moderations.create(input=text).results[0]
         categories = sorted(name for name, hit in result.categories.to_dict().items() if hit)
-    except (openai.OpenAIError, AttributeError, IndexError, TypeError) as e:
-        # Fail closed: with the filter on, nothing unchecked is shown.
+    except (openai.OpenAIError, AttributeError, IndexError, TypeError) as e:  # fail closed: nothing unchecked shows
         raise ApiError(503, f"the content filter is unavailable, so nothing is shown ({e})", kind="server_error")
     return (categories or ["unspecified"]) if result.flagged else []
 
@@ -584,10 +568,8 @@ class DemoHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         path, demo = urlsplit(self.path).path, self.server.demo
         try:
-            if path not in ENDPOINTS:
-                raise ApiError(404, f"no such page or endpoint: {path}")
-            if ENDPOINTS[path] != self.command:
-                raise ApiError(405, f"use {ENDPOINTS[path]} for {path}")
+            if ENDPOINTS.get(path) != self.command:
+                raise ApiError(404, f"no {self.command} {path} here (GET / is the page, POST /v1/... the API)")
             if path == "/":
                 self.send(200, demo.page.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})
             elif path == "/flag":
@@ -624,8 +606,7 @@ class DemoHandler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the body is not valid JSON ({e})")
 
     def complete(self, body, chat):
-        """Answer in OpenAI's shape, whole or streamed (server-sent events). With the content filter on, an output
-        is checked whole before any of it is shown, so a stream comes in one piece."""
+        """Answer in OpenAI's shape, whole or streamed; with the filter on, outputs are checked whole, so come whole."""
         demo, job = self.server.demo, read_request(body, chat, self.server.demo)
         if categories := ", ".join(moderate(demo, "\n\n".join(filter(None, [job.instruction, job.input])))):
             log_flag(demo, "content_filter", job.instruction, job.input, "", f"prompt flagged: {categories}")
@@ -664,8 +645,8 @@ class DemoHandler(BaseHTTPRequestHandler):
             text, finish_reason = "", "content_filter"
             extra["content_filter"] = {"flagged": True, "categories": categories}
         if not job.stream:
-            n_prompt, n_completion = len(job.prompt_ids), len(job.ids)
-            usage = dict(prompt_tokens=n_prompt, completion_tokens=n_completion, total_tokens=n_prompt + n_completion)
+            usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.ids)}
+            usage["total_tokens"] = sum(usage.values())
             return self.send(200, chunk(text, finish_reason, first=True, usage=usage, **extra))
         if not live:
             self.send_event(chunk(text, first=True))
@@ -695,20 +676,18 @@ class DemoHandler(BaseHTTPRequestHandler):
 def make_server(model, tokenizer, args):
     """The demo's HTTP server with its worker thread started: call serve_forever(), then close_server()."""
     logits_processor, watermark = make_logits_processor(args, model, tokenizer)
-    moderation = None
-    if os.environ.get("OPENAI_API_KEY") or args.moderation_base_url:
+    key, moderation = os.environ.get("OPENAI_API_KEY"), None
+    if key or args.moderation_base_url:
         import openai
-        moderation = openai.OpenAI(base_url=args.moderation_base_url or None, max_retries=2, timeout=30,
-                                   api_key=os.environ.get("OPENAI_API_KEY") or "none")
+        moderation = openai.OpenAI(base_url=args.moderation_base_url, api_key=key or "none", max_retries=2, timeout=30)
     resume_jsonl(args.flags)  # cuts a torn last line a killed demo left, so appends start on a line of their own
     demo = SimpleNamespace(
         model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation,
         watermark_params=watermark.params if watermark else None, queue=[], current=[], closing=False,
         model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(),
         flags_lock=threading.Lock(), max_prompt_tokens=min(args.max_prompt_tokens or INF, model.args.max_seq_len - 1))
-    demo.filter_state = (f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged "
-                         "prompts are refused and flagged outputs withheld") if moderation else \
-        "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
+    demo.filter_state = f"on ({moderation.base_url}moderations): flagged prompts refused, flagged outputs withheld" \
+        if moderation else "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
     demo.watermark_state = "off" if watermark is None else ("on, every output: {scheme}, gamma {gamma}, delta "
         "{delta}, key fingerprint {key_fingerprint} (check with watermark.py detect)").format(**watermark.params)
     demo.page = re.sub(r"{{(\w+)}}", lambda name: html.escape(getattr(demo, name[1])), PAGE)
