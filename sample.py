@@ -1,21 +1,17 @@
-"""
-Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a whole evaluation file, or a web demo.
+"""Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a whole evaluation file, or a web demo.
 
     python sample.py --checkpoint=out/tiny --prompt="Give three tips for staying healthy."
     python sample.py --checkpoint=out/tiny                                   # interactive; Ctrl-D or quit ends
     python sample.py --checkpoint=out/tiny --in=eval.jsonl --out=outputs.jsonl
     python sample.py --checkpoint=out/tiny --serve                           # web demo + OpenAI-compatible API
 
-The lesson first, then plumbing, then the web demo. Model and prompt come from train.py, exactly as training saw them.
-"""
-import argparse, base64, hashlib, html, json, os, queue, re, secrets, sys, threading, time, zlib
+The lesson first, then plumbing, then the web demo. Model and prompt come from train.py, as training saw them."""
+import argparse, base64, hashlib, html, json, math, os, queue, re, secrets, sys, threading, time, zlib
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import urlsplit
-
 import torch
-
 from train import Tokenizer, Transformer, find_tokenizer, format_prompt, read_records
 
 # Decoding defaults. Greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off.
@@ -44,10 +40,9 @@ def sample_next(logits, temperature, top_k, top_p, u):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
              logits_processor=None, eos_id=None, on_token=None):
-    """New token ids for each prompt (a list of ids), generated as one batch, every row exactly as if alone: own
-    positions from 0, padding masked, own random stream (seed, or seed[i] from a list). A row ends at eos_id (an id
-    or a set), after max_new_tokens, or at the context. logits_processor(prev_tokens, logits) may rewrite each step's
-    logits (the watermark's hook); on_token(i, id) sees each new id of row i as it comes; a true return ends row i."""
+    """New ids for each prompt (a list of ids), as one batch, every row exactly as if alone: own positions, padding
+    masked, own random stream (seed, or seed[i]). A row ends at eos_id (an id or a set), max_new_tokens or the context.
+    logits_processor(prev_tokens, logits) may rewrite the logits; on_token(i, id) sees each new id (True ends row i)."""
     config, device, dtype = model.args, next(model.parameters()).device, next(model.parameters()).dtype
     stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
     B, lengths = len(prompts), [len(p) for p in prompts]
@@ -96,8 +91,8 @@ def settled(text, shown, holdback=0):
     return end if end > len(shown) and text.startswith(shown) else len(shown)
 
 def print_answer(model, tokenizer, args, instruction, input, logits_processor, seed):
-    """Answer one instruction, printing the response as it grows; (tokens, seconds)."""
-    ids, shown, start = [], "", time.time()
+    """Answer one instruction, printing the response as it grows."""
+    ids, shown = [], ""
     def on_token(row, token):
         nonlocal shown
         ids.append(token)
@@ -112,7 +107,6 @@ def print_answer(model, tokenizer, args, instruction, input, logits_processor, s
         pass
     text = tokenizer.decode(ids)
     print(text[len(shown):] if text.startswith(shown) else "", flush=True)
-    return len(ids), time.time() - start
 
 def interact(model, tokenizer, args, logits_processor):
     print("Type an instruction (and, when asked, an optional input). Ctrl-D or 'quit' ends.")
@@ -263,7 +257,6 @@ def parse_args(argv=None):
     add("--moderation_base_url", help="content filter endpoint (default: OpenAI's if OPENAI_API_KEY is set, else none)")
     add("--flags", default="flags.jsonl", help="JSONL that flagged outputs are appended to")
     add("--max_body_bytes", type=int, default=256 * 1024)
-    add("--max_prompt_tokens", type=int, default=0, help="0: the model's context")
     add("--max_tokens_cap", type=int, default=512, help="the most tokens one request may ask for")
     add("--max_queue", type=int, default=64, help="requests waiting beyond this get a 503")
     args = parser.parse_args(argv)
@@ -291,8 +284,7 @@ def main(argv=None):
         if processes[1] > 1:
             torch.distributed.destroy_process_group()
     elif args.prompt is not None:
-        n_tokens, seconds = print_answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
-        print(f"({n_tokens} tokens in {seconds:.1f}s)", file=sys.stderr)
+        print_answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
     else:
         interact(model, tokenizer, args, logits_processor)
 
@@ -349,8 +341,6 @@ def join_processes(args):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return 0, 1, lambda: None
-    if not args.inp:
-        raise SystemExit("several processes (torchrun) are for answering an --in file")
     import torch.distributed as dist
     dist.init_process_group("gloo", timeout=timedelta(hours=24))  # waiting for the slowest share is no failure
     if args.device.startswith("cuda"):
@@ -367,17 +357,15 @@ label { display: block; margin-top: .7rem } textarea, input { width: 100% } .not
 <p class="notice"><b>Terms of use:</b> research use only, not for commercial use. The model's answers can be wrong,
 biased or offensive; do not rely on them and do not enter personal information. Flagged outputs are saved for the
 researchers running this demo.<br><b>Content filter:</b> {{filter_state}}.<br><b>Watermark:</b> {{watermark_state}}.</p>
-<label for="instruction">Instruction</label><textarea id="instruction" rows="3"></textarea>
-<label for="input">Input (optional)</label><textarea id="input" rows="2"></textarea>
-<p><button id="generate">Generate</button></p><h2>Response</h2><div id="output"></div><p id="status"></p>
-<label for="reason">Reason for flagging (optional)</label><input id="reason">
-<p><button id="flag" disabled>Flag this output</button></p>
+<label>Instruction <textarea id="instruction" rows="3"></textarea></label>
+<label>Input (optional) <textarea id="input" rows="2"></textarea></label><p><button id="generate">Generate</button>
+<h2>Response</h2><div id="output"></div><p id="status"></p><label>Reason for flagging (optional) <input id="reason">
+</label><p><button id="flag" disabled>Flag this output</button>
 <script>
 const $ = id => document.getElementById(id), say = text => $("status").textContent = text;
 let last = null;
 $("generate").onclick = async () => {
   const instruction = $("instruction").value.trim(), input = $("input").value.trim();
-  if (!instruction) return say("Type an instruction first.");
   // The server's chat rule: the last user message is the instruction, a system message before it the input.
   const messages = (input ? [{role: "system", content: input}] : []).concat([{role: "user", content: instruction}]);
   let text = "", status = "", buffer = "";
@@ -420,7 +408,6 @@ PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inl
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'".format(base64.b64encode(hashlib.sha256(
         PAGE.split("<script>")[1].split("</script>")[0].encode()).digest()).decode())
 ENDPOINTS = {"/": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/flag": "POST"}
-INF = float("inf")
 
 class ApiError(Exception):
     """A request the server refuses, answered with OpenAI's error body; the server goes on serving."""
@@ -431,7 +418,7 @@ def number(body, name, default, low, high, integer=False):
     if (value := body.get(name)) is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
-        bounds = f"from {low} to {high}" if high < INF else f"of at least {low}"
+        bounds = f"from {low} to {high}" if high < math.inf else f"of at least {low}"
         raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'} {bounds}, got "
                        f"{json.dumps(value)[:40]}", name)
     return value
@@ -463,16 +450,12 @@ def read_request(body, chat, demo):
         instruction = prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, "this server gives one choice per request: 'n' must be 1", "n")
-    if name := next((name for name in ("echo", "logprobs", "suffix", "tools") if body.get(name)), None):
-        raise ApiError(400, f"'{name}' is not supported by this server", name)
     stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
     if not isinstance(stream := body.get("stream") or False, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
-    prompt_ids, limit = demo.tokenizer.encode(prompt, bos=True), demo.max_prompt_tokens
+    prompt_ids, limit = demo.tokenizer.encode(prompt, bos=True), demo.model.args.max_seq_len - 1
     if len(prompt_ids) > limit:
         raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server takes at most {limit}", where,
                        "context_length_exceeded")
@@ -481,7 +464,7 @@ def read_request(body, chat, demo):
     cap, context, n = demo.args.max_tokens_cap, demo.model.args.max_seq_len, len(prompt_ids)
     max_tokens = min(demo.args.max_new_tokens, cap, context - n)
     for name in ("max_tokens", "max_completion_tokens"):
-        asked = number(body, name, max_tokens, 1, INF, integer=True)
+        asked = number(body, name, max_tokens, 1, math.inf, integer=True)
         if asked > context - n and context - n < cap:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                            f"{n + asked} tokens ({n} in the {where}, {asked} in the completion): after this {where} "
@@ -500,9 +483,9 @@ def read_request(body, chat, demo):
         holdback=max(map(len, stop), default=1) - 1)  # text that may start a stop string waits until it cannot
 
 def run_jobs(demo):
-    """The one thread that uses the model: the oldest waiting job and up to --batch_size - 1 later ones that sample
-    alike make a batch. generate() gives each row what it would give alone, so batching changes throughput, not
-    outputs. Each job's text goes to its own queue (None ends it): a slow reader slows only its own connection."""
+    """The one thread using the model: the oldest job and up to --batch_size - 1 that sample alike make a batch (rows
+    come out as alone: throughput changes, outputs don't). Each job's text goes to its own queue (None ends it), so a
+    slow reader slows only its own connection."""
     def finish(job, reason):
         text = demo.tokenizer.decode(job.ids)
         cut = min((text.find(s) for s in job.stop if s in text), default=None)
@@ -546,11 +529,10 @@ def moderate(demo, text):
     """The categories the moderation endpoint flags text for: [] when clean or when the filter is off."""
     if demo.moderation is None or not text.strip():
         return []
-    import openai
     try:
         result = demo.moderation.moderations.create(input=text).results[0]
         categories = sorted(name for name, hit in result.categories.to_dict().items() if hit)
-    except (openai.OpenAIError, AttributeError, IndexError, TypeError) as e:  # fail closed: nothing unchecked shows
+    except Exception as e:  # fail closed: whatever went wrong, nothing unchecked is shown
         raise ApiError(503, f"the content filter is unavailable, so nothing is shown ({e})", kind="server_error")
     return (categories or ["unspecified"]) if result.flagged else []
 
@@ -561,8 +543,7 @@ def log_flag(demo, flagged_by, instruction, input, output, reason):
                          "watermark": demo.watermark_params})
         os.fsync(f.fileno())
 
-class DemoHandler(BaseHTTPRequestHandler):
-    """A thread per connection: a client that connects and sends nothing holds only its own, for `timeout` s."""
+class DemoHandler(BaseHTTPRequestHandler):  # a thread per connection: a silent client holds only its own, for 60 s
     protocol_version, timeout, streaming = "HTTP/1.1", 60, False  # keep-alive, as the openai client expects
 
     def do_GET(self):
@@ -590,13 +571,11 @@ class DemoHandler(BaseHTTPRequestHandler):
     do_POST = do_GET
 
     def read_json(self):
-        length, limit = self.headers.get("Content-Length", ""), self.server.demo.args.max_body_bytes
-        if not length.isdigit():  # where a body ends is unknown: none is read, and the connection ends after this
-            length, self.close_connection = "0", True
-        if int(length) > limit:  # refused unread, so the connection ends (a client still sending may miss the 413)
+        length, limit = int(self.headers.get("Content-Length") or 0), self.server.demo.args.max_body_bytes
+        if length > limit:  # refused unread, so the connection ends (a client still sending may miss the 413)
             self.close_connection = True
             raise ApiError(413, f"the body is {length} bytes; this server takes at most {limit}")
-        data = self.rfile.read(int(length))  # read before any refusal, so the connection can go on
+        data = self.rfile.read(length)  # read before any refusal, so the connection can go on
         # Other pages in the user's browser can send text/plain here without asking; JSON needs CORS, never granted.
         if self.headers.get_content_type() != "application/json":
             raise ApiError(415, "send JSON, with Content-Type: application/json")
@@ -662,13 +641,12 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def send(self, status, data, content_type="application/json", headers={}):
-        """A whole response, or (streaming) the head of a stream, with no length: it ends with the connection."""
+        """A response or a stream's head; on a connection that ends after it, the body ends with it (no length)."""
         data = data if isinstance(data, bytes) else json.dumps(data, ensure_ascii=False).encode()
         self.close_connection = self.close_connection or self.streaming
         self.send_response(status)
-        for name, value in {"Content-Type": content_type, "X-Content-Type-Options": "nosniff", **headers,
-                            **({} if self.streaming else {"Content-Length": str(len(data))}),
-                            **({"Connection": "close"} if self.close_connection else {})}.items():
+        for name, value in [("Content-Type", content_type), ("X-Content-Type-Options", "nosniff"), *headers.items(),
+                            ("Connection", "close") if self.close_connection else ("Content-Length", str(len(data)))]:
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
@@ -682,10 +660,9 @@ def make_server(model, tokenizer, args):
         moderation = openai.OpenAI(base_url=args.moderation_base_url, api_key=key or "none", max_retries=2, timeout=30)
     resume_jsonl(args.flags)  # cuts a torn last line a killed demo left, so appends start on a line of their own
     demo = SimpleNamespace(
-        model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation,
-        watermark_params=watermark.params if watermark else None, queue=[], current=[], closing=False,
-        model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(),
-        flags_lock=threading.Lock(), max_prompt_tokens=min(args.max_prompt_tokens or INF, model.args.max_seq_len - 1))
+        model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation, queue=[],
+        watermark_params=watermark.params if watermark else None, current=[], flags_lock=threading.Lock(),
+        model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(), closing=False)
     demo.filter_state = f"on ({moderation.base_url}moderations): flagged prompts refused, flagged outputs withheld" \
         if moderation else "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
     demo.watermark_state = "off" if watermark is None else ("on, every output: {scheme}, gamma {gamma}, delta "
@@ -708,10 +685,9 @@ def close_server(server):
 def serve(model, tokenizer, args):
     server = make_server(model, tokenizer, args)
     (host, port), demo = server.server_address[:2], server.demo
-    note = "" if host in ("127.0.0.1", "localhost", "::1") else f"\nnote: bound to {host}: other machines can reach it"
     print(f"Serving {demo.model_name} at http://{host}:{port}/ (OpenAI-compatible API at http://{host}:{port}/v1); "
           f"Ctrl-C stops\ncontent filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\n"
-          f"flags go to {args.flags}{note}", flush=True)
+          f"flags go to {args.flags}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
