@@ -14,9 +14,8 @@ from urllib.parse import urlsplit
 import torch
 from train import Tokenizer, Transformer, find_tokenizer, format_prompt, read_records
 
-# Decoding defaults. Greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off.
-max_new_tokens, temperature, top_k, top_p, seed = 256, 0.7, 0, 0.9, 1337
-batch_size = 16  # prompts per batch
+# Decoding defaults (greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off), prompts per batch.
+max_new_tokens, temperature, top_k, top_p, seed, batch_size = 256, 0.7, 0, 0.9, 1337, 16
 
 def sample_next(logits, temperature, top_k, top_p, u):
     """Next token of each row of logits (B, V): greedy at temperature 0, else drawn from the softmax cut to the top_k
@@ -86,7 +85,8 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     return new_ids
 
 def settled(text, shown, holdback=0):
-    """How much of a growing text (all ids decoded at once: pieces join) can show: no half character, no holdback."""
+    """How much of a growing text can be shown: not half a character (the ids are decoded whole, since pieces join
+    across tokens), nor the last `holdback` characters (they may start a stop string)."""
     end = len(text.rstrip("\ufffd")) - holdback
     return end if end > len(shown) and text.startswith(shown) else len(shown)
 
@@ -155,8 +155,8 @@ def read_items(path):
     return items
 
 def run_batches(model, tokenizer, items, args, settings, logits_processor, processes):
-    """Append each batch's answers to a working JSONL (under torchrun a shard per process), then rewrite it in input
-    order, then the JSON array (--out=x.json works in x.jsonl), atomically."""
+    """Append each batch's answers to a working JSONL (--out, or x.jsonl for --out=x.json; under torchrun, a shard
+    per process), then rewrite it in input order, then write the JSON array; both atomically."""
     rank, world_size, barrier = processes
     for item in items:
         item["prompt_ids"] = tokenizer.encode(format_prompt(item["instruction"], item["input"]), bos=True)
@@ -409,8 +409,7 @@ PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inl
         PAGE.split("<script>")[1].split("</script>")[0].encode()).digest()).decode())
 ENDPOINTS = {"/": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/flag": "POST"}
 
-class ApiError(Exception):
-    """A request the server refuses, answered with OpenAI's error body; the server goes on serving."""
+class ApiError(Exception):  # a request the server refuses, answered with OpenAI's error body; serving goes on
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
