@@ -358,9 +358,9 @@ label { display: block; margin-top: .7rem } textarea, input { width: 100% } .not
 biased or offensive; do not rely on them and do not enter personal information. Flagged outputs are saved for the
 researchers running this demo.<br><b>Content filter:</b> {{filter_state}}.<br><b>Watermark:</b> {{watermark_state}}.</p>
 <label>Instruction <textarea id="instruction" rows="3"></textarea></label>
-<label>Input (optional) <textarea id="input" rows="2"></textarea></label><p><button id="generate">Generate</button>
-<h2>Response</h2><div id="output"></div><p id="status"></p><label>Reason for flagging (optional) <input id="reason">
-</label><p><button id="flag" disabled>Flag this output</button>
+<label>Input (optional) <textarea id="input" rows="2"></textarea></label><p><button id="generate">Generate</button></p>
+<h2>Response</h2><div id="output"></div><p id="status"></p>
+<label>Reason for flagging (optional) <input id="reason"></label><button id="flag" disabled>Flag this output</button>
 <script>
 const $ = id => document.getElementById(id), say = text => $("status").textContent = text;
 let last = null;
