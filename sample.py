@@ -570,7 +570,8 @@ class DemoHandler(BaseHTTPRequestHandler):  # a thread per connection: a silent 
     do_POST = do_GET
 
     def read_json(self):
-        length, limit = int(self.headers.get("Content-Length") or 0), self.server.demo.args.max_body_bytes
+        length, limit = self.headers.get("Content-Length", ""), self.server.demo.args.max_body_bytes
+        length = int(length) if length.isdigit() else 0  # none, or not a number: an empty body
         if length > limit:  # refused unread, so the connection ends (a client still sending may miss the 413)
             self.close_connection = True
             raise ApiError(413, f"the body is {length} bytes; this server takes at most {limit}")
