@@ -1,54 +1,28 @@
-"""
-Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a whole evaluation file, or a web demo.
+"""Sample from a fine-tuned (or base) LLaMA: one prompt, an interactive loop, a whole evaluation file, or a web demo.
 
     python sample.py --checkpoint=out/tiny --prompt="Give three tips for staying healthy."
     python sample.py --checkpoint=out/tiny                                   # interactive; Ctrl-D or quit ends
     python sample.py --checkpoint=out/tiny --in=eval.jsonl --out=outputs.jsonl
     python sample.py --checkpoint=out/tiny --serve                           # web demo + OpenAI-compatible API
 
-Reads top to bottom: choosing the next token, generating (KV cache, batches of prompts of different lengths),
-answering a prompt or a file, main; then plumbing (resumable files, processes) and the web demo. The model and the
-Alpaca prompt come from train.py, so sampling sees exactly the text and the model that training did.
-"""
-import argparse
-import base64
-import hashlib
-import html
-import json
-import os
-import queue
-import secrets
-import select
-import socket
-import sys
-import threading
-import time
-import zlib
+The lesson first, then plumbing, then the web demo. Model and prompt come from train.py, as training saw them."""
+import argparse, base64, hashlib, html, json, math, os, queue, re, secrets, sys, threading, time, zlib
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import urlsplit
-
 import torch
-
 from train import Tokenizer, Transformer, find_tokenizer, format_prompt, read_records
 
-# Decoding defaults. Greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off.
-max_new_tokens = 256
-temperature = 0.7
-top_k = 0
-top_p = 0.9
-seed = 1337
-batch_size = 16
+# Decoding defaults (greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off), prompts per batch.
+max_new_tokens, temperature, top_k, top_p, seed, batch_size = 256, 0.7, 0, 0.9, 1337, 16
 
 def sample_next(logits, temperature, top_k, top_p, u):
-    """The next token of each row of logits (B, V): greedy at temperature 0, else drawn from the softmax cut to the
-    top_k likeliest tokens, then to the fewest likeliest holding top_p of the probability. u (B,) in (0, 1] are the
-    rows' own uniform draws, so a row's choice never depends on the other rows of the batch."""
+    """Next token of each row of logits (B, V): greedy at temperature 0, else drawn from the softmax cut to the top_k
+    likeliest, then to the fewest holding top_p. u (B,) in (0, 1]: each row's own draw, so rows never interact."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    ids = None
+    probs, ids = torch.softmax(logits / temperature, dim=-1), None
     if 0 < top_k < probs.size(-1):
         probs, ids = probs.topk(top_k, dim=-1)
         probs = probs / probs.sum(-1, keepdim=True)
@@ -65,55 +39,44 @@ def sample_next(logits, temperature, top_k, top_p, u):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
              logits_processor=None, eos_id=None, on_token=None):
-    """The new token ids for each prompt (a list of token ids), generated as one batch, every row as if alone:
-    prompts are left-padded and the padding masked out, each row's positions start at 0, and each row draws from
-    its own random stream, seeded by seed (an int) or seed[i] (a list). A row ends at eos_id (an id or a set),
-    after max_new_tokens, or at the model's context. logits_processor(prev_tokens, logits) may rewrite each step's
-    (B, V) logits (the watermark's hook); on_token(i, id) sees each new id of row i as it comes, for streaming."""
-    config, param = model.args, next(model.parameters())
-    device, dtype = param.device, param.dtype
+    """New ids for each prompt (a list of ids), as one batch, every row exactly as if alone: own positions, padding
+    masked, own random stream (seed, or seed[i]). A row ends at eos_id (an id or a set), max_new_tokens or the context.
+    logits_processor(prev_tokens, logits) may rewrite the logits; on_token(i, id) sees each new id (True ends row i)."""
+    config, device, dtype = model.args, next(model.parameters()).device, next(model.parameters()).dtype
     stop_ids = {eos_id} if isinstance(eos_id, int) or eos_id is None else set(eos_id)
     B, lengths = len(prompts), [len(p) for p in prompts]
-    if not prompts:
-        return []
-    if min(lengths) == 0 or max(lengths) >= config.max_seq_len:
+    if prompts and (min(lengths) == 0 or max(lengths) >= config.max_seq_len):
         raise ValueError(f"prompts must have 1 to {config.max_seq_len - 1} tokens, got {min(lengths)}..{max(lengths)}")
     budget = [min(max_new_tokens, config.max_seq_len - n) for n in lengths]
-    steps, L = max(budget), max(lengths)
+    steps, L = max(budget, default=0), max(lengths, default=0)
     if steps <= 0:
         return [[] for _ in prompts]
-
     # Left padding lines up every row's last prompt token at slot L-1, so one decode step serves all rows.
     # Pad slots are masked out of every row's attention, and positions count from each row's first real token.
-    pad = torch.tensor([L - n for n in lengths], device=device)
-    slots = torch.arange(L + steps, device=device)
-    positions = (slots - pad[:, None]).clamp(min=0)
-    real = slots >= pad[:, None]  # (B, S): which cache slots hold a row's own tokens
+    pad, slots = torch.tensor([L - n for n in lengths], device=device)[:, None], torch.arange(L + steps, device=device)
+    positions, real = (slots - pad).clamp(min=0), slots >= pad  # real (B, S): the cache slots of a row's own tokens
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
     # A pad query sees only itself: one that sees nothing gives NaN on some backends, and NaN would reach the cache.
     prefill_mask = (causal & real[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
     decode_mask = real[:, None, None, :] if L > min(lengths) else None
     shape = (B, config.n_kv_heads or config.n_heads, L + steps, config.head_dim)
-    cache = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-             for _ in range(config.n_layers)]
+    cache = [tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in "kv") for _ in range(config.n_layers)]
     seeds = seed if isinstance(seed, (list, tuple)) else [seed] * B
     uniforms = torch.stack([1 - torch.rand(steps, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    uniforms = uniforms.to(device)
     history, new_ids, running = [list(p) for p in prompts], [[] for _ in prompts], [True] * B
-
     tokens = torch.tensor([[0] * (L - n) + list(p) for n, p in zip(lengths, prompts)], device=device)
     logits = model(tokens, positions[:, :L], prefill_mask[:, None], cache=cache, last_only=True)[:, -1]
     for step in range(steps):
         if logits_processor is not None:
             logits = logits_processor(history, logits)
-        next_tokens = sample_next(logits, temperature, top_k, top_p, uniforms[:, step])
+        next_tokens = sample_next(logits, temperature, top_k, top_p, uniforms[:, step].to(device))
         for i, token in enumerate(next_tokens.tolist()):
             history[i].append(token)
             if running[i] and token not in stop_ids:
                 new_ids[i].append(token)
-                if on_token is not None:
-                    on_token(i, token)
-            running[i] = running[i] and token not in stop_ids and len(new_ids[i]) < budget[i]
+                running[i] = not (on_token and on_token(i, token)) and len(new_ids[i]) < budget[i]
+            else:
+                running[i] = False
         if not any(running):
             break
         pos = L + step
@@ -122,15 +85,14 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     return new_ids
 
 def settled(text, shown, holdback=0):
-    """How much of a growing decoded text can be shown: not half a character (the ids so far are decoded as a
-    whole, since sentencepiece joins pieces across token boundaries), nor the last `holdback` characters."""
+    """How much of a growing text can be shown: not half a character (the ids are decoded whole, since pieces join
+    across tokens), nor the last `holdback` characters (they may start a stop string)."""
     end = len(text.rstrip("\ufffd")) - holdback
     return end if end > len(shown) and text.startswith(shown) else len(shown)
 
 def print_answer(model, tokenizer, args, instruction, input, logits_processor, seed):
-    """Answer one instruction, printing the response as it grows; (tokens, seconds)."""
-    ids, shown, start = [], "", time.time()
-
+    """Answer one instruction, printing the response as it grows."""
+    ids, shown = [], ""
     def on_token(row, token):
         nonlocal shown
         ids.append(token)
@@ -138,7 +100,6 @@ def print_answer(model, tokenizer, args, instruction, input, logits_processor, s
         end = settled(text, shown)
         print(text[len(shown):end], end="", flush=True)
         shown = text[:end]
-
     try:
         generate(model, [tokenizer.encode(format_prompt(instruction, input), bos=True)], args.max_new_tokens,
                  args.temperature, args.top_k, args.top_p, seed, logits_processor, tokenizer.stop_ids, on_token)
@@ -146,7 +107,6 @@ def print_answer(model, tokenizer, args, instruction, input, logits_processor, s
         pass
     text = tokenizer.decode(ids)
     print(text[len(shown):] if text.startswith(shown) else "", flush=True)
-    return len(ids), time.time() - start
 
 def interact(model, tokenizer, args, logits_processor):
     print("Type an instruction (and, when asked, an optional input). Ctrl-D or 'quit' ends.")
@@ -167,20 +127,16 @@ def interact(model, tokenizer, args, logits_processor):
         turn += 1
 
 def read_items(path):
-    """(id, dataset, instruction, input) for each instance of an evaluation file, checked before any work starts.
-    Takes the Alpaca format ({instruction, input}, a JSON array or JSONL; alpaca_eval's set too) and the
-    self-instruct one ({id, instruction, instances: [{input}]}). An item's id is its 'id' (with #k for its k-th
-    instance, k from 0, when it has several), else its line number in a JSONL file or its index in a JSON array.
-    Its dataset is its record's 'dataset' (as in alpaca_eval's set), else the file's name without extension."""
+    """An evaluation file's items, all checked first: Alpaca's {instruction, input} (JSONL or JSON array) or
+    self-instruct's {id, instruction, instances: [{input}]}. id: 'id' (#k for the k-th of several), else line/index."""
     items, seen = [], {}
     for where, number, record in read_records(path):
         if not isinstance(record, dict):
             raise SystemExit(f"{where}: expected a JSON object")
         instruction, instances = record.get("instruction"), record.get("instances", [record])
         if not isinstance(instruction, str) or not instruction.strip():
-            problem = "missing" if instruction is None else "is empty" if isinstance(instruction, str) else \
-                "must be a string"
-            raise SystemExit(f"{where}: field 'instruction' {problem}")
+            problem = "must be a string" if not isinstance(instruction, str) else "is empty"
+            raise SystemExit(f"{where}: field 'instruction' {'missing' if instruction is None else problem}")
         if not isinstance(instances, list) or not instances:
             raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
         dataset = record.get("dataset", os.path.splitext(os.path.basename(path))[0])
@@ -199,9 +155,8 @@ def read_items(path):
     return items
 
 def run_batches(model, tokenizer, items, args, settings, logits_processor, processes):
-    """Answer items, appending each batch's lines to a working JSONL as they come: --out itself, or x.jsonl for
-    --out=x.json; under torchrun each process appends to its own shard, x.jsonl.rank<r>-of-<N>. At the end the
-    working JSONL is rewritten in input order with every line, then the JSON array, each atomically."""
+    """Append each batch's answers to a working JSONL (--out, or x.jsonl for --out=x.json; under torchrun, a shard
+    per process), then rewrite it in input order, then write the JSON array; both atomically."""
     rank, world_size, barrier = processes
     for item in items:
         item["prompt_ids"] = tokenizer.encode(format_prompt(item["instruction"], item["input"]), bos=True)
@@ -212,8 +167,7 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
     os.makedirs(os.path.dirname(work) or ".", exist_ok=True)
     finished, _ = read_outputs(work, settings)
     barrier()  # every process has read the files before any writes to them, so all split the same list
-    # Prompts of similar length share a batch, so little compute goes to padding; dealing the sorted list out
-    # in turn gives every process a like share of long and short prompts.
+    # Like lengths share a batch (little padding); dealt out in turn, every process gets long and short prompts.
     todo = sorted((item for item in items if item["id"] not in finished), key=lambda item: len(item["prompt_ids"]))
     if rank == 0:
         print(f"{len(items)} items, {len(items) - len(todo)} already in {work}, {len(todo)} to generate"
@@ -223,8 +177,7 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
     with open(own, "a", encoding="utf-8") as out, tqdm(total=len(todo), unit="item", disable=rank > 0) as progress:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            # Each item samples from its own stream, keyed by its id: its output does not depend on which
-            # batch or process it lands in, so a resumed or split run gives the outputs of an uninterrupted one.
+            # Each item's own random stream, keyed by its id: no output depends on its batch, process or a resume.
             seeds = [zlib.crc32(f"{args.seed}/{item['id']}".encode()) for item in batch]
             outputs = generate(model, [item["prompt_ids"] for item in batch], args.max_new_tokens, args.temperature,
                                args.top_k, args.top_p, seeds, logits_processor, tokenizer.stop_ids)
@@ -261,19 +214,16 @@ def load(args):
     return model, tokenizer
 
 def make_logits_processor(args, model, tokenizer):
-    """(hook, watermark): the watermark, if asked for, and a ban on ids the tokenizer cannot decode (a model's
-    vocabulary can be padded past its tokenizer's, and an untrained model may pick those ids)."""
+    """(hook, watermark): the watermark if asked for, and a ban on ids past the tokenizer's (padded vocabularies)."""
     watermark, n_tokens = None, tokenizer.vocab_size
     if args.watermark:
         import watermark as wm  # only needed here, so sample.py runs without it
         watermark = wm.WatermarkProcessor(model.args.vocab_size, gamma=args.gamma, delta=args.delta,
                                           scheme=args.scheme, key=args.key)
-
     def process(prev_tokens, logits):
         logits = logits if watermark is None else watermark(prev_tokens, logits)
         logits[:, n_tokens:] = float("-inf")
         return logits
-
     return (process if watermark is not None or n_tokens < model.args.vocab_size else None), watermark
 
 def parse_args(argv=None):
@@ -293,9 +243,7 @@ def parse_args(argv=None):
     add("--top_p", type=float, default=top_p, help="1 for no cut")
     add("--seed", type=int, default=seed)
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-        help="default: bfloat16 on a GPU that has it, else float32")
-    add("--compile", action="store_true", help="torch.compile the model (slow start, fast steps)")
+    add("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on a GPU with it, else float32")
     add("--watermark", action="store_true", help="watermark the outputs (see watermark.py)")
     add("--gamma", type=float, default=0.25, help="watermark: fraction of green tokens")
     add("--delta", type=float, default=2.0, help="watermark: logit bonus of green tokens")
@@ -306,15 +254,13 @@ def parse_args(argv=None):
     add("--host", default="127.0.0.1", help="0.0.0.0 to let other machines in")
     add("--port", type=int, default=8000, help="0 for any free port")
     add("--no_watermark", action="store_true", help="the demo watermarks every output unless this")
-    add("--moderation_base_url", default=None,
-        help="content filter endpoint (default: OpenAI's when OPENAI_API_KEY is set; else no filter)")
+    add("--moderation_base_url", help="content filter endpoint (default: OpenAI's if OPENAI_API_KEY is set, else none)")
     add("--flags", default="flags.jsonl", help="JSONL that flagged outputs are appended to")
     add("--max_body_bytes", type=int, default=256 * 1024)
-    add("--max_prompt_tokens", type=int, default=0, help="0: the model's context")
     add("--max_tokens_cap", type=int, default=512, help="the most tokens one request may ask for")
     add("--max_queue", type=int, default=64, help="requests waiting beyond this get a 503")
     args = parser.parse_args(argv)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1 \
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 \
             or args.batch_size < 1:
         parser.error("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1")
     args.watermark = not args.no_watermark if args.serve else args.watermark
@@ -327,12 +273,6 @@ def main(argv=None):
     items = read_items(args.inp) if args.inp else None  # bad input stops us here, before any loading
     processes = join_processes(args)  # under torchrun: this process's rank and device
     model, tokenizer = load(args)
-    if args.compile:
-        if args.device == "cpu":
-            # Freezing lets inductor pack the weights for the CPU's matmul kernels once, not at every step.
-            import torch._inductor.config as inductor_config
-            inductor_config.freezing = True
-        model = torch.compile(model, dynamic=True)
     if args.serve:
         return serve(model, tokenizer, args)
     logits_processor, watermark = make_logits_processor(args, model, tokenizer)
@@ -344,16 +284,13 @@ def main(argv=None):
         if processes[1] > 1:
             torch.distributed.destroy_process_group()
     elif args.prompt is not None:
-        n_tokens, seconds = print_answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
-        print(f"({n_tokens} tokens in {seconds:.1f}s)", file=sys.stderr)
+        print_answer(model, tokenizer, args, args.prompt, args.input, logits_processor, args.seed)
     else:
         interact(model, tokenizer, args, logits_processor)
 
 # Plumbing: append-only files that survive a kill, and several processes.
-
 def resume_jsonl(path):
-    """The records of an append-only JSONL file ([] if there is none). A last line with no newline is the torn
-    write of a killed process: it is cut off, saying so. Any other line that does not parse stops the run."""
+    """An append-only JSONL's records ([] if none). A last line with no newline, a killed write, is cut off."""
     if not os.path.exists(path):
         return []
     with open(path, "r+b") as f:
@@ -383,8 +320,7 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 def read_outputs(work, settings):
-    """({id: record}, shards) of the lines already in the working JSONL and in the shards of any run's processes.
-    Lines written with other settings stop the run, since mixing them in one file would spoil an evaluation."""
+    """({id: record}, shards) already written; lines of other settings stop the run (they would spoil an evaluation)."""
     folder, name = os.path.dirname(work) or ".", os.path.basename(work)
     shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".rank"))
     finished = {}
@@ -400,14 +336,11 @@ def read_outputs(work, settings):
     return finished, shards
 
 def join_processes(args):
-    """(rank, number of processes, barrier). Under torchrun each process holds the whole model on its own device
-    (one GPU each) and answers its share of the items. They meet only before and after the work, so a barrier
-    over gloo is all they share: no tensor crosses, generate() runs no collective."""
+    """(rank, world size, barrier). Under torchrun each process holds the whole model and answers its share; they
+    meet only before and after the work (a gloo barrier): no tensor crosses."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return 0, 1, lambda: None
-    if not args.inp:
-        raise SystemExit("several processes (torchrun) are for answering an --in file")
     import torch.distributed as dist
     dist.init_process_group("gloo", timeout=timedelta(hours=24))  # waiting for the slowest share is no failure
     if args.device.startswith("cuda"):
@@ -415,51 +348,33 @@ def join_processes(args):
         torch.cuda.set_device(args.device)
     return dist.get_rank(), world_size, dist.barrier
 
-# The web demo (--serve). Alpaca was released with one: outputs went through OpenAI's content filter, every output
-# was watermarked, and users were asked to flag what worried them. The page talks to our OpenAI-compatible API, so
-# the same server can also stand in for OpenAI as the teacher of generate_instructions.py or the judge of
-# eval_pairwise.py. Everything the model or a user wrote reaches the page as text (textContent), never as HTML.
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Alpaca demo: {{model}}</title><style>
-body { font: 16px/1.45 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem; color: #222 }
-.notice { background: #fff8e1; border: 1px solid #e0c060; border-radius: 6px; padding: .6rem .9rem; font-size: .9rem }
-label { display: block; margin-top: .7rem; font-weight: 600 } .row { display: flex; gap: 1rem } .row label { flex: 1 }
-textarea, input { font: inherit; font-weight: 400; width: 100%; box-sizing: border-box; padding: .4rem }
-button { font: inherit; margin: .8rem .5rem 0 0; padding: .4rem 1.1rem } #status { color: #555; font-size: .9rem }
-#output { white-space: pre-wrap; border: 1px solid #ccc; border-radius: 6px; padding: .7rem; min-height: 3rem }
-</style></head><body><h1>Alpaca demo: {{model}}</h1>
+# The web demo (--serve), as Alpaca's: content filter, watermark, Flag button. Its OpenAI-compatible API can also be
+# the teacher of generate_instructions.py or the judge of eval_pairwise.py. Page text is set as text, never as HTML.
+PAGE = """<!doctype html><html lang="en"><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>Alpaca demo: {{model_name}}</title><style>body { font: 16px/1.45 sans-serif; max-width: 46rem; margin: auto }
+label { display: block; margin-top: .7rem } textarea, input { width: 100% } .notice { background: #fff8e1 }
+#output { white-space: pre-wrap; border: 1px solid #ccc; padding: .5em }</style><h1>Alpaca demo: {{model_name}}</h1>
 <p class="notice"><b>Terms of use:</b> research use only, not for commercial use. The model's answers can be wrong,
 biased or offensive; do not rely on them and do not enter personal information. Flagged outputs are saved for the
-researchers running this demo.<br><b>Content filter:</b> {{filter}}.<br><b>Watermark:</b> {{watermark}}.</p>
-<label for="instruction">Instruction</label><textarea id="instruction" rows="3"></textarea>
-<label for="input">Input (optional)</label><textarea id="input" rows="2"></textarea><div class="row">
-<label>Temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="{{temperature}}"></label>
-<label>Top-p <input id="top_p" type="number" min="0.01" max="1" step="0.05" value="{{top_p}}"></label>
-<label>Max tokens <input id="max_tokens" type="number" min="1" max="{{cap}}" value="{{max_tokens}}"></label></div>
-<button id="generate">Generate</button><button id="stop" disabled>Stop</button><h2>Response</h2><div id="output"></div>
-<p id="status"></p><label for="reason">Reason for flagging (optional)</label><input id="reason">
-<button id="flag" disabled>Flag this output</button>
+researchers running this demo.<br><b>Content filter:</b> {{filter_state}}.<br><b>Watermark:</b> {{watermark_state}}.</p>
+<label>Instruction <textarea id="instruction" rows="3"></textarea></label>
+<label>Input (optional) <textarea id="input" rows="2"></textarea></label><p><button id="generate">Generate</button></p>
+<h2>Response</h2><div id="output"></div><p id="status"></p>
+<label>Reason for flagging (optional) <input id="reason"></label><button id="flag" disabled>Flag this output</button>
 <script>
 const $ = id => document.getElementById(id), say = text => $("status").textContent = text;
-const busy = on => { $("generate").disabled = $("flag").disabled = on; $("stop").disabled = !on; };
-let controller = null, last = null;
-$("stop").onclick = () => controller.abort();
-$("instruction").onkeydown = e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("generate").click(); };
+let last = null;
 $("generate").onclick = async () => {
   const instruction = $("instruction").value.trim(), input = $("input").value.trim();
-  if (!instruction) return say("Type an instruction first.");
   // The server's chat rule: the last user message is the instruction, a system message before it the input.
   const messages = (input ? [{role: "system", content: input}] : []).concat([{role: "user", content: instruction}]);
   let text = "", status = "", buffer = "";
   $("output").textContent = "";
   say("Generating...");
-  busy(true);
-  controller = new AbortController();
+  $("generate").disabled = $("flag").disabled = true;
   try {
-    const response = await fetch("/v1/chat/completions", {method: "POST", signal: controller.signal,
-      headers: {"Content-Type": "application/json"}, body: JSON.stringify({model: "demo", messages, stream: true,
-        temperature: +$("temperature").value, top_p: +$("top_p").value, max_tokens: +$("max_tokens").value})});
+    const response = await fetch("/v1/chat/completions", {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({model: "demo", messages, stream: true})});
     if (!response.ok) throw new Error((await response.json()).error.message);
     const reader = response.body.getReader(), decoder = new TextDecoder();
     for (let read = await reader.read(); !read.done; read = await reader.read()) {
@@ -474,12 +389,10 @@ $("generate").onclick = async () => {
           : reason ? (reason === "length" ? "Stopped at the token limit." : "Done.") : status;
       }
     }
-  } catch (e) {
-    status = e.name === "AbortError" ? "Stopped." : "Error: " + e.message;
-  }
+  } catch (e) { status = "Error: " + e.message; }
   last = {instruction, input, output: text};
   say(status);
-  busy(false);
+  $("generate").disabled = $("flag").disabled = false;
 };
 $("flag").onclick = async () => {
   $("flag").disabled = true;
@@ -488,61 +401,44 @@ $("flag").onclick = async () => {
   say(response.ok ? "Thank you: the output is flagged for the researchers."
                   : "Flagging failed: " + (await response.json()).error.message);
 };
-</script></body></html>
+</script></html>
 """
 # Only the page's own script may run: even text that slipped into the page as HTML could not execute.
 PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inline'; connect-src 'self'; " \
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'".format(base64.b64encode(hashlib.sha256(
         PAGE.split("<script>")[1].split("</script>")[0].encode()).digest()).decode())
-MAX_DISCARD_BYTES = 64 << 20  # an oversized body is read and dropped up to this, so its client gets the 413
-ENDPOINTS = {"/": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST",
-             "/flag": "POST"}
-INF = float("inf")
+ENDPOINTS = {"/": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/flag": "POST"}
 
-class ApiError(Exception):
-    """A request the server refuses, answered with OpenAI's error body; the server goes on serving."""
-
+class ApiError(Exception):  # a request the server refuses, answered with OpenAI's error body; serving goes on
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
-class Stop(Exception):
-    """Raised from on_token to end generate() early, once every job of the batch has its answer."""
-
 def number(body, name, default, low, high, integer=False):
-    value = body.get(name)
-    if value is None:
+    if (value := body.get(name)) is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
-        bounds = f"from {low} to {high}" if high < INF else f"of at least {low}"
+        bounds = f"from {low} to {high}" if high < math.inf else f"of at least {low}"
         raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'} {bounds}, got "
                        f"{json.dumps(value)[:40]}", name)
     return value
 
 def chat_to_alpaca(messages):
-    """(instruction, input) for chat messages. Alpaca's prompt has no turns: the last message, which must be the
-    user's, is the instruction; system messages and earlier turns, in order, become the input."""
+    """(instruction, input): Alpaca has no turns, so the last (user) message is the instruction, the rest the input."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    turns = []  # (role, content)
     for i, message in enumerate(messages):
         role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
-        if role not in ("system", "developer", "user", "assistant"):
+        if role not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{i}]: 'role' must be system, user or assistant", f"messages[{i}].role")
-        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text" and
-                                             isinstance(part.get("text"), str) for part in content):
-            content = "".join(part["text"] for part in content)
         if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}]: 'content' must be a string or a list of text parts",
-                           f"messages[{i}].content")
-        turns.append((role, content))
-    if turns[-1][0] != "user" or not turns[-1][1].strip():
+            raise ApiError(400, f"messages[{i}]: 'content' must be a string", f"messages[{i}].content")
+    *earlier, (role, instruction) = [(message["role"], message["content"]) for message in messages]
+    if role != "user" or not instruction.strip():
         raise ApiError(400, "the last message must be the user's, and not empty", "messages")
-    return turns[-1][1], "\n\n".join(content if role in ("system", "developer") else f"{role.title()}: {content}"
-                                     for role, content in turns[:-1])
+    return instruction, "\n\n".join(text if role == "system" else f"{role.title()}: {text}" for role, text in earlier)
 
 def read_request(body, chat, demo):
-    """A completion request checked field by field, as a job for the worker. /v1/completions continues its
-    prompt as raw text; /v1/chat/completions turns the messages into the Alpaca prompt."""
+    """A request checked field by field, as a job for the worker (completions: raw text; chat: Alpaca's prompt)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     where, prompt, input = "messages" if chat else "prompt", body.get("prompt"), ""
@@ -553,28 +449,21 @@ def read_request(body, chat, demo):
         instruction = prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, "this server gives one choice per request: 'n' must be 1", "n")
-    for name in ("echo", "logprobs", "suffix", "tools"):
-        if body.get(name):
-            raise ApiError(400, f"'{name}' is not supported by this server", name)
     stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
     if not isinstance(stream := body.get("stream") or False, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
-    prompt_ids, limit = demo.tokenizer.encode(prompt, bos=True), demo.max_prompt_tokens
+    prompt_ids, limit = demo.tokenizer.encode(prompt, bos=True), demo.model.args.max_seq_len - 1
     if len(prompt_ids) > limit:
         raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server takes at most {limit}", where,
                        "context_length_exceeded")
-    # A request for more tokens than the server can give is refused with the most it can give, as OpenAI and vLLM
-    # do, rather than cut short: a reply cut at a limit the client never heard of looks like the model's own end.
-    # Without max_tokens, the default shrinks to what fits.
+    # Asking for more than the server can give is refused with the most it can give (as OpenAI and vLLM do): a reply
+    # cut at a limit the client never heard of looks like the model's own end. The default shrinks to what fits.
     cap, context, n = demo.args.max_tokens_cap, demo.model.args.max_seq_len, len(prompt_ids)
     max_tokens = min(demo.args.max_new_tokens, cap, context - n)
     for name in ("max_tokens", "max_completion_tokens"):
-        if (asked := number(body, name, None, 1, INF, integer=True)) is None:
-            continue
+        asked = number(body, name, max_tokens, 1, math.inf, integer=True)
         if asked > context - n and context - n < cap:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                            f"{n + asked} tokens ({n} in the {where}, {asked} in the completion): after this {where} "
@@ -584,33 +473,29 @@ def read_request(body, chat, demo):
             raise ApiError(400, f"{name} is too large: {asked}. This server gives at most {cap} completion tokens "
                            f"per request, whereas you provided {asked}.", name, "integer_above_max_value")
         max_tokens = asked
-    options, seed = body.get("stream_options"), number(body, "seed", None, 0, 2**63 - 1, integer=True)
     return SimpleNamespace(
         instruction=instruction, input=input, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop, stream=stream,
         temperature=number(body, "temperature", demo.args.temperature, 0, 2),
         top_p=max(number(body, "top_p", demo.args.top_p, 0, 1), 1e-6),  # 0: the likeliest token only
-        seed=secrets.randbelow(2**63) if seed is None else seed,
-        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        seed=number(body, "seed", secrets.randbelow(2**63), 0, 2**63 - 1, integer=True),
         pieces=queue.Queue(), cancelled=threading.Event(), ids=[], shown="", text="", finish_reason=None, error=None,
         holdback=max(map(len, stop), default=1) - 1)  # text that may start a stop string waits until it cannot
 
 def run_jobs(demo):
-    """The one thread that uses the model. It takes the oldest waiting job and up to --batch_size - 1 later ones
-    that sample alike, and generates them as one batch: generate() gives each row what it would give alone (own
-    seed, own random stream), so batching changes throughput, not outputs. Each job's text goes to its own queue
-    as it is produced (None ends it), so a slow reader slows only its own connection."""
+    """The one thread using the model: the oldest job and up to --batch_size - 1 that sample alike make a batch (rows
+    come out as alone: throughput changes, outputs don't). Each job's text goes to its own queue (None ends it), so a
+    slow reader slows only its own connection."""
     def finish(job, reason):
         text = demo.tokenizer.decode(job.ids)
         cut = min((text.find(s) for s in job.stop if s in text), default=None)
         job.finish_reason, job.text = "stop" if cut is not None else reason, text[:cut]
         job.pieces.put(job.text[len(job.shown):] if job.text.startswith(job.shown) else "")
         job.pieces.put(None)
-
-    def on_token(row, token):
+    def on_token(row, token):  # True once the job has its answer: generate() then ends its row
         job = batch[row]
-        if job.finish_reason is None and (job.cancelled.is_set() or token in demo.tokenizer.stop_ids):
+        if job.cancelled.is_set() or token in demo.tokenizer.stop_ids:
             finish(job, "stop")
-        elif job.finish_reason is None:
+        else:
             job.ids.append(token)
             text = demo.tokenizer.decode(job.ids)
             if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
@@ -618,13 +503,10 @@ def run_jobs(demo):
             elif (end := settled(text, job.shown, job.holdback)) > len(job.shown):
                 job.pieces.put(text[len(job.shown):end])
                 job.shown = text[:end]
-        if all(job.finish_reason for job in batch):
-            raise Stop
-
+        return job.finish_reason is not None
     while True:
         with demo.waiting:
-            while not demo.closing and all(job.cancelled.is_set() for job in demo.queue):
-                demo.waiting.wait()
+            demo.waiting.wait_for(lambda: demo.closing or not all(job.cancelled.is_set() for job in demo.queue))
             if demo.closing:
                 return
             demo.queue = [job for job in demo.queue if not job.cancelled.is_set()]  # their clients left
@@ -635,26 +517,21 @@ def run_jobs(demo):
             generate(demo.model, [job.prompt_ids for job in batch], max(job.max_tokens for job in batch),
                      batch[0].temperature, demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
                      logits_processor=demo.logits_processor, on_token=on_token)
-            for job in batch:
-                if job.finish_reason is None:
-                    finish(job, "length")
-        except Stop:
-            pass
+            for job in (job for job in batch if job.finish_reason is None):
+                finish(job, "length")
         except Exception as e:  # one failed batch must not take the demo down
             for job in (job for job in batch if job.finish_reason is None):
                 job.error = f"generation failed: {type(e).__name__}: {e}"
                 job.pieces.put(None)
 
 def moderate(demo, text):
-    """The categories the moderation endpoint flags text for: [] when clean, or when the filter is off."""
+    """The categories the moderation endpoint flags text for: [] when clean or when the filter is off."""
     if demo.moderation is None or not text.strip():
         return []
-    import openai
     try:
         result = demo.moderation.moderations.create(input=text).results[0]
         categories = sorted(name for name, hit in result.categories.to_dict().items() if hit)
-    except (openai.OpenAIError, AttributeError, IndexError, TypeError) as e:
-        # Fail closed: with the filter on, nothing unchecked is shown.
+    except Exception as e:  # fail closed: whatever went wrong, nothing unchecked is shown
         raise ApiError(503, f"the content filter is unavailable, so nothing is shown ({e})", kind="server_error")
     return (categories or ["unspecified"]) if result.flagged else []
 
@@ -665,31 +542,23 @@ def log_flag(demo, flagged_by, instruction, input, output, reason):
                          "watermark": demo.watermark_params})
         os.fsync(f.fileno())
 
-class DemoHandler(BaseHTTPRequestHandler):
-    """One thread per connection (ThreadingHTTPServer): a client that connects and sends nothing holds only
-    its own thread, and only for `timeout` seconds."""
+class DemoHandler(BaseHTTPRequestHandler):  # a thread per connection: a silent client holds only its own, for 60 s
     protocol_version, timeout, streaming = "HTTP/1.1", 60, False  # keep-alive, as the openai client expects
 
     def do_GET(self):
         path, demo = urlsplit(self.path).path, self.server.demo
         try:
-            if path not in ENDPOINTS:
-                raise ApiError(404, f"no such page or endpoint: {path}")
-            if ENDPOINTS[path] != self.command:
-                raise ApiError(405, f"use {ENDPOINTS[path]} for {path}")
+            if ENDPOINTS.get(path) != self.command:
+                raise ApiError(404, f"no {self.command} {path} here (GET / is the page, POST /v1/... the API)")
             if path == "/":
                 self.send(200, demo.page.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})
-            elif path == "/v1/models":
-                self.send(200, {"object": "list", "data": [{"id": demo.model_name, "object": "model",
-                                                            "created": demo.started, "owned_by": "sample.py"}]})
             elif path == "/flag":
-                body = self.read_json()
-                if not isinstance(body, dict) or not isinstance(body.get("output"), str):
-                    raise ApiError(400, "send the flagged 'output' (a string) in a JSON object", "output")
-                for name in ("instruction", "input", "reason"):
-                    if not isinstance(body.get(name, ""), str):
-                        raise ApiError(400, f"'{name}' must be a string", name)
-                log_flag(demo, "user", *(body.get(name, "") for name in ("instruction", "input", "output", "reason")))
+                body, names = self.read_json(), ("instruction", "input", "output", "reason")
+                if not isinstance(body, dict) or "output" not in body or not all(
+                        isinstance(body.get(name, ""), str) for name in names):
+                    raise ApiError(400, "send a JSON object: the flagged 'output', and 'instruction', 'input' and "
+                                   "'reason' if any, all strings", "output")
+                log_flag(demo, "user", *(body.get(name, "") for name in names))
                 self.send(200, {"flagged": True})
             else:
                 self.complete(self.read_json(), chat=path == "/v1/chat/completions")
@@ -702,19 +571,11 @@ class DemoHandler(BaseHTTPRequestHandler):
 
     def read_json(self):
         length, limit = self.headers.get("Content-Length", ""), self.server.demo.args.max_body_bytes
-        if not length.isdigit():
-            self.close_connection = True  # where the body ends is unknown: this connection cannot go on
-            raise ApiError(411, "send the body with a Content-Length header")
-        if int(length) > limit:
-            # A client sends its whole body before it reads the answer: closing on an unread body resets the
-            # connection under it, and it sees a broken pipe instead of the 413. So read the body and drop it, up
-            # to a bound; past that, the connection closes after the 413.
-            left = min(int(length), MAX_DISCARD_BYTES)
-            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-                left -= len(chunk)
-            self.close_connection = int(length) > MAX_DISCARD_BYTES or left > 0
+        length = int(length) if length.isdigit() else 0  # none, or not a number: an empty body
+        if length > limit:  # refused unread, so the connection ends (a client still sending may miss the 413)
+            self.close_connection = True
             raise ApiError(413, f"the body is {length} bytes; this server takes at most {limit}")
-        data = self.rfile.read(int(length))  # read before any refusal, so the connection can go on
+        data = self.rfile.read(length)  # read before any refusal, so the connection can go on
         # Other pages in the user's browser can send text/plain here without asking; JSON needs CORS, never granted.
         if self.headers.get_content_type() != "application/json":
             raise ApiError(415, "send JSON, with Content-Type: application/json")
@@ -724,8 +585,7 @@ class DemoHandler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the body is not valid JSON ({e})")
 
     def complete(self, body, chat):
-        """Answer a completion in OpenAI's shape: whole, or streamed as server-sent events as its text comes. With
-        the content filter on, an output is checked whole before any of it is shown, so a stream comes in one piece."""
+        """Answer in OpenAI's shape, whole or streamed; with the filter on, outputs are checked whole, so come whole."""
         demo, job = self.server.demo, read_request(body, chat, self.server.demo)
         if categories := ", ".join(moderate(demo, "\n\n".join(filter(None, [job.instruction, job.input])))):
             log_flag(demo, "content_filter", job.instruction, job.input, "", f"prompt flagged: {categories}")
@@ -745,64 +605,48 @@ class DemoHandler(BaseHTTPRequestHandler):
         demo, kind = self.server.demo, "chat.completion" if chat else "text_completion"
         reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(16)}", "created": int(time.time()),
                  "object": kind + ".chunk" * (chat and job.stream), "model": demo.model_name}
-
         def chunk(text, finish_reason=None, first=False, **extra):  # text None: a stream's last chunk
             delta = {} if text is None else {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"delta" if job.stream else "message": delta} if chat else {"text": text or "", "logprobs": None}
             return {**reply, "choices": [{"index": 0, **choice, "finish_reason": finish_reason}], **extra}
-
         if live := job.stream and demo.moderation is None:
-            self.send_event(chunk("", first=True) if chat else None)
-        while (piece := self.next_piece(job)) is not None:
+            self.send_event(chunk("", first=True))
+        while (piece := job.pieces.get()) is not None:  # a client that left is noticed at the next write
             if live and piece:
                 self.send_event(chunk(piece))
-        if job.error and live:
-            return self.send_event(ApiError(500, job.error, kind="server_error").body)
-        if job.error:
-            raise ApiError(500, job.error, kind="server_error")
+        if job.error:  # mid-stream, the error is the stream's last event
+            error = ApiError(500, job.error, kind="server_error")
+            return self.send_event(error.body) if live else self.send(error.status, error.body)
         text, finish_reason, extra = job.text, job.finish_reason, {"watermark": demo.watermark_params}
         if categories := moderate(demo, text):
             log_flag(demo, "content_filter", job.instruction, job.input, text,
                      f"output flagged: {', '.join(categories)}")
             text, finish_reason = "", "content_filter"
             extra["content_filter"] = {"flagged": True, "categories": categories}
-        n_prompt, n_completion = len(job.prompt_ids), len(job.ids)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
         if not job.stream:
+            usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.ids)}
+            usage["total_tokens"] = sum(usage.values())
             return self.send(200, chunk(text, finish_reason, first=True, usage=usage, **extra))
         if not live:
             self.send_event(chunk(text, first=True))
         self.send_event(chunk(None, finish_reason, **extra))
-        if job.include_usage:
-            self.send_event({**reply, "choices": [], "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
 
-    def next_piece(self, job):
-        while True:  # a client that hung up leaves its socket readable with nothing to read
-            if select.select([self.connection], [], [], 0)[0] and not self.connection.recv(1, socket.MSG_PEEK):
-                raise ConnectionResetError
-            try:
-                return job.pieces.get(timeout=0.2)
-            except queue.Empty:
-                pass
-
     def send_event(self, payload):
-        """One server-sent event (None: none yet), starting the stream first; the stream ends with the connection."""
+        """One server-sent event, starting the stream first; the stream ends with the connection."""
         if not self.streaming:
             self.streaming = True
             self.send(200, b"", "text/event-stream", {"Cache-Control": "no-cache"})
-        if payload is not None:
-            self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+        self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
         self.wfile.flush()
 
     def send(self, status, data, content_type="application/json", headers={}):
-        """A whole response, or (streaming) the head of a stream, with no length: it ends with the connection."""
+        """A response or a stream's head; on a connection that ends after it, the body ends with it (no length)."""
         data = data if isinstance(data, bytes) else json.dumps(data, ensure_ascii=False).encode()
         self.close_connection = self.close_connection or self.streaming
         self.send_response(status)
-        for name, value in {"Content-Type": content_type, "X-Content-Type-Options": "nosniff", **headers,
-                            **({} if self.streaming else {"Content-Length": str(len(data))}),
-                            **({"Connection": "close"} if self.close_connection else {})}.items():
+        for name, value in [("Content-Type", content_type), ("X-Content-Type-Options", "nosniff"), *headers.items(),
+                            ("Connection", "close") if self.close_connection else ("Content-Length", str(len(data)))]:
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
@@ -810,28 +654,20 @@ class DemoHandler(BaseHTTPRequestHandler):
 def make_server(model, tokenizer, args):
     """The demo's HTTP server with its worker thread started: call serve_forever(), then close_server()."""
     logits_processor, watermark = make_logits_processor(args, model, tokenizer)
-    moderation = None
-    if os.environ.get("OPENAI_API_KEY") or args.moderation_base_url:
+    key, moderation = os.environ.get("OPENAI_API_KEY"), None
+    if key or args.moderation_base_url:
         import openai
-        moderation = openai.OpenAI(base_url=args.moderation_base_url or None, max_retries=2, timeout=30,
-                                   api_key=os.environ.get("OPENAI_API_KEY") or "none")
+        moderation = openai.OpenAI(base_url=args.moderation_base_url, api_key=key or "none", max_retries=2, timeout=30)
     resume_jsonl(args.flags)  # cuts a torn last line a killed demo left, so appends start on a line of their own
     demo = SimpleNamespace(
-        model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation,
-        watermark_params=watermark.params if watermark else None, started=int(time.time()), queue=[],
-        model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(),
-        closing=False, current=[], flags_lock=threading.Lock(),
-        max_prompt_tokens=min(args.max_prompt_tokens or INF, model.args.max_seq_len - 1))
-    demo.filter_state = (f"on: prompts and outputs are checked by {moderation.base_url}moderations; flagged "
-                         "prompts are refused and flagged outputs withheld") if moderation else \
-        "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
+        model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation, queue=[],
+        watermark_params=watermark.params if watermark else None, current=[], flags_lock=threading.Lock(),
+        model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(), closing=False)
+    demo.filter_state = f"on ({moderation.base_url}moderations): flagged prompts refused, flagged outputs withheld" \
+        if moderation else "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
     demo.watermark_state = "off" if watermark is None else ("on, every output: {scheme}, gamma {gamma}, delta "
         "{delta}, key fingerprint {key_fingerprint} (check with watermark.py detect)").format(**watermark.params)
-    demo.page = PAGE
-    for name, value in {"model": demo.model_name, "filter": demo.filter_state, "watermark": demo.watermark_state,
-                        "temperature": args.temperature, "top_p": args.top_p, "cap": args.max_tokens_cap,
-                        "max_tokens": min(args.max_new_tokens, args.max_tokens_cap)}.items():
-        demo.page = demo.page.replace("{{%s}}" % name, html.escape(str(value)))
+    demo.page = re.sub(r"{{(\w+)}}", lambda name: html.escape(getattr(demo, name[1])), PAGE)
     server = ThreadingHTTPServer((args.host, args.port), DemoHandler)
     server.demo, demo.worker = demo, threading.Thread(target=run_jobs, args=(demo,), daemon=True)
     demo.worker.start()
@@ -849,11 +685,9 @@ def close_server(server):
 def serve(model, tokenizer, args):
     server = make_server(model, tokenizer, args)
     (host, port), demo = server.server_address[:2], server.demo
-    local = host in ("127.0.0.1", "localhost", "::1")
-    note = "" if local else f"\nnote: bound to {host}, so other machines can reach this demo"
     print(f"Serving {demo.model_name} at http://{host}:{port}/ (OpenAI-compatible API at http://{host}:{port}/v1); "
           f"Ctrl-C stops\ncontent filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\n"
-          f"flags go to {args.flags}{note}", flush=True)
+          f"flags go to {args.flags}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -150,6 +150,9 @@ def test_hook_bans_token_and_eos_stops_a_row(model):
     streamed = []
     generate(model, PROMPTS, 10, temperature=0, eos_id=eos, on_token=lambda i, t: streamed.append((i, t)))
     assert [[t for i, t in streamed if i == row] for row in range(4)] == out
+    # on_token returning True ends that row there (the demo's worker ends a job so); the other rows go on
+    ended = generate(model, PROMPTS, 10, temperature=0, on_token=lambda i, t: i == 1)
+    assert ended[1] == greedy[1][:1] and ended[:1] + ended[2:] == greedy[:1] + greedy[2:]
 
 
 def test_context_limit(model):
