@@ -6,16 +6,36 @@
     python sample.py --checkpoint=out/tiny --serve                           # web demo + OpenAI-compatible API
 
 The lesson first, then plumbing, then the web demo. Model and prompt come from train.py, as training saw them."""
-import argparse, base64, hashlib, html, json, math, os, queue, re, secrets, sys, threading, time, zlib
+import argparse
+import base64
+import hashlib
+import html
+import json
+import math
+import os
+import queue
+import re
+import secrets
+import sys
+import threading
+import time
+import zlib
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import urlsplit
+
 import torch
+
 from train import Tokenizer, Transformer, find_tokenizer, format_prompt, read_records
 
-# Decoding defaults (greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off), prompts per batch.
-max_new_tokens, temperature, top_k, top_p, seed, batch_size = 256, 0.7, 0, 0.9, 1337, 16
+# Decoding defaults. Greedy is --temperature=0; top_k=0 and top_p=1 switch those filters off.
+max_new_tokens = 256
+temperature = 0.7
+top_k = 0
+top_p = 0.9
+seed = 1337
+batch_size = 16                   # prompts per batch
 
 def sample_next(logits, temperature, top_k, top_p, u):
     """Next token of each row of logits (B, V): greedy at temperature 0, else drawn from the softmax cut to the top_k
@@ -449,6 +469,10 @@ def read_request(body, chat, demo):
         instruction = prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
+    unsupported = [name for name in ("echo", "logprobs", "suffix", "tools") if body.get(name)]
+    if unsupported or body.get("n") not in (None, 1):  # refused, not ignored: a reply without them would mislead
+        name = (unsupported or ["n"])[0]
+        raise ApiError(400, f"'{name}' is not supported by this server (it gives one choice per request)", name)
     stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")

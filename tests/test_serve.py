@@ -205,6 +205,8 @@ BAD_REQUESTS = [  # path, body, status, param
     ("/v1/completions", {"prompt": "hi", "temperature": True}, 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 3}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 65}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),
