@@ -243,7 +243,7 @@ def bench_sample(args):
     cuda = args.device.startswith("cuda")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.compile and not cuda:
-        torch._inductor.config.freezing = True  # as sample.py --compile does on CPU
+        torch._inductor.config.freezing = True  # packs the weights for the CPU matmul kernels once, not each step
     print(f"device {args.device}, {torch.get_num_threads()} threads, {args.new_tokens} decode steps per run, "
           f"median of {args.repeats} runs" + (", compiled" if args.compile else ""))
     n, seven_b = args.new_tokens, dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)

@@ -264,6 +264,7 @@ def parse_args(argv=None):
     add("--seed", type=int, default=seed)
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on a GPU with it, else float32")
+    add("--compile", action="store_true", help="torch.compile the model (slow start, fast steps: README)")
     add("--watermark", action="store_true", help="watermark the outputs (see watermark.py)")
     add("--gamma", type=float, default=0.25, help="watermark: fraction of green tokens")
     add("--delta", type=float, default=2.0, help="watermark: logit bonus of green tokens")
@@ -293,6 +294,10 @@ def main(argv=None):
     items = read_items(args.inp) if args.inp else None  # bad input stops us here, before any loading
     processes = join_processes(args)  # under torchrun: this process's rank and device
     model, tokenizer = load(args)
+    if args.compile:  # on CPU, freezing packs the weights for the matmul kernels once, not at every step
+        import torch._inductor.config
+        torch._inductor.config.freezing = args.device == "cpu"
+        model = torch.compile(model, dynamic=True)
     if args.serve:
         return serve(model, tokenizer, args)
     logits_processor, watermark = make_logits_processor(args, model, tokenizer)
