@@ -295,8 +295,8 @@ def main(argv=None):
     processes = join_processes(args)  # under torchrun: this process's rank and device
     model, tokenizer = load(args)
     if args.compile:  # on CPU, freezing packs the weights for the matmul kernels once, not at every step
-        import torch._inductor.config
-        torch._inductor.config.freezing = args.device == "cpu"
+        import torch._inductor.config as inductor_config  # (a plain `import torch...` here would shadow torch)
+        inductor_config.freezing = args.device == "cpu"
         model = torch.compile(model, dynamic=True)
     if args.serve:
         return serve(model, tokenizer, args)
