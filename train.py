@@ -910,7 +910,9 @@ def load_resume_state(model, optimizer, out_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     if not (states := resume_states(out_dir, complete=True)):
-        raise SystemExit(f"--resume: no saved state in {out_dir}")
+        old = os.path.exists(os.path.join(out_dir, "resume", "step.json"))  # the layout before numbered states
+        raise SystemExit(f"--resume: no saved state in {out_dir}" + (": its resume/ holds one in the old layout; "
+                         "move the files into resume/1/ to resume from it" if old else ""))
     state = trainable_state(model, optimizer)
     dcp.load(state, checkpoint_id=states[-1])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
