@@ -83,13 +83,14 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
     cache = [tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in "kv") for _ in range(config.n_layers)]
     seeds = seed if isinstance(seed, (list, tuple)) else [seed] * B
     uniforms = torch.stack([1 - torch.rand(steps, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    uniforms = uniforms.to(device)  # once: not a host-to-device copy at every step
     history, new_ids, running = [list(p) for p in prompts], [[] for _ in prompts], [True] * B
     tokens = torch.tensor([[0] * (L - n) + list(p) for n, p in zip(lengths, prompts)], device=device)
     logits = model(tokens, positions[:, :L], prefill_mask[:, None], cache=cache, last_only=True)[:, -1]
     for step in range(steps):
         if logits_processor is not None:
             logits = logits_processor(history, logits)
-        next_tokens = sample_next(logits, temperature, top_k, top_p, uniforms[:, step].to(device))
+        next_tokens = sample_next(logits, temperature, top_k, top_p, uniforms[:, step])
         for i, token in enumerate(next_tokens.tolist()):
             history[i].append(token)
             if running[i] and token not in stop_ids:

@@ -663,7 +663,7 @@ def main(argv=None):
         if step % args.log_interval == 0 or step == total_steps:
             dist.all_reduce(loss_sum)
             dt = time.perf_counter() - t0
-            mfu = flops_of(rows, batch, config, args.lora_rank > 0) / dt / (peak_flops or math.inf) / world_size
+            mfu = peak_flops and flops_of(rows, batch, config, args.lora_rank > 0) / dt / peak_flops / world_size
             memory = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
