@@ -18,6 +18,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -102,9 +103,7 @@ class RMSNorm(nn.Module):
         y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
         # Under autocast each matmul that follows (q, k, v; two of the FFN) would cast its own bf16 copy, a pass
         # forward and back each: cast once here instead, to the same values.
-        if torch.is_autocast_enabled(x.device.type):
-            return y.to(torch.get_autocast_dtype(x.device.type))
-        return y
+        return y.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else y
 
 def rope_inv_freq(config, device=None):
     # Rotary frequencies in fp32; Llama 3.1+ as Meta's apply_scaling: long waves slowed, short kept, between blended.
@@ -225,6 +224,7 @@ class Transformer(nn.Module):
     def init_weights(self, std=0.02):
         for name, p in self.named_parameters():
             nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.normal_(p, mean=0.0, std=std)
+        return self
 
     @staticmethod
     def from_pretrained(path, dtype=None):
@@ -276,51 +276,63 @@ def merge_lora(state, scale):
         state[prefix + "weight"] = state[prefix + "weight"].float() + scale * (b @ a)
     return {name: t.float() for name, t in state.items()}
 
-def apply_adapters(state, path):
-    # A run's consolidated.00.pth again, for whoever has the base model and only its small adapters.safetensors.
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta, adapters = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
-    if "lora_rank" not in meta or "lora_alpha" not in meta:
-        raise SystemExit(f"{path}: no lora_rank/lora_alpha in its metadata: not an adapters file of train.py")
-    try:
-        return merge_lora({**state, **adapters}, float(meta["lora_alpha"]) / int(meta["lora_rank"]))
-    except (KeyError, RuntimeError) as e:
-        raise SystemExit(f"{path}: this adapters file does not fit the base model ({e})")
-
 def find_tokenizer(folder):
     # HF's Llama 3 repos keep Meta's file in original/; none found: tokenizer.model, for the caller to report.
     paths = [os.path.join(folder, n) for n in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")]
     return next((p for p in paths if os.path.exists(p)), paths[0])
 
 class Tokenizer:
-    # sentencepiece (LLaMA 1/2, Mistral, the demo) or Llama 3's BPE (tiktoken, from Meta's rank file or tokenizer.json).
-    # No pad token (pad_id -1): padding never reaches the loss. stop_ids: an instruct Llama 3 ends with <|eot_id|>.
+    # sentencepiece (LLaMA 1/2, Mistral, the demo), Meta's Llama 3 BPE file (tiktoken) or a tokenizer.json (Hugging
+    # Face's tokenizers). No pad token (pad_id -1): padding never reaches the loss. stop_ids: an instruct Llama 3 ends
+    # with <|eot_id|>. Special tokens' text is encoded as plain text, as Meta's reference does: data cannot inject them.
     def __init__(self, path):
         self.path, self.pad_id = path, -1
         with open(path, "rb") as f:
             head = f.readline(200)
-        if head.startswith(b"{") or re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", head):
+        if head.startswith(b"{"):
+            import tokenizers
+            self.hf = tokenizers.Tokenizer.from_file(path)
+            self.hf.encode_special_tokens = True
+            special, self.vocab_size = self.hf.get_vocab(), self.hf.get_vocab_size()
+        elif re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", head):  # Meta's file: a base64 token and its rank a line
+            import base64
             import tiktoken
-            ranks, pattern, special = (read_tokenizer_json if head.startswith(b"{") else read_tiktoken_ranks)(path)
-            self.tt = tiktoken.Encoding(os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks,
+            ranks = {}  # read here: tiktoken's load_tiktoken_bpe caches by path, stale once out_dir's file is replaced
+            for lineno, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+                except ValueError:
+                    raise SystemExit(f"{path}:{lineno}: expected a base64 token and its rank")
+            special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL)}
+            self.tt = tiktoken.Encoding(os.path.basename(path), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                         special_tokens=special)
-            self.bos_id, self.eos_id = special["<|begin_of_text|>"], special["<|end_of_text|>"]
-            self.stop_ids = {special[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in special}
             self.vocab_size = self.tt.n_vocab
         else:
             import sentencepiece as spm
             self.sp = spm.SentencePieceProcessor(model_file=path)
             self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
             self.stop_ids, self.vocab_size = {self.eos_id}, self.sp.get_piece_size()
+            return
+        # Llama 3's names, or those of a sentencepiece model converted to tokenizer.json (LLaMA 2, Mistral).
+        bos, eos = (next((t for t in names if t in special), None) for names in (("<|begin_of_text|>", "<s>"),
+                                                                                  ("<|end_of_text|>", "</s>")))
+        if bos is None or eos is None:
+            raise SystemExit(f"{path}: no BOS and EOS tokens (<|begin_of_text|> and <|end_of_text|>, or <s> and </s>)")
+        self.bos_id, self.eos_id = special[bos], special[eos]
+        self.stop_ids = {special[t] for t in (eos, "<|eom_id|>", "<|eot_id|>") if t in special}
 
     def encode(self, text, bos=False, eos=False):
-        # Special tokens' text is encoded as plain text, as Meta's reference does: data cannot inject them.
-        ids = self.tt.encode(text, disallowed_special=()) if hasattr(self, "tt") else self.sp.encode(text)
+        if hasattr(self, "hf"):
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self.tt.encode(text, disallowed_special=()) if hasattr(self, "tt") else self.sp.encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids):
-        return self.tt.decode(list(ids)) if hasattr(self, "tt") else self.sp.decode(list(ids))
+        if hasattr(self, "hf"):
+            return self.hf.decode(list(ids), skip_special_tokens=False)
+        return (self.tt if hasattr(self, "tt") else self.sp).decode(list(ids))
 
 def train_tokenizer(texts, path, vocab_size):
     # A small LLaMA-style BPE tokenizer (unk 0, bos 1, eos 2, byte fallback) for the from-scratch demo. As LLaMA's,
@@ -430,8 +442,7 @@ def pack(examples, max_seq_len):
     return rows
 
 def make_batch(rows, examples, dev):
-    # Targets are -100 where there is no loss; positions restart; the mask keeps each example (and padding, doc -1)
-    # to itself, causal.
+    # Targets -100 where there is no loss; positions restart; the mask: causal, each example (padding: doc -1) alone.
     length = max(sum(len(examples[i][0]) - 1 for i in row) for row in rows)
     length = 64 * math.ceil(max(length, 1) / 64)  # few distinct shapes (see Transformer.forward)
     tokens, positions, targets, doc = (torch.full((len(rows), length), fill) for fill in (0, 0, -100, -1))
@@ -494,25 +505,6 @@ def greedy_answer(model, tokenizer, instruction, input, dev, max_new_tokens=300)
     model.train()
     return tokenizer.decode(new)
 
-def flops_of(rows, examples, config, frozen=False):
-    # 6 per parameter per token for the blocks, the output layer on supervised tokens only, attention 6·L·dim·n² for
-    # n tokens; 4 for a frozen model (LoRA: no weight gradients; the adapters' ~1% at rank 16 left out).
-    q_dim, kv_dim = config.n_heads * config.head_dim, (config.n_kv_heads or config.n_heads) * config.head_dim
-    block_params = config.n_layers * config.dim * (2 * q_dim + 2 * kv_dim + 3 * ffn_hidden_dim(config))
-    total = 0
-    for ids, n_prompt in (examples[i] for row in rows for i in row):
-        n = len(ids) - 1
-        total += (4 if frozen else 6) * (block_params * n + config.dim * config.vocab_size * (n - n_prompt + 1))
-        total += 6 * config.n_layers * config.dim * n * n
-    return total
-
-def gpu_peak_flops(dev, dt):
-    # For MFU: a GPU's bf16 peak from its spec sheet. None for a CPU (a timed matmul swings 2x within minutes).
-    if dev.type != "cuda" or dt != torch.bfloat16:
-        return None
-    name = torch.cuda.get_device_name(dev)
-    return next((v for k, v in {"A100": 312e12, "H100": 989e12, "H200": 989e12}.items() if k in name), None)
-
 def show_answers(model, tokenizer, examples, dev, log):
     # A training and a held-out instruction: a small model learns the first long before it generalises to the second.
     from rouge_score import rouge_scorer
@@ -556,11 +548,8 @@ def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if args.init:
         source = Transformer.from_pretrained(args.init)  # memory-mapped: the processes share one copy in RAM
-        if source.args.vocab_size != tokenizer.vocab_size:
-            log(f"note: model vocab {source.args.vocab_size} != tokenizer vocab {tokenizer.vocab_size}")
     else:
-        source = Transformer(ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size}))
-        source.init_weights()
+        source = Transformer(ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size})).init_weights()
     config, full_state = source.args, source.state_dict()
     config.max_seq_len = max(config.max_seq_len, args.max_seq_len)
     with torch.device("meta"):
@@ -569,9 +558,8 @@ def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
     if args.lora_rank:
         # The frozen model is held in the compute dtype (bf16: 2 bytes a parameter, no Adam state); adapters in fp32.
         model.to(amp_dtype)
-        adapters = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","),
-                            args.seed)
-        full_state = {**{k: v.to(amp_dtype) for k, v in full_state.items()}, **adapters}
+        full_state = {k: v.to(amp_dtype) for k, v in full_state.items()} | add_lora(
+            model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","), args.seed)
     mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)} \
         if dev.type == "cuda" else {}
     for layer in model.layers:
@@ -606,7 +594,6 @@ def start_processes(device):
 
 def main(argv=None):
     import resource  # Unix only, hence here
-    t_main = time.perf_counter()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world_size, dev = start_processes(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -617,20 +604,22 @@ def main(argv=None):
     autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
     tokenizer, train_raw, val_raw, train_set, val_set = prepare_data(args, log)
     model = build_model(args, tokenizer, dev, amp_dtype, world_size, log)
-    config = model.args
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   betas=(args.beta1, args.beta2), eps=1e-8, weight_decay=args.weight_decay,
                                   fused=dev.type == "cuda" or None, foreach=dev.type != "cuda" or None)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     step = first_step = load_resume_state(model, optimizer, args.out_dir) if args.resume else 0
-    peak_flops = gpu_peak_flops(dev, amp_dtype)
+    # MFU on a GPU: 6 FLOPs per parameter per token (4 for LoRA's frozen weights: no weight gradients) over the bf16
+    # spec-sheet peak; attention and the output layer's skipped prompt tokens left out (a few % at 7B; bench.py counts).
+    peak = next((v for k, v in {"A100": 312e12, "H100": 989e12, "H200": 989e12}.items() if dev.type == "cuda" and
+                 amp_dtype == torch.bfloat16 and k in torch.cuda.get_device_name(dev)), None)
+    flops_per_token = (4 if args.lora_rank else 6) * sum(p.numel() for p in model.parameters())
     log(f"training: {total_steps} steps of {args.batch_size} examples, lr {args.learning_rate}, {args.micro_batch_size}"
         f" packed rows of {args.max_seq_len} per forward" + (f"; resumed from {args.out_dir} at step {step}"
                                                               if args.resume else ""))
     lora_meta = {k: str(getattr(args, k)) for k in ("init", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout")}
     t_start = time.perf_counter()
-    spent = {"setup": t_start - t_main, "steps": 0.0, "validation": 0.0, "saving": 0.0}  # seconds, for the summary
     while step < total_steps:
         t0 = time.perf_counter()
         torch.manual_seed(hash((args.seed, step, rank)))  # LoRA's dropout: a resumed run draws as a straight one
@@ -639,10 +628,9 @@ def main(argv=None):
         epoch, k = divmod(step, steps_per_epoch)
         shuffled = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
         batch = [train_set[i] for i in shuffled[k * args.batch_size:(k + 1) * args.batch_size]]
-        rows = pack(batch, args.max_seq_len)
         n_targets = sum(len(ids) - n_prompt for ids, n_prompt in batch)
         optimizer.param_groups[0]["lr"] = lr = lr_at(step, total_steps, args.learning_rate, args.warmup_ratio)
-        micro_batches = split_rows(rows, rank, world_size, args.micro_batch_size)
+        micro_batches = split_rows(pack(batch, args.max_seq_len), rank, world_size, args.micro_batch_size)
         loss_sum = torch.zeros((), device=dev)
         for i, micro in enumerate(micro_batches):
             if world_size > 1:  # gradients are reduced across processes only on the last micro-batch
@@ -658,44 +646,34 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        spent["steps"] += time.perf_counter() - t0
 
         if step % args.log_interval == 0 or step == total_steps:
             dist.all_reduce(loss_sum)
             dt = time.perf_counter() - t0
-            mfu = peak_flops and flops_of(rows, batch, config, args.lora_rank > 0) / dt / peak_flops / world_size
             memory = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             eta = (time.perf_counter() - t_start) / (step - first_step) * (total_steps - step)
+            tokens_per_s = sum(len(ids) - 1 for ids, _ in batch) / dt
+            mfu = f" | mfu {100 * flops_per_token * tokens_per_s / world_size / peak:.1f}%" if peak else ""
             log(f"step {step}/{total_steps} | loss {loss_sum.item() / n_targets:.4f} | lr {lr:.2e} | grad norm "
-                f"{grad_norm.item():.2f} | {sum(len(ids) - 1 for ids, _ in batch) / dt:,.0f} tok/s"
-                + (f" | mfu {100 * mfu:.1f}%" if peak_flops else "")
-                + f" | mem {memory / 2 ** 30:.2f} GiB | eta {eta / 60:.1f} min", flush=True)
+                f"{grad_norm.item():.2f} | {tokens_per_s:,.0f} tok/s{mfu} | mem {memory / 2 ** 30:.2f} GiB | eta "
+                f"{eta / 60:.1f} min", flush=True)
         if val_set and (step % args.eval_interval == 0 or step == total_steps):
-            t1 = time.perf_counter()
             log(f"step {step}: validation loss {evaluate(model, val_set, dev, autocast, args):.4f}")
-            spent["validation"] += time.perf_counter() - t1
         if step % args.save_interval == 0 or step == total_steps:
-            t1 = time.perf_counter()
-            save_checkpoint(model, optimizer, step, config, tokenizer.path, args.out_dir,
+            save_checkpoint(model, optimizer, step, tokenizer.path, args.out_dir,
                             lora_meta if args.lora_rank else None, args.save_hf)
             log(f"saved {args.out_dir}")
-            spent["saving"] += time.perf_counter() - t1
 
-    t1 = time.perf_counter()
     show_answers(model, tokenizer, [train_raw[0], *val_raw[:1]], dev, log)
-    spent["answers"] = time.perf_counter() - t1
-    log("\ntime: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items())
-        + f"; {time.perf_counter() - t_main:.1f} s in all (after Python's imports)")
     dist.destroy_process_group()
 
 # Plumbing: checkpoint files in (Meta's and Hugging Face's layouts, their tokenizers), checkpoint files out (Meta's
 # layout, the resume state, Hugging Face's layout), the command line.
 
 def read_meta_checkpoint(path):
-    with open(os.path.join(path, "params.json")) as f:
-        params = json.load(f)
+    params = json.loads(Path(path, "params.json").read_text())
     config = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
     # Without rope.freqs, the rotary table Meta stores: we compute it.
     shards = [{k: v for k, v in torch.load(f, map_location="cpu", mmap=True, weights_only=True).items()
@@ -706,20 +684,15 @@ def read_meta_checkpoint(path):
     config.tie_word_embeddings = "output.weight" not in shards[0]
     if config.vocab_size <= 0:  # LLaMA-1 writes -1 and leaves the size to the tokenizer
         config.vocab_size = sum(s["output.weight"].shape[0] for s in shards)
-    if len(shards) == 1:
-        return config, shards[0]
-    # Larger models come split for model parallelism; each tensor is cut along the one dim where the
-    # pieces add up to the full size (column-parallel along 0, row-parallel along 1), or is replicated.
+    # Larger models come split for model parallelism; each tensor is cut along the one dim where the pieces add up to
+    # the full size (column-parallel along 0, row-parallel along 1), or is replicated. Misfits: the strict load names.
     with torch.device("meta"):
         expected = Transformer(config).state_dict()
     state = {}
     for name, pieces in ((k, [s[k] for s in shards]) for k in shards[0]):
         full = expected[name].shape if name in expected else pieces[0].shape
         dims = [d for d in range(pieces[0].dim()) if sum(p.shape[d] for p in pieces) == full[d]]
-        if pieces[0].shape != full and not dims:
-            raise SystemExit(f"{path}: tensor '{name}' shards of shape {tuple(pieces[0].shape)} "
-                             f"do not assemble into {tuple(full)}")
-        state[name] = pieces[0] if pieces[0].shape == full else torch.cat(pieces, dim=dims[0])
+        state[name] = torch.cat(pieces, dim=dims[0]) if pieces[0].shape != full and dims else pieces[0]
     return config, state
 
 # Hugging Face's names of ModelArgs' fields (config.json) and of the tensors, for read_hf_checkpoint and export_hf.
@@ -774,25 +747,17 @@ def config_from_hf(cfg, where):
     return config
 
 def read_hf_checkpoint(path):
-    with open(os.path.join(path, "config.json")) as f:
-        config = config_from_hf(json.load(f), os.path.join(path, "config.json"))
+    config = config_from_hf(json.loads(Path(path, "config.json").read_text()), os.path.join(path, "config.json"))
     from safetensors.torch import load_file  # memory-maps the file
-    # The index names the shards (Mistral's repos also hold a consolidated.safetensors in Mistral's own names).
-    for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin")):
-        index = os.path.join(path, f"{stem}.{ext}.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
-        else:
-            files = sorted(glob.glob(os.path.join(path, f"{stem}*.{ext}")))
-        if files:
-            break
-    else:
+    # model*: Mistral's repos also hold a consolidated.safetensors in Mistral's own names.
+    files = sorted(glob.glob(os.path.join(path, "model*.safetensors"))) or \
+        sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not files:
         raise SystemExit(f"{path}: no model*.safetensors or pytorch_model*.bin files")
     # A name not in the table keeps its own, which the strict load in from_pretrained reports as unexpected.
     names, state, kv_heads = hf_names(config), {}, config.n_kv_heads or config.n_heads
     for file in files:
-        tensors = load_file(file) if ext == "safetensors" else \
+        tensors = load_file(file) if file.endswith(".safetensors") else \
             torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         for name, tensor in tensors.items():
             if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
@@ -810,47 +775,6 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_to
                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
 LLAMA3_SPECIAL += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
 
-def read_tiktoken_ranks(path):
-    # Meta's format: a base64 token and its rank per line; then Meta's pattern and special tokens. (tiktoken's
-    # load_tiktoken_bpe caches files by path: a stale copy after a path's file is replaced, as out_dir's is.)
-    import base64
-    ranks = {}
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-            except ValueError:
-                raise SystemExit(f"{path}:{lineno}: expected a base64 token and its rank")
-    return ranks, LLAMA3_PATTERN, {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL)}
-
-def read_tokenizer_json(path):
-    # The BPE ranks and split pattern of a byte-level tokenizer.json (Llama 3's), for tiktoken. Its token ids serve
-    # as ranks, which equals Hugging Face's merge order only when the merges come in id order: checked.
-    with open(path, encoding="utf-8") as f:
-        tj = json.load(f)
-    model, splits = tj.get("model") or {}, (tj.get("pre_tokenizer") or {}).get("pretokenizers", [])
-    if model.get("type") != "BPE" or tj.get("normalizer") or [p.get("type") for p in splits] != ["Split", "ByteLevel"]:
-        raise SystemExit(f"{path}: only Llama 3's kind of tokenizer.json is read (byte-level BPE, a Split regex, "
-                         f"no normalizer); for sentencepiece models give tokenizer.model")
-    # Byte-level BPE spells each byte as a printable character (GPT-2's table); map the spellings back to bytes.
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = sorted(set(range(256)) - set(printable))
-    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
-    special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-    if not {"<|begin_of_text|>", "<|end_of_text|>"} <= set(special):
-        raise SystemExit(f"{path}: added_tokens lack Llama 3's <|begin_of_text|> and <|end_of_text|>")
-    vocab, last = {t: i for t, i in model["vocab"].items() if t not in special}, -1
-    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items()}
-    for merge in model.get("merges", []):
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
-        if vocab[left + right] < last:
-            raise SystemExit(f"{path}: merge {left!r} + {right!r} is out of id order; tiktoken cannot read this file")
-        last = vocab[left + right]
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise SystemExit(f"{path}: model.vocab ids are not 0..{len(ranks) - 1}")
-    return ranks, splits[0]["pattern"]["Regex"], special
-
 def write_atomic(path, payload):
     # Bytes (or an object, torch.save'd) via a temp file and a rename: a crash never leaves half a file.
     with open(f"{path}.tmp", "wb") as f:
@@ -863,7 +787,7 @@ def write_atomic(path, payload):
 # by torch.distributed.checkpoint, so a run may resume on another number of processes, then step.json, which marks it
 # complete. The newest complete one is read; a save deletes the others once its own is complete.
 
-def save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, lora_meta=None, save_hf=False):
+def save_checkpoint(model, optimizer, step, tokenizer_path, out_dir, lora_meta=None, save_hf=False):
     # The model in Meta's layout (what sample.py and from_pretrained read), then the resume state. With LoRA
     # (lora_meta: the adapters file's metadata) the adapters alone go to adapters.safetensors, merged everywhere else.
     import torch.distributed.checkpoint as dcp
@@ -877,12 +801,11 @@ def save_checkpoint(model, optimizer, step, config, tokenizer_path, out_dir, lor
             write_atomic(os.path.join(out_dir, "adapters.safetensors"), save(adapters, metadata=lora_meta))
             full = merge_lora(full, float(lora_meta["lora_alpha"]) / int(lora_meta["lora_rank"]))
         write_atomic(os.path.join(out_dir, "consolidated.00.pth"), full)
-        write_atomic(os.path.join(out_dir, "params.json"), json.dumps(config.__dict__, indent=2).encode())
+        write_atomic(os.path.join(out_dir, "params.json"), json.dumps(model.args.__dict__, indent=2).encode())
         if save_hf:
-            export_hf(full, config, tokenizer_path, os.path.join(out_dir, "hf"))
+            export_hf(full, model.args, tokenizer_path, os.path.join(out_dir, "hf"))
         if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
-            with open(tokenizer_path, "rb") as f:
-                write_atomic(os.path.join(out_dir, "tokenizer.model"), f.read())
+            write_atomic(os.path.join(out_dir, "tokenizer.model"), Path(tokenizer_path).read_bytes())
     del full
     states = resume_states(out_dir)  # listed by every process before any writes to them: one name for the new one
     dist.barrier()
@@ -910,15 +833,12 @@ def load_resume_state(model, optimizer, out_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     if not (states := resume_states(out_dir, complete=True)):
-        old = os.path.exists(os.path.join(out_dir, "resume", "step.json"))  # the layout before numbered states
-        raise SystemExit(f"--resume: no saved state in {out_dir}" + (": its resume/ holds one in the old layout; "
-                         "move the files into resume/1/ to resume from it" if old else ""))
+        raise SystemExit(f"--resume: no saved state in {out_dir}")
     state = trainable_state(model, optimizer)
     dcp.load(state, checkpoint_id=states[-1])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
-    with open(os.path.join(states[-1], "step.json")) as f:
-        return json.load(f)["step"]
+    return json.loads(Path(states[-1], "step.json").read_text())["step"]
 
 def export_hf(state, config, tokenizer_path, folder):
     # A LlamaForCausalLM folder (transformers 4.x, 5.x, vLLM), stop ids in generation_config.json; via folder.tmp.
@@ -931,53 +851,44 @@ def export_hf(state, config, tokenizer_path, folder):
         if config.use_scaled_rope else None
     hf = {key: getattr(config, name) for name, key in HF_CONFIG.items()} | dict(
         architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=kv_heads,
-        intermediate_size=ffn_hidden_dim(config), hidden_act="silu", attention_bias=False, mlp_bias=False,
-        rope_theta=config.rope_theta, rope_scaling=rope,
+        intermediate_size=ffn_hidden_dim(config), hidden_act="silu", rope_theta=config.rope_theta, rope_scaling=rope,
         rope_parameters={**(rope or {"rope_type": "default"}), "rope_theta": config.rope_theta},
         torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     generation = dict(bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
-    with open(tokenizer_path, "rb") as f:
-        raw = f.read()
     # Where each kind of tokenizer file sits in a Hugging Face folder (Llama 3's Meta file goes to original/).
-    name = ("tokenizer.json" if raw.startswith(b"{") else os.path.join("original", "tokenizer.model")
-            if hasattr(tokenizer, "tt") else "tokenizer.model")
-    files = {"config.json": hf, "generation_config.json": generation, name: raw}
+    name = "tokenizer.json" if hasattr(tokenizer, "hf") else "original/tokenizer.model" if hasattr(tokenizer, "tt") \
+        else "tokenizer.model"
+    files = {"config.json": hf, "generation_config.json": generation, name: Path(tokenizer_path).read_bytes()}
     # transformers and vLLM find BOS through tokenizer_config.json: an --init folder's own tokenizer files go along;
     # for a sentencepiece model without them, one naming BOS and EOS (transformers converts tokenizer.model itself).
-    source = os.path.dirname(tokenizer_path).removesuffix(os.sep + "original")
+    source = Path(os.path.dirname(tokenizer_path).removesuffix(os.sep + "original"))
     for extra in {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} - set(files):
-        if os.path.exists(os.path.join(source, extra)):
-            with open(os.path.join(source, extra), "rb") as f:
-                files[extra] = f.read()
-    if "tokenizer_config.json" not in files and not hasattr(tokenizer, "tt"):
+        if (source / extra).exists():
+            files[extra] = (source / extra).read_bytes()
+    if "tokenizer_config.json" not in files and hasattr(tokenizer, "sp"):
         files["tokenizer_config.json"] = dict(bos_token=tokenizer.sp.id_to_piece(tokenizer.bos_id), add_bos_token=True,
                                               eos_token=tokenizer.sp.id_to_piece(tokenizer.eos_id), add_eos_token=False)
-    tmp = folder + ".tmp"
+    tmp = Path(folder + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    (tmp / name).parent.mkdir(parents=True)
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     for file, payload in files.items():
-        with open(os.path.join(tmp, file), "wb") as f:
-            f.write(payload if isinstance(payload, bytes) else json.dumps(payload, indent=2).encode())
+        (tmp / file).write_bytes(payload if isinstance(payload, bytes) else json.dumps(payload, indent=2).encode())
     shutil.rmtree(folder, ignore_errors=True)  # a crash here leaves no hf/ (never half of one); the next save writes it
     os.replace(tmp, folder)
 
 def parse_args(argv):
     # The settings at the top as flags, their values as defaults (booleans also bare); tiny_recipe's without --init.
-    def parse_bool(text):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
-        return text.lower() in ("true", "1")
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for name, default in settings.items():
         demo = f"; without --init {tiny_recipe[name]!r} (tiny_recipe)" if name in tiny_recipe else ""
-        kind = dict(type=parse_bool, nargs="?", const=True, metavar="true|false") if isinstance(default, bool) \
-            else dict(type=type(default))
+        kind = dict(type=str.lower, choices=["true", "false", "1", "0"], nargs="?", const="true",
+                    metavar="true|false") if isinstance(default, bool) else dict(type=type(default))
         parser.add_argument(f"--{name}", help=f"default {default!r}{demo}", **kind)
-    given = vars(parser.parse_args(argv))
+    given = {k: v in ("true", "1") if isinstance(settings[k], bool) else v
+             for k, v in vars(parser.parse_args(argv)).items()}
     return argparse.Namespace(**{**settings, **({} if given.get("init", settings["init"]) else tiny_recipe), **given})
 
 if __name__ == "__main__":

@@ -324,6 +324,9 @@ def test_tokenizer_json_gives_the_tokenizers_librarys_ids(bpe, tmp_path):
         tokenizers.pre_tokenizers.Split(tokenizers.Regex(META_PAT_STR), behavior="isolated"),
         tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.save(str(tmp_path / "no_specials.json"))
+    with pytest.raises(SystemExit, match="no_specials.json: no BOS and EOS tokens"):
+        train.Tokenizer(str(tmp_path / "no_specials.json"))
     tk.add_special_tokens(train.LLAMA3_SPECIAL)
     tk.save(str(tmp_path / "tokenizer.json"))
     assert train.find_tokenizer(str(tmp_path)) == str(tmp_path / "tokenizer.json")
@@ -331,6 +334,12 @@ def test_tokenizer_json_gives_the_tokenizers_librarys_ids(bpe, tmp_path):
     for text in seed_texts()[100:] + TRICKY[:3] + TRICKY[4:]:
         assert tok.encode(text) == tk.encode(text, add_special_tokens=False).ids, text
         assert tok.decode(tok.encode(text)) == tk.decode(tk.encode(text).ids)
+    # And Meta's rule, as tiktoken applies it: a special token's text in the data is plain text, never the token.
+    import tiktoken
+    reference = tiktoken.Encoding("ref", pat_str=META_PAT_STR, mergeable_ranks=ranks, special_tokens={})
+    for text in seed_texts()[100:] + TRICKY:
+        assert tok.encode(text) == reference.encode(text), text
+        assert tok.decode(tok.encode(text)) == text
     assert (tok.bos_id, tok.eos_id) == (tk.token_to_id("<|begin_of_text|>"), tk.token_to_id("<|end_of_text|>"))
     assert tok.stop_ids == {tk.token_to_id(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")}
 
@@ -358,6 +367,22 @@ def test_save_hf_tokenizer_reads_in_transformers_with_our_ids_and_bos(demo_token
     assert hf.eos_token_id == demo_tokenizer.eos_id
     for text in seed_texts()[:20]:
         assert hf(text)["input_ids"] == demo_tokenizer.encode(text, bos=True)
+
+def test_a_sentencepiece_tokenizer_saved_by_transformers_reads_with_sentencepieces_ids(demo_tokenizer, tmp_path):
+    # transformers 5 saves a LLaMA or Mistral tokenizer as tokenizer.json alone (no tokenizer.model): read with the
+    # tokenizers library, it gives sentencepiece's ids, BOS and EOS.
+    model = train.Transformer(train.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=demo_tokenizer.vocab_size,
+                                              multiple_of=16, max_seq_len=64))
+    train.export_hf(model.state_dict(), model.args, demo_tokenizer.path, str(tmp_path / "hf"))
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "tokenizer.model").exists()
+    assert train.find_tokenizer(str(tmp_path / "saved")) == str(tmp_path / "saved" / "tokenizer.json")
+    tok = train.Tokenizer(str(tmp_path / "saved" / "tokenizer.json"))
+    assert (tok.bos_id, tok.eos_id, tok.stop_ids, tok.vocab_size) == (
+        demo_tokenizer.bos_id, demo_tokenizer.eos_id, {demo_tokenizer.eos_id}, demo_tokenizer.vocab_size)
+    for text in seed_texts() + TRICKY:
+        assert tok.encode(text, bos=True, eos=True) == demo_tokenizer.encode(text, bos=True, eos=True), text
+        assert tok.decode(tok.encode(text)) == demo_tokenizer.decode(demo_tokenizer.encode(text))
 
 def test_save_hf_takes_an_init_folders_own_tokenizer_files(demo_tokenizer, tmp_path, tiktoken_file):
     for folder, tokenizer in (("sp", demo_tokenizer.path), ("llama3", tiktoken_file)):

@@ -46,7 +46,7 @@ def save(model, optimizer, step, out_dir, monkeypatch):
     if not tokenizer.exists():
         os.makedirs(out_dir, exist_ok=True)
         tokenizer.write_bytes(b"not read by these tests")
-    train.save_checkpoint(model, optimizer, step, model.args, str(tokenizer), str(out_dir))
+    train.save_checkpoint(model, optimizer, step, str(tokenizer), str(out_dir))
 
 
 def load(out_dir, monkeypatch):
@@ -162,15 +162,3 @@ def test_crash_at_each_step_of_a_save(states, tmp_path, monkeypatch, crash_at):
     assert step == (2 if crash_at >= 2 else 1) and torch.equal(w, weights(model) if step == 2 else saved[1])
     save(model, optimizer, 3, out, monkeypatch)
     assert len(os.listdir(out / "resume")) == 1 and load(out, monkeypatch)[0] == 3
-
-def test_a_state_in_the_old_layout_is_named_with_what_to_do(states, tmp_path, monkeypatch):
-    root, saved = states
-    out = tmp_path / "out"
-    shutil.copytree(root / "step1", out / "resume")  # resume/ itself held the state before resume/<n>/
-    with pytest.raises(SystemExit, match="old layout; move the files into resume/1/"):
-        load(out, monkeypatch)
-    os.makedirs(out / "resume" / "1")
-    for name in [n for n in os.listdir(out / "resume") if n != "1"]:
-        os.replace(out / "resume" / name, out / "resume" / "1" / name)
-    step, w, _ = load(out, monkeypatch)
-    assert step == 1 and torch.equal(w, saved[1])
