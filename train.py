@@ -293,6 +293,8 @@ class Tokenizer:
             import tokenizers
             self.hf = tokenizers.Tokenizer.from_file(path)
             self.hf.encode_special_tokens = True
+            self.encode_text = lambda text: self.hf.encode(text, add_special_tokens=False).ids
+            self.decode_ids = lambda ids: self.hf.decode(ids, skip_special_tokens=False)
             special, self.vocab_size = self.hf.get_vocab(), self.hf.get_vocab_size()
         elif re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", head):  # Meta's file: a base64 token and its rank a line
             import base64
@@ -307,10 +309,12 @@ class Tokenizer:
             special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL)}
             self.tt = tiktoken.Encoding(os.path.basename(path), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                         special_tokens=special)
-            self.vocab_size = self.tt.n_vocab
+            self.encode_text = lambda text: self.tt.encode(text, disallowed_special=())
+            self.decode_ids, self.vocab_size = self.tt.decode, self.tt.n_vocab
         else:
             import sentencepiece as spm
             self.sp = spm.SentencePieceProcessor(model_file=path)
+            self.encode_text, self.decode_ids = self.sp.encode, self.sp.decode
             self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
             self.stop_ids, self.vocab_size = {self.eos_id}, self.sp.get_piece_size()
             return
@@ -323,16 +327,10 @@ class Tokenizer:
         self.stop_ids = {special[t] for t in (eos, "<|eom_id|>", "<|eot_id|>") if t in special}
 
     def encode(self, text, bos=False, eos=False):
-        if hasattr(self, "hf"):
-            ids = self.hf.encode(text, add_special_tokens=False).ids
-        else:
-            ids = self.tt.encode(text, disallowed_special=()) if hasattr(self, "tt") else self.sp.encode(text)
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return [self.bos_id] * bos + self.encode_text(text) + [self.eos_id] * eos
 
     def decode(self, ids):
-        if hasattr(self, "hf"):
-            return self.hf.decode(list(ids), skip_special_tokens=False)
-        return (self.tt if hasattr(self, "tt") else self.sp).decode(list(ids))
+        return self.decode_ids(list(ids))
 
 def train_tokenizer(texts, path, vocab_size):
     # A small LLaMA-style BPE tokenizer (unk 0, bos 1, eos 2, byte fallback) for the from-scratch demo. As LLaMA's,
@@ -414,19 +412,16 @@ def tokenize_example(tokenizer, example, max_seq_len, stats):
     ids, alone = tokenizer.encode(prompt + example["output"], bos=True, eos=True), tokenizer.encode(prompt, bos=True)
     n_prompt = next((i for i, (a, b) in enumerate(zip(ids, alone)) if a != b), len(alone))
     prompt_ids, response_ids = ids[:n_prompt], ids[n_prompt:]
-    if len(prompt_ids) + len(response_ids) > max_seq_len:
-        # Cut the prompt's middle (keeping its start and the "### Response:" cue), the response's end only past 3/4 of
-        # the row: every example keeps supervised tokens, where right-truncation can drop the whole response.
-        keep = max(max_seq_len - len(response_ids), max_seq_len // 4)
-        if len(prompt_ids) > keep:
-            stats["prompts_cut"] += 1
-            stats["tokens_dropped"] += len(prompt_ids) - keep
-            prompt_ids = prompt_ids[:keep // 2] + prompt_ids[len(prompt_ids) - (keep - keep // 2):]
-        if len(prompt_ids) + len(response_ids) > max_seq_len:
-            stats["responses_cut"] += 1
-            stats["tokens_dropped"] += len(prompt_ids) + len(response_ids) - max_seq_len
-            response_ids = response_ids[:max_seq_len - len(prompt_ids)]
-    return prompt_ids + response_ids, len(prompt_ids)
+    # Too long: cut the prompt's middle (keeping its start and the "### Response:" cue), the response's end only past
+    # 3/4 of the row: every example keeps supervised tokens, where right-truncation can drop the whole response.
+    keep = min(n_prompt, max(max_seq_len - len(response_ids), max_seq_len // 4))
+    if keep < n_prompt:
+        prompt_ids = prompt_ids[:keep // 2] + prompt_ids[n_prompt - (keep - keep // 2):]
+    response_ids = response_ids[:max_seq_len - keep]
+    stats["prompts_cut"] += keep < n_prompt
+    stats["responses_cut"] += len(response_ids) < len(ids) - n_prompt
+    stats["tokens_dropped"] += len(ids) - keep - len(response_ids)
+    return prompt_ids + response_ids, keep
 
 def pack(examples, max_seq_len):
     # First-fit decreasing (few rows, deterministic); n tokens take n - 1 positions (inputs [:-1], targets [1:]).
@@ -472,7 +467,7 @@ def lr_at(step, total_steps, learning_rate, warmup_ratio):
     return learning_rate * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 def evaluate(model, examples, dev, autocast, args):
-    # Mean loss per response token over the validation examples, across all processes.
+    # The mean loss per response token, over all processes.
     model.eval()
     loss_sum = torch.zeros(2, device=dev)
     with torch.no_grad():
@@ -486,29 +481,28 @@ def evaluate(model, examples, dev, autocast, args):
     model.train()
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
 
+@torch.no_grad()
 def greedy_answer(model, tokenizer, instruction, input, dev, max_new_tokens=300):
     # The end of a run's answer (sample.py is the sampler): greedy, on a KV cache (fp32: right for a model computing in
     # fp32 or, under FSDP's policy or LoRA, bf16). Every process runs it.
-    model.eval()
     ids, config = tokenizer.encode(format_prompt(instruction, input), bos=True), model.args
     shape = (1, config.n_kv_heads or config.n_heads, len(ids) + max_new_tokens, config.head_dim)
     cache = [tuple(torch.zeros(shape, device=dev) for _ in "kv") for _ in range(config.n_layers)]
     new, tokens = [], torch.tensor([ids], device=dev)
-    with torch.no_grad():
-        while len(new) < max_new_tokens and len(ids) + len(new) < config.max_seq_len:
-            logits = model(tokens, cache=cache, cache_pos=len(ids) + len(new) - tokens.shape[1], last_only=True)
-            next_id = logits[0, -1, :tokenizer.vocab_size].argmax().item()  # a model's vocab may be padded beyond
-            if next_id in tokenizer.stop_ids:
-                break
-            new.append(next_id)
-            tokens = torch.tensor([[next_id]], device=dev)
-    model.train()
+    while len(new) < max_new_tokens and len(ids) + len(new) < config.max_seq_len:
+        logits = model(tokens, cache=cache, cache_pos=len(ids) + len(new) - tokens.shape[1], last_only=True)
+        next_id = logits[0, -1, :tokenizer.vocab_size].argmax().item()  # a model's vocab may be padded beyond
+        if next_id in tokenizer.stop_ids:
+            break
+        new.append(next_id)
+        tokens = torch.tensor([[next_id]], device=dev)
     return tokenizer.decode(new)
 
 def show_answers(model, tokenizer, examples, dev, log):
     # A training and a held-out instruction: a small model learns the first long before it generalises to the second.
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"])
+    model.eval()  # no dropout (LoRA's) from here on
     for kind, example in zip(("training", "held-out"), examples):
         # At most twice the reference's length (32-300 tokens): an untrained model may never say EOS.
         cap = min(300, max(32, 2 * len(tokenizer.encode(example["output"]))))
