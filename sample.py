@@ -8,6 +8,7 @@
 The lesson first, then plumbing, then the web demo. Model and prompt come from train.py, as training saw them."""
 import argparse
 import base64
+import contextlib
 import hashlib
 import html
 import json
@@ -105,11 +106,11 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
         logits = model(next_tokens[:, None], positions[:, pos:pos + 1], mask, cache=cache, cache_pos=pos)[:, -1]
     return new_ids
 
-def settled(text, shown, holdback=0):
-    """How much of a growing text can be shown: not half a character (the ids are decoded whole, since pieces join
-    across tokens), nor the last `holdback` characters (they may start a stop string)."""
-    end = len(text.rstrip("\ufffd")) - holdback
-    return end if end > len(shown) and text.startswith(shown) else len(shown)
+def settled(text, shown, holdback=0, final=False):
+    """What of a growing text can be shown after `shown`: not half a character (the ids are decoded whole, since
+    pieces join across tokens), nor the last `holdback` characters (they may start a stop string); once final, all."""
+    end = len(text) if final else len(text.rstrip("\ufffd")) - holdback
+    return text[len(shown):end] if text.startswith(shown) else ""
 
 def print_answer(model, tokenizer, args, instruction, input, logits_processor, seed):
     """Answer one instruction, printing the response as it grows."""
@@ -117,17 +118,13 @@ def print_answer(model, tokenizer, args, instruction, input, logits_processor, s
     def on_token(row, token):
         nonlocal shown
         ids.append(token)
-        text = tokenizer.decode(ids)
-        end = settled(text, shown)
-        print(text[len(shown):end], end="", flush=True)
-        shown = text[:end]
-    try:
+        piece = settled(tokenizer.decode(ids), shown)
+        print(piece, end="", flush=True)
+        shown += piece
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops this answer, not the session
         generate(model, [tokenizer.encode(format_prompt(instruction, input), bos=True)], args.max_new_tokens,
                  args.temperature, args.top_k, args.top_p, seed, logits_processor, tokenizer.stop_ids, on_token)
-    except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
-        pass
-    text = tokenizer.decode(ids)
-    print(text[len(shown):] if text.startswith(shown) else "", flush=True)
+    print(settled(tokenizer.decode(ids), shown, final=True), flush=True)
 
 def interact(model, tokenizer, args, logits_processor):
     print("Type an instruction (and, when asked, an optional input). Ctrl-D or 'quit' ends.")
@@ -152,25 +149,19 @@ def read_items(path):
     self-instruct's {id, instruction, instances: [{input}]}. id: 'id' (#k for the k-th of several), else line/index."""
     items, seen = [], {}
     for where, number, record in read_records(path):
-        if not isinstance(record, dict):
-            raise SystemExit(f"{where}: expected a JSON object")
+        check(isinstance(record, dict), f"{where}: expected a JSON object")
         instruction, instances = record.get("instruction"), record.get("instances", [record])
-        if not isinstance(instruction, str) or not instruction.strip():
-            problem = "must be a string" if not isinstance(instruction, str) else "is empty"
-            raise SystemExit(f"{where}: field 'instruction' {'missing' if instruction is None else problem}")
-        if not isinstance(instances, list) or not instances:
-            raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
+        check(isinstance(instruction, str) and instruction.strip(), f"{where}: field 'instruction' " + (
+            "missing" if instruction is None else "is empty" if isinstance(instruction, str) else "must be a string"))
+        check(isinstance(instances, list) and instances, f"{where}: field 'instances' must be a non-empty list")
         dataset = record.get("dataset", os.path.splitext(os.path.basename(path))[0])
-        if not isinstance(dataset, str):
-            raise SystemExit(f"{where}: field 'dataset' must be a string")
+        check(isinstance(dataset, str), f"{where}: field 'dataset' must be a string")
         for k, instance in enumerate(instances):
             input = instance.get("input", "") if isinstance(instance, dict) else None
-            if not isinstance(input, str):
-                which = f" (instance {k})" if "instances" in record else ""
-                raise SystemExit(f"{where}: field 'input' must be a string{which}")
+            check(isinstance(input, str), f"{where}: field 'input' must be a string"
+                  + (f" (instance {k})" if "instances" in record else ""))
             item_id = str(record.get("id", number)) + (f"#{k}" if len(instances) > 1 else "")
-            if item_id in seen:
-                raise SystemExit(f"{where}: duplicate id '{item_id}' (first at {seen[item_id]})")
+            check(item_id not in seen, f"{where}: duplicate id '{item_id}' (first at {seen.get(item_id)})")
             seen[item_id] = where
             items.append(dict(id=item_id, dataset=dataset, instruction=instruction, input=input, where=where))
     return items
@@ -181,9 +172,8 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
     rank, world_size, barrier = processes
     for item in items:
         item["prompt_ids"] = tokenizer.encode(format_prompt(item["instruction"], item["input"]), bos=True)
-        if len(item["prompt_ids"]) >= model.args.max_seq_len:
-            raise SystemExit(f"{item['where']}: the prompt is {len(item['prompt_ids'])} tokens, the model's "
-                             f"context is {model.args.max_seq_len}")
+        check(len(item["prompt_ids"]) < model.args.max_seq_len, f"{item['where']}: the prompt is "
+              f"{len(item['prompt_ids'])} tokens, the model's context is {model.args.max_seq_len}")
     work = args.out[:-len(".json")] + ".jsonl" if args.out.endswith(".json") else args.out
     os.makedirs(os.path.dirname(work) or ".", exist_ok=True)
     finished, _ = read_outputs(work, settings)
@@ -222,16 +212,13 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
     print(f"wrote {args.out}" + (f" and {work}" if work != args.out else ""))
 
 def load(args):
-    if not os.path.isdir(args.checkpoint):
-        raise SystemExit(f"{args.checkpoint}: no such checkpoint folder")
+    check(os.path.isdir(args.checkpoint), f"{args.checkpoint}: no such checkpoint folder")
     tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
-    if not os.path.exists(tokenizer_path):
-        raise SystemExit(f"{tokenizer_path}: no tokenizer; pass --tokenizer=path/to/tokenizer.model")
+    check(os.path.exists(tokenizer_path), f"{tokenizer_path}: no tokenizer; pass --tokenizer=path/to/tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
     model = Transformer.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise SystemExit(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's "
-                         f"{model.args.vocab_size}")
+    check(tokenizer.vocab_size <= model.args.vocab_size, f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more "
+          f"than the model's {model.args.vocab_size}")
     return model, tokenizer
 
 def make_logits_processor(args, model, tokenizer):
@@ -315,6 +302,10 @@ def main(argv=None):
         interact(model, tokenizer, args, logits_processor)
 
 # Plumbing: append-only files that survive a kill, and several processes.
+def check(ok, message):  # a bad file stops the run, with a message that names where (file, line or item, field)
+    if not ok:
+        raise SystemExit(message)
+
 def resume_jsonl(path):
     """An append-only JSONL's records ([] if none). A last line with no newline, a killed write, is cut off."""
     if not os.path.exists(path):
@@ -352,12 +343,11 @@ def read_outputs(work, settings):
     finished = {}
     for path in [work] + shards:
         for lineno, record in enumerate(resume_jsonl(path), 1):
-            if not isinstance(record, dict) or "id" not in record:
-                raise SystemExit(f"{path}:{lineno}: not an output line of sample.py (no 'id')")
+            check(isinstance(record, dict) and "id" in record, f"{path}:{lineno}: not an output line of sample.py "
+                  "(no 'id')")
             for key, value in {"watermark": None, **settings}.items():
-                if record.get(key) != value:
-                    raise SystemExit(f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run has "
-                                     f"{value!r}; use another --out")
+                check(record.get(key) == value, f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run "
+                      f"has {value!r}; use another --out")
             finished.setdefault(record["id"], record)
     return finished, shards
 
@@ -515,24 +505,21 @@ def run_jobs(demo):
     """The one thread using the model: the oldest job and up to --batch_size - 1 that sample alike make a batch (rows
     come out as alone: throughput changes, outputs don't). Each job's text goes to its own queue (None ends it), so a
     slow reader slows only its own connection."""
-    def finish(job, reason):
-        text = demo.tokenizer.decode(job.ids)
+    def finish(job, text, reason):
         cut = min((text.find(s) for s in job.stop if s in text), default=None)
         job.finish_reason, job.text = "stop" if cut is not None else reason, text[:cut]
-        job.pieces.put(job.text[len(job.shown):] if job.text.startswith(job.shown) else "")
+        job.pieces.put(settled(job.text, job.shown, final=True))
         job.pieces.put(None)
     def on_token(row, token):  # True once the job has its answer: generate() then ends its row
         job = batch[row]
-        if job.cancelled.is_set() or token in demo.tokenizer.stop_ids:
-            finish(job, "stop")
-        else:
+        if not (ended := job.cancelled.is_set() or token in demo.tokenizer.stop_ids):
             job.ids.append(token)
-            text = demo.tokenizer.decode(job.ids)
-            if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
-                finish(job, "length")
-            elif (end := settled(text, job.shown, job.holdback)) > len(job.shown):
-                job.pieces.put(text[len(job.shown):end])
-                job.shown = text[:end]
+        text = demo.tokenizer.decode(job.ids)
+        if ended or any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
+            finish(job, text, "stop" if ended else "length")
+        elif piece := settled(text, job.shown, job.holdback):
+            job.pieces.put(piece)
+            job.shown += piece
         return job.finish_reason is not None
     while True:
         with demo.waiting:
@@ -548,7 +535,7 @@ def run_jobs(demo):
                      batch[0].temperature, demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
                      logits_processor=demo.logits_processor, on_token=on_token)
             for job in (job for job in batch if job.finish_reason is None):
-                finish(job, "length")
+                finish(job, demo.tokenizer.decode(job.ids), "length")
         except Exception as e:  # one failed batch must not take the demo down
             for job in (job for job in batch if job.finish_reason is None):
                 job.error = f"generation failed: {type(e).__name__}: {e}"
