@@ -109,7 +109,7 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
 def settled(text, shown, holdback=0, final=False):
     """What of a growing text can be shown after `shown`: not half a character (the ids are decoded whole, since
     pieces join across tokens), nor the last `holdback` characters (they may start a stop string); once final, all."""
-    end = len(text) if final else len(text.rstrip("\ufffd")) - holdback
+    end = len(text) if final else max(len(text.rstrip("\ufffd")) - holdback, 0)
     return text[len(shown):end] if text.startswith(shown) else ""
 
 def print_answer(model, tokenizer, args, instruction, input, logits_processor, seed):
@@ -129,20 +129,15 @@ def print_answer(model, tokenizer, args, instruction, input, logits_processor, s
 def interact(model, tokenizer, args, logits_processor):
     print("Type an instruction (and, when asked, an optional input). Ctrl-D or 'quit' ends.")
     turn = 0
-    while True:
-        try:
-            instruction = input("\nInstruction: ").strip()
-            if instruction in ("quit", "exit"):
-                return
-            if not instruction:
-                continue
-            input_text = input("Input (Enter for none): ").strip()
-        except EOFError:
-            print()
-            return
-        print("Response: ", end="", flush=True)
-        print_answer(model, tokenizer, args, instruction, input_text, logits_processor, args.seed + turn)
-        turn += 1
+    try:
+        while (instruction := input("\nInstruction: ").strip()) not in ("quit", "exit"):
+            if instruction:
+                input_text = input("Input (Enter for none): ").strip()
+                print("Response: ", end="", flush=True)
+                print_answer(model, tokenizer, args, instruction, input_text, logits_processor, args.seed + turn)
+                turn += 1
+    except EOFError:  # Ctrl-D
+        print()
 
 def read_items(path):
     """An evaluation file's items, all checked first: Alpaca's {instruction, input} (JSONL or JSON array) or
@@ -512,7 +507,7 @@ def run_jobs(demo):
         job.pieces.put(None)
     def on_token(row, token):  # True once the job has its answer: generate() then ends its row
         job = batch[row]
-        if not (ended := job.cancelled.is_set() or token in demo.tokenizer.stop_ids):
+        if not (ended := job.cancelled.is_set() or demo.closing or token in demo.tokenizer.stop_ids):
             job.ids.append(token)
         text = demo.tokenizer.decode(job.ids)
         if ended or any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
@@ -529,13 +524,11 @@ def run_jobs(demo):
             demo.queue = [job for job in demo.queue if not job.cancelled.is_set()]  # their clients left
             alike = (demo.queue[0].temperature, demo.queue[0].top_p)
             batch = [job for job in demo.queue if (job.temperature, job.top_p) == alike][:demo.args.batch_size]
-            demo.queue, demo.current = [job for job in demo.queue if all(job is not b for b in batch)], batch
-        try:  # EOS is left to on_token, which ends each row on its own terms
+            demo.queue = [job for job in demo.queue if all(job is not b for b in batch)]
+        try:  # on_token ends every row: EOS is left to it, and no job's max_tokens is past its row's room
             generate(demo.model, [job.prompt_ids for job in batch], max(job.max_tokens for job in batch),
                      batch[0].temperature, demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
                      logits_processor=demo.logits_processor, on_token=on_token)
-            for job in (job for job in batch if job.finish_reason is None):
-                finish(job, demo.tokenizer.decode(job.ids), "length")
         except Exception as e:  # one failed batch must not take the demo down
             for job in (job for job in batch if job.finish_reason is None):
                 job.error = f"generation failed: {type(e).__name__}: {e}"
@@ -678,7 +671,7 @@ def make_server(model, tokenizer, args):
     resume_jsonl(args.flags)  # cuts a torn last line a killed demo left, so appends start on a line of their own
     demo = SimpleNamespace(
         model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation, queue=[],
-        watermark_params=watermark.params if watermark else None, current=[], flags_lock=threading.Lock(),
+        watermark_params=watermark.params if watermark else None, flags_lock=threading.Lock(),
         model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(), closing=False)
     demo.filter_state = f"on ({moderation.base_url}moderations): flagged prompts refused, flagged outputs withheld" \
         if moderation else "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
@@ -693,9 +686,7 @@ def make_server(model, tokenizer, args):
 def close_server(server):
     server.server_close()
     with server.demo.waiting:
-        server.demo.closing = True
-        for job in server.demo.current:
-            job.cancelled.set()
+        server.demo.closing = True  # the batch being generated ends at its next token
         server.demo.waiting.notify()
     server.demo.worker.join(timeout=10)
 
@@ -705,12 +696,10 @@ def serve(model, tokenizer, args):
     print(f"Serving {demo.model_name} at http://{host}:{port}/ (OpenAI-compatible API at http://{host}:{port}/v1); "
           f"Ctrl-C stops\ncontent filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\n"
           f"flags go to {args.flags}", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        close_server(server)
+    print("stopping", flush=True)
+    close_server(server)
 
 if __name__ == "__main__":
     main()
