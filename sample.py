@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import html
 import json
-import math
 import os
 import queue
 import re
@@ -113,7 +112,6 @@ def settled(text, shown, holdback=0, final=False):
     return text[len(shown):end] if text.startswith(shown) else ""
 
 def print_answer(model, tokenizer, args, instruction, input, logits_processor, seed):
-    """Answer one instruction, printing the response as it grows."""
     ids, shown = [], ""
     def on_token(row, token):
         nonlocal shown
@@ -428,7 +426,7 @@ def number(body, name, default, low, high, integer=False):
     if (value := body.get(name)) is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
-        bounds = f"from {low} to {high}" if high < math.inf else f"of at least {low}"
+        bounds = f"from {low} to {high}" if high < float("inf") else f"of at least {low}"
         raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'} {bounds}, got "
                        f"{json.dumps(value)[:40]}", name)
     return value
@@ -478,7 +476,7 @@ def read_request(body, chat, demo):
     cap, context, n = demo.args.max_tokens_cap, demo.model.args.max_seq_len, len(prompt_ids)
     max_tokens = min(demo.args.max_new_tokens, cap, context - n)
     for name in ("max_tokens", "max_completion_tokens"):
-        asked = number(body, name, max_tokens, 1, math.inf, integer=True)
+        asked = number(body, name, max_tokens, 1, float("inf"), integer=True)
         if asked > context - n and context - n < cap:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                            f"{n + asked} tokens ({n} in the {where}, {asked} in the completion): after this {where} "
@@ -531,7 +529,7 @@ def run_jobs(demo):
                      logits_processor=demo.logits_processor, on_token=on_token)
         except Exception as e:  # one failed batch must not take the demo down
             for job in (job for job in batch if job.finish_reason is None):
-                job.error = f"generation failed: {type(e).__name__}: {e}"
+                job.error = ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
                 job.pieces.put(None)
 
 def moderate(demo, text):
@@ -625,8 +623,7 @@ class DemoHandler(BaseHTTPRequestHandler):  # a thread per connection: a silent 
             if live and piece:
                 self.send_event(chunk(piece))
         if job.error:  # mid-stream, the error is the stream's last event
-            error = ApiError(500, job.error, kind="server_error")
-            return self.send_event(error.body) if live else self.send(error.status, error.body)
+            return self.send_event(job.error.body) if live else self.send(job.error.status, job.error.body)
         text, finish_reason, extra = job.text, job.finish_reason, {"watermark": demo.watermark_params}
         if categories := moderate(demo, text):
             log_flag(demo, "content_filter", job.instruction, job.input, text,
@@ -692,10 +689,9 @@ def close_server(server):
 
 def serve(model, tokenizer, args):
     server = make_server(model, tokenizer, args)
-    (host, port), demo = server.server_address[:2], server.demo
-    print(f"Serving {demo.model_name} at http://{host}:{port}/ (OpenAI-compatible API at http://{host}:{port}/v1); "
-          f"Ctrl-C stops\ncontent filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\n"
-          f"flags go to {args.flags}", flush=True)
+    url, demo = "http://%s:%d" % server.server_address[:2], server.demo
+    print(f"Serving {demo.model_name} at {url}/ (OpenAI-compatible API at {url}/v1); Ctrl-C stops\ncontent filter: "
+          f"{demo.filter_state}\nwatermark: {demo.watermark_state}\nflags go to {args.flags}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
     print("stopping", flush=True)

@@ -374,6 +374,24 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(start, monkeypatch):
     assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
 
 
+def test_a_failed_batch_is_a_500_and_the_demo_goes_on(start, monkeypatch):
+    url, demo = start()
+    real_generate = sample.generate
+
+    def failing_generate(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sample, "generate", failing_generate)
+    status, reply = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 500 and reply["error"]["type"] == "server_error"
+    assert reply["error"]["message"] == "generation failed: RuntimeError: out of memory"
+    status, body = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True})
+    events = [json.loads(line[6:]) for line in body.split("\n\n") if line.startswith("data: {")]
+    assert status == 200 and events[-1]["error"]["message"] == "generation failed: RuntimeError: out of memory"
+    monkeypatch.setattr(sample, "generate", real_generate)
+    assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+
 class FakeModeration(BaseHTTPRequestHandler):
     """OpenAI's POST /v1/moderations: flags text that contains one of the server's trigger strings."""
 
