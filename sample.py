@@ -260,7 +260,6 @@ def parse_args(argv=None):
     add("--flags", default="flags.jsonl", help="JSONL that flagged outputs are appended to")
     add("--max_body_bytes", type=int, default=256 * 1024)
     add("--max_tokens_cap", type=int, default=512, help="the most tokens one request may ask for")
-    add("--max_queue", type=int, default=64, help="requests waiting beyond this get a 503")
     args = parser.parse_args(argv)
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 \
             or args.batch_size < 1:
@@ -600,8 +599,6 @@ class DemoHandler(BaseHTTPRequestHandler):  # a thread per connection: a silent 
             raise ApiError(400, f"the content filter flagged this prompt ({categories}), so it was refused",
                            "messages" if chat else "prompt", "content_filter")
         with demo.waiting:
-            if len(demo.queue) >= demo.args.max_queue:
-                raise ApiError(503, "the server is busy; try again shortly", code="server_busy", kind="server_error")
             demo.queue.append(job)
             demo.waiting.notify()
         try:
