@@ -360,16 +360,14 @@ def join_processes(args):
 # the teacher of generate_instructions.py or the judge of eval_pairwise.py. Page text is set as text, never as HTML.
 PAGE = """<!doctype html><html lang="en"><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>Alpaca demo: {{model_name}}</title><style>body { font: 16px/1.45 sans-serif; max-width: 46rem; margin: auto }
-label { display: block; margin-top: .7rem } textarea, input { width: 100% } .notice { background: #fff8e1 }
+label { display: block; margin-top: .7rem } textarea { width: 100% } .notice { background: #fff8e1 }
 #output { white-space: pre-wrap; border: 1px solid #ccc; padding: .5em }</style><h1>Alpaca demo: {{model_name}}</h1>
 <p class="notice"><b>Terms of use:</b> research use only, not for commercial use. The model's answers can be wrong,
 biased or offensive; do not rely on them and do not enter personal information. Flagged outputs are saved for the
 researchers running this demo.<br><b>Content filter:</b> {{filter_state}}.<br><b>Watermark:</b> {{watermark_state}}.</p>
 <label>Instruction <textarea id="instruction" rows="3"></textarea></label>
 <label>Input (optional) <textarea id="input" rows="2"></textarea></label><p><button id="generate">Generate</button></p>
-<h2>Response</h2><div id="output"></div><p id="status"></p>
-<label>Reason for flagging (optional) <input id="reason"></label><button id="flag" disabled>Flag this output</button>
-<script>
+<h2>Response</h2><div id="output"></div><p id="status"></p><button id="flag" disabled>Flag this output</button><script>
 const $ = id => document.getElementById(id), say = text => $("status").textContent = text;
 let last = null;
 $("generate").onclick = async () => {
@@ -405,12 +403,11 @@ $("generate").onclick = async () => {
 $("flag").onclick = async () => {
   $("flag").disabled = true;
   const response = await fetch("/flag", {method: "POST", headers: {"Content-Type": "application/json"},
-                                         body: JSON.stringify({...last, reason: $("reason").value})});
+                                         body: JSON.stringify(last)});
   say(response.ok ? "Thank you: the output is flagged for the researchers."
                   : "Flagging failed: " + (await response.json()).error.message);
 };
-</script></html>
-"""
+</script></html>"""
 # Only the page's own script may run: even text that slipped into the page as HTML could not execute.
 PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inline'; connect-src 'self'; " \
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'".format(base64.b64encode(hashlib.sha256(

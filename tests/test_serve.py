@@ -588,13 +588,12 @@ def test_browser_shows_model_output_as_text(start, monkeypatch, tmp_path):
             assert SCRIPT in shown  # the markup is shown as text...
             assert run("return [typeof window.pwned, document.querySelectorAll('#output *').length]") == [
                 "undefined", 0]  # ...and never became elements or ran
-            webdriver(base, "POST", f"{element('#reason')}/value", {"text": "it tried markup"})
             webdriver(base, "POST", f"{element('#flag')}/click", {})
             wait_for(lambda: run("return document.getElementById('status').textContent").startswith("Thank you"))
             with open(demo.args.flags) as f:
                 record = json.loads(f.readline())
             assert record["instruction"] == "Write a poem." and record["output"] == shown
-            assert record["reason"] == "it tried markup"
+            assert record["reason"] == ""  # the page sends none; /flag's 'reason' is tested above
             with open(tmp_path / "page.png", "wb") as f:  # a look at the page, for whoever debugs this test
                 f.write(base64.b64decode(webdriver(base, "GET", f"{at}/screenshot")))
         finally:
