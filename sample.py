@@ -294,7 +294,7 @@ def main(argv=None):
         interact(model, tokenizer, args, logits_processor)
 
 # Plumbing: append-only files that survive a kill, and several processes.
-def check(ok, message):  # a bad file stops the run, with a message that names where (file, line or item, field)
+def check(ok, message):  # a bad input, output file or checkpoint stops the run with a message that says where
     if not ok:
         raise SystemExit(message)
 
