@@ -374,6 +374,38 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(start, monkeypatch):
     assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
 
 
+def test_closing_the_server_ends_the_batch_being_generated(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    args = sample.parse_args(["--checkpoint", checkpoint, "--serve", "--port", "0", "--flags", str(tmp_path / "f")])
+    model, tokenizer = sample.load(args)
+    real_generate = sample.generate
+
+    def slow_generate(*args, on_token, **kwargs):  # no EOS and 50 ms a token: 200 tokens would take 10 s
+        def wait(row, token):
+            time.sleep(0.05)
+            return on_token(row, token)
+        return real_generate(*args, **{**kwargs, "eos_id": None, "on_token": wait})
+
+    monkeypatch.setattr(sample, "generate", slow_generate)
+    server = sample.make_server(model, tokenizer, args)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    body = json.dumps({"prompt": "Numbers", "max_tokens": 200, "stream": True}).encode()
+    conn = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                 b"\r\n%s" % (len(body), body))
+    assert conn.recv(100).startswith(b"HTTP/1.1 200")
+    time.sleep(0.3)
+    started = time.time()
+    server.shutdown()
+    sample.close_server(server)
+    assert not server.demo.worker.is_alive() and time.time() - started < 3  # the row stopped, not ran to its end
+    stream = b""
+    while not stream.endswith(b"data: [DONE]\n\n"):
+        stream += conn.recv(65536) or pytest.fail(f"the stream ended without its last event: {stream[-200:]}")
+    assert b'"finish_reason": "stop"' in stream  # the row ended as a cancelled one does
+    conn.close()
+
+
 def test_a_failed_batch_is_a_500_and_the_demo_goes_on(start, monkeypatch):
     url, demo = start()
     real_generate = sample.generate
