@@ -8,10 +8,10 @@
 The lesson first, then plumbing, then the web demo. Model and prompt come from train.py, as training saw them."""
 import argparse
 import base64
+import contextlib
 import hashlib
 import html
 import json
-import math
 import os
 import queue
 import re
@@ -105,72 +105,56 @@ def generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_
         logits = model(next_tokens[:, None], positions[:, pos:pos + 1], mask, cache=cache, cache_pos=pos)[:, -1]
     return new_ids
 
-def settled(text, shown, holdback=0):
-    """How much of a growing text can be shown: not half a character (the ids are decoded whole, since pieces join
-    across tokens), nor the last `holdback` characters (they may start a stop string)."""
-    end = len(text.rstrip("\ufffd")) - holdback
-    return end if end > len(shown) and text.startswith(shown) else len(shown)
+def settled(text, shown, holdback=0, final=False):
+    """What of a growing text can be shown after `shown`: not half a character (the ids are decoded whole, since
+    pieces join across tokens), nor the last `holdback` characters (they may start a stop string); once final, all."""
+    end = len(text) if final else max(len(text.rstrip("\ufffd")) - holdback, 0)
+    return text[len(shown):end] if text.startswith(shown) else ""
 
 def print_answer(model, tokenizer, args, instruction, input, logits_processor, seed):
-    """Answer one instruction, printing the response as it grows."""
     ids, shown = [], ""
     def on_token(row, token):
         nonlocal shown
         ids.append(token)
-        text = tokenizer.decode(ids)
-        end = settled(text, shown)
-        print(text[len(shown):end], end="", flush=True)
-        shown = text[:end]
-    try:
+        piece = settled(tokenizer.decode(ids), shown)
+        print(piece, end="", flush=True)
+        shown += piece
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops this answer, not the session
         generate(model, [tokenizer.encode(format_prompt(instruction, input), bos=True)], args.max_new_tokens,
                  args.temperature, args.top_k, args.top_p, seed, logits_processor, tokenizer.stop_ids, on_token)
-    except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
-        pass
-    text = tokenizer.decode(ids)
-    print(text[len(shown):] if text.startswith(shown) else "", flush=True)
+    print(settled(tokenizer.decode(ids), shown, final=True), flush=True)
 
 def interact(model, tokenizer, args, logits_processor):
     print("Type an instruction (and, when asked, an optional input). Ctrl-D or 'quit' ends.")
     turn = 0
-    while True:
-        try:
-            instruction = input("\nInstruction: ").strip()
-            if instruction in ("quit", "exit"):
-                return
-            if not instruction:
-                continue
-            input_text = input("Input (Enter for none): ").strip()
-        except EOFError:
-            print()
-            return
-        print("Response: ", end="", flush=True)
-        print_answer(model, tokenizer, args, instruction, input_text, logits_processor, args.seed + turn)
-        turn += 1
+    try:
+        while (instruction := input("\nInstruction: ").strip()) not in ("quit", "exit"):
+            if instruction:
+                input_text = input("Input (Enter for none): ").strip()
+                print("Response: ", end="", flush=True)
+                print_answer(model, tokenizer, args, instruction, input_text, logits_processor, args.seed + turn)
+                turn += 1
+    except EOFError:  # Ctrl-D
+        print()
 
 def read_items(path):
     """An evaluation file's items, all checked first: Alpaca's {instruction, input} (JSONL or JSON array) or
     self-instruct's {id, instruction, instances: [{input}]}. id: 'id' (#k for the k-th of several), else line/index."""
     items, seen = [], {}
     for where, number, record in read_records(path):
-        if not isinstance(record, dict):
-            raise SystemExit(f"{where}: expected a JSON object")
+        check(isinstance(record, dict), f"{where}: expected a JSON object")
         instruction, instances = record.get("instruction"), record.get("instances", [record])
-        if not isinstance(instruction, str) or not instruction.strip():
-            problem = "must be a string" if not isinstance(instruction, str) else "is empty"
-            raise SystemExit(f"{where}: field 'instruction' {'missing' if instruction is None else problem}")
-        if not isinstance(instances, list) or not instances:
-            raise SystemExit(f"{where}: field 'instances' must be a non-empty list")
+        check(isinstance(instruction, str) and instruction.strip(), f"{where}: field 'instruction' " + (
+            "missing" if instruction is None else "is empty" if isinstance(instruction, str) else "must be a string"))
+        check(isinstance(instances, list) and instances, f"{where}: field 'instances' must be a non-empty list")
         dataset = record.get("dataset", os.path.splitext(os.path.basename(path))[0])
-        if not isinstance(dataset, str):
-            raise SystemExit(f"{where}: field 'dataset' must be a string")
+        check(isinstance(dataset, str), f"{where}: field 'dataset' must be a string")
         for k, instance in enumerate(instances):
             input = instance.get("input", "") if isinstance(instance, dict) else None
-            if not isinstance(input, str):
-                which = f" (instance {k})" if "instances" in record else ""
-                raise SystemExit(f"{where}: field 'input' must be a string{which}")
+            check(isinstance(input, str), f"{where}: field 'input' must be a string"
+                  + (f" (instance {k})" if "instances" in record else ""))
             item_id = str(record.get("id", number)) + (f"#{k}" if len(instances) > 1 else "")
-            if item_id in seen:
-                raise SystemExit(f"{where}: duplicate id '{item_id}' (first at {seen[item_id]})")
+            check(item_id not in seen, f"{where}: duplicate id '{item_id}' (first at {seen.get(item_id)})")
             seen[item_id] = where
             items.append(dict(id=item_id, dataset=dataset, instruction=instruction, input=input, where=where))
     return items
@@ -181,9 +165,8 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
     rank, world_size, barrier = processes
     for item in items:
         item["prompt_ids"] = tokenizer.encode(format_prompt(item["instruction"], item["input"]), bos=True)
-        if len(item["prompt_ids"]) >= model.args.max_seq_len:
-            raise SystemExit(f"{item['where']}: the prompt is {len(item['prompt_ids'])} tokens, the model's "
-                             f"context is {model.args.max_seq_len}")
+        check(len(item["prompt_ids"]) < model.args.max_seq_len, f"{item['where']}: the prompt is "
+              f"{len(item['prompt_ids'])} tokens, the model's context is {model.args.max_seq_len}")
     work = args.out[:-len(".json")] + ".jsonl" if args.out.endswith(".json") else args.out
     os.makedirs(os.path.dirname(work) or ".", exist_ok=True)
     finished, _ = read_outputs(work, settings)
@@ -222,16 +205,13 @@ def run_batches(model, tokenizer, items, args, settings, logits_processor, proce
     print(f"wrote {args.out}" + (f" and {work}" if work != args.out else ""))
 
 def load(args):
-    if not os.path.isdir(args.checkpoint):
-        raise SystemExit(f"{args.checkpoint}: no such checkpoint folder")
+    check(os.path.isdir(args.checkpoint), f"{args.checkpoint}: no such checkpoint folder")
     tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
-    if not os.path.exists(tokenizer_path):
-        raise SystemExit(f"{tokenizer_path}: no tokenizer; pass --tokenizer=path/to/tokenizer.model")
+    check(os.path.exists(tokenizer_path), f"{tokenizer_path}: no tokenizer; pass --tokenizer=path/to/tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
     model = Transformer.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise SystemExit(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's "
-                         f"{model.args.vocab_size}")
+    check(tokenizer.vocab_size <= model.args.vocab_size, f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more "
+          f"than the model's {model.args.vocab_size}")
     return model, tokenizer
 
 def make_logits_processor(args, model, tokenizer):
@@ -280,7 +260,6 @@ def parse_args(argv=None):
     add("--flags", default="flags.jsonl", help="JSONL that flagged outputs are appended to")
     add("--max_body_bytes", type=int, default=256 * 1024)
     add("--max_tokens_cap", type=int, default=512, help="the most tokens one request may ask for")
-    add("--max_queue", type=int, default=64, help="requests waiting beyond this get a 503")
     args = parser.parse_args(argv)
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 \
             or args.batch_size < 1:
@@ -315,6 +294,10 @@ def main(argv=None):
         interact(model, tokenizer, args, logits_processor)
 
 # Plumbing: append-only files that survive a kill, and several processes.
+def check(ok, message):  # a bad input, output file or checkpoint stops the run with a message that says where
+    if not ok:
+        raise SystemExit(message)
+
 def resume_jsonl(path):
     """An append-only JSONL's records ([] if none). A last line with no newline, a killed write, is cut off."""
     if not os.path.exists(path):
@@ -352,12 +335,11 @@ def read_outputs(work, settings):
     finished = {}
     for path in [work] + shards:
         for lineno, record in enumerate(resume_jsonl(path), 1):
-            if not isinstance(record, dict) or "id" not in record:
-                raise SystemExit(f"{path}:{lineno}: not an output line of sample.py (no 'id')")
+            check(isinstance(record, dict) and "id" in record, f"{path}:{lineno}: not an output line of sample.py "
+                  "(no 'id')")
             for key, value in {"watermark": None, **settings}.items():
-                if record.get(key) != value:
-                    raise SystemExit(f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run has "
-                                     f"{value!r}; use another --out")
+                check(record.get(key) == value, f"{path}:{lineno}: written with {key}={record.get(key)!r}, this run "
+                      f"has {value!r}; use another --out")
             finished.setdefault(record["id"], record)
     return finished, shards
 
@@ -378,16 +360,14 @@ def join_processes(args):
 # the teacher of generate_instructions.py or the judge of eval_pairwise.py. Page text is set as text, never as HTML.
 PAGE = """<!doctype html><html lang="en"><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>Alpaca demo: {{model_name}}</title><style>body { font: 16px/1.45 sans-serif; max-width: 46rem; margin: auto }
-label { display: block; margin-top: .7rem } textarea, input { width: 100% } .notice { background: #fff8e1 }
+label { display: block; margin-top: .7rem } textarea { width: 100% } .notice { background: #fff8e1 }
 #output { white-space: pre-wrap; border: 1px solid #ccc; padding: .5em }</style><h1>Alpaca demo: {{model_name}}</h1>
 <p class="notice"><b>Terms of use:</b> research use only, not for commercial use. The model's answers can be wrong,
 biased or offensive; do not rely on them and do not enter personal information. Flagged outputs are saved for the
 researchers running this demo.<br><b>Content filter:</b> {{filter_state}}.<br><b>Watermark:</b> {{watermark_state}}.</p>
 <label>Instruction <textarea id="instruction" rows="3"></textarea></label>
 <label>Input (optional) <textarea id="input" rows="2"></textarea></label><p><button id="generate">Generate</button></p>
-<h2>Response</h2><div id="output"></div><p id="status"></p>
-<label>Reason for flagging (optional) <input id="reason"></label><button id="flag" disabled>Flag this output</button>
-<script>
+<h2>Response</h2><div id="output"></div><p id="status"></p><button id="flag" disabled>Flag this output</button><script>
 const $ = id => document.getElementById(id), say = text => $("status").textContent = text;
 let last = null;
 $("generate").onclick = async () => {
@@ -423,12 +403,11 @@ $("generate").onclick = async () => {
 $("flag").onclick = async () => {
   $("flag").disabled = true;
   const response = await fetch("/flag", {method: "POST", headers: {"Content-Type": "application/json"},
-                                         body: JSON.stringify({...last, reason: $("reason").value})});
+                                         body: JSON.stringify(last)});
   say(response.ok ? "Thank you: the output is flagged for the researchers."
                   : "Flagging failed: " + (await response.json()).error.message);
 };
-</script></html>
-"""
+</script></html>"""
 # Only the page's own script may run: even text that slipped into the page as HTML could not execute.
 PAGE_POLICY = "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inline'; connect-src 'self'; " \
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'".format(base64.b64encode(hashlib.sha256(
@@ -443,7 +422,7 @@ def number(body, name, default, low, high, integer=False):
     if (value := body.get(name)) is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
-        bounds = f"from {low} to {high}" if high < math.inf else f"of at least {low}"
+        bounds = f"from {low} to {high}" if high < float("inf") else f"of at least {low}"
         raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'} {bounds}, got "
                        f"{json.dumps(value)[:40]}", name)
     return value
@@ -493,7 +472,7 @@ def read_request(body, chat, demo):
     cap, context, n = demo.args.max_tokens_cap, demo.model.args.max_seq_len, len(prompt_ids)
     max_tokens = min(demo.args.max_new_tokens, cap, context - n)
     for name in ("max_tokens", "max_completion_tokens"):
-        asked = number(body, name, max_tokens, 1, math.inf, integer=True)
+        asked = number(body, name, max_tokens, 1, float("inf"), integer=True)
         if asked > context - n and context - n < cap:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                            f"{n + asked} tokens ({n} in the {where}, {asked} in the completion): after this {where} "
@@ -515,24 +494,21 @@ def run_jobs(demo):
     """The one thread using the model: the oldest job and up to --batch_size - 1 that sample alike make a batch (rows
     come out as alone: throughput changes, outputs don't). Each job's text goes to its own queue (None ends it), so a
     slow reader slows only its own connection."""
-    def finish(job, reason):
-        text = demo.tokenizer.decode(job.ids)
+    def finish(job, text, reason):
         cut = min((text.find(s) for s in job.stop if s in text), default=None)
         job.finish_reason, job.text = "stop" if cut is not None else reason, text[:cut]
-        job.pieces.put(job.text[len(job.shown):] if job.text.startswith(job.shown) else "")
+        job.pieces.put(settled(job.text, job.shown, final=True))
         job.pieces.put(None)
     def on_token(row, token):  # True once the job has its answer: generate() then ends its row
         job = batch[row]
-        if job.cancelled.is_set() or token in demo.tokenizer.stop_ids:
-            finish(job, "stop")
-        else:
+        if not (ended := job.cancelled.is_set() or demo.closing or token in demo.tokenizer.stop_ids):
             job.ids.append(token)
-            text = demo.tokenizer.decode(job.ids)
-            if any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
-                finish(job, "length")
-            elif (end := settled(text, job.shown, job.holdback)) > len(job.shown):
-                job.pieces.put(text[len(job.shown):end])
-                job.shown = text[:end]
+        text = demo.tokenizer.decode(job.ids)
+        if ended or any(s in text for s in job.stop) or len(job.ids) == job.max_tokens:
+            finish(job, text, "stop" if ended else "length")
+        elif piece := settled(text, job.shown, job.holdback):
+            job.pieces.put(piece)
+            job.shown += piece
         return job.finish_reason is not None
     while True:
         with demo.waiting:
@@ -542,16 +518,14 @@ def run_jobs(demo):
             demo.queue = [job for job in demo.queue if not job.cancelled.is_set()]  # their clients left
             alike = (demo.queue[0].temperature, demo.queue[0].top_p)
             batch = [job for job in demo.queue if (job.temperature, job.top_p) == alike][:demo.args.batch_size]
-            demo.queue, demo.current = [job for job in demo.queue if all(job is not b for b in batch)], batch
-        try:  # EOS is left to on_token, which ends each row on its own terms
+            demo.queue = [job for job in demo.queue if all(job is not b for b in batch)]
+        try:  # on_token ends every row: EOS is left to it, and no job's max_tokens is past its row's room
             generate(demo.model, [job.prompt_ids for job in batch], max(job.max_tokens for job in batch),
                      batch[0].temperature, demo.args.top_k, batch[0].top_p, [job.seed for job in batch],
                      logits_processor=demo.logits_processor, on_token=on_token)
-            for job in (job for job in batch if job.finish_reason is None):
-                finish(job, "length")
         except Exception as e:  # one failed batch must not take the demo down
             for job in (job for job in batch if job.finish_reason is None):
-                job.error = f"generation failed: {type(e).__name__}: {e}"
+                job.error = ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
                 job.pieces.put(None)
 
 def moderate(demo, text):
@@ -622,8 +596,6 @@ class DemoHandler(BaseHTTPRequestHandler):  # a thread per connection: a silent 
             raise ApiError(400, f"the content filter flagged this prompt ({categories}), so it was refused",
                            "messages" if chat else "prompt", "content_filter")
         with demo.waiting:
-            if len(demo.queue) >= demo.args.max_queue:
-                raise ApiError(503, "the server is busy; try again shortly", code="server_busy", kind="server_error")
             demo.queue.append(job)
             demo.waiting.notify()
         try:
@@ -645,8 +617,7 @@ class DemoHandler(BaseHTTPRequestHandler):  # a thread per connection: a silent 
             if live and piece:
                 self.send_event(chunk(piece))
         if job.error:  # mid-stream, the error is the stream's last event
-            error = ApiError(500, job.error, kind="server_error")
-            return self.send_event(error.body) if live else self.send(error.status, error.body)
+            return self.send_event(job.error.body) if live else self.send(job.error.status, job.error.body)
         text, finish_reason, extra = job.text, job.finish_reason, {"watermark": demo.watermark_params}
         if categories := moderate(demo, text):
             log_flag(demo, "content_filter", job.instruction, job.input, text,
@@ -691,7 +662,7 @@ def make_server(model, tokenizer, args):
     resume_jsonl(args.flags)  # cuts a torn last line a killed demo left, so appends start on a line of their own
     demo = SimpleNamespace(
         model=model, tokenizer=tokenizer, args=args, logits_processor=logits_processor, moderation=moderation, queue=[],
-        watermark_params=watermark.params if watermark else None, current=[], flags_lock=threading.Lock(),
+        watermark_params=watermark.params if watermark else None, flags_lock=threading.Lock(),
         model_name=os.path.basename(os.path.normpath(args.checkpoint)), waiting=threading.Condition(), closing=False)
     demo.filter_state = f"on ({moderation.base_url}moderations): flagged prompts refused, flagged outputs withheld" \
         if moderation else "off (no OPENAI_API_KEY or --moderation_base_url): outputs are not checked"
@@ -706,24 +677,19 @@ def make_server(model, tokenizer, args):
 def close_server(server):
     server.server_close()
     with server.demo.waiting:
-        server.demo.closing = True
-        for job in server.demo.current:
-            job.cancelled.set()
+        server.demo.closing = True  # the batch being generated ends at its next token
         server.demo.waiting.notify()
     server.demo.worker.join(timeout=10)
 
 def serve(model, tokenizer, args):
     server = make_server(model, tokenizer, args)
-    (host, port), demo = server.server_address[:2], server.demo
-    print(f"Serving {demo.model_name} at http://{host}:{port}/ (OpenAI-compatible API at http://{host}:{port}/v1); "
-          f"Ctrl-C stops\ncontent filter: {demo.filter_state}\nwatermark: {demo.watermark_state}\n"
-          f"flags go to {args.flags}", flush=True)
-    try:
+    url, demo = "http://%s:%d" % server.server_address[:2], server.demo
+    print(f"Serving {demo.model_name} at {url}/ (OpenAI-compatible API at {url}/v1); Ctrl-C stops\ncontent filter: "
+          f"{demo.filter_state}\nwatermark: {demo.watermark_state}\nflags go to {args.flags}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        close_server(server)
+    print("stopping", flush=True)
+    close_server(server)
 
 if __name__ == "__main__":
     main()
