@@ -567,7 +567,8 @@ class DemoHandler(BaseHTTPRequestHandler):  # a thread per connection: a silent 
             else:
                 self.complete(self.read_json(), chat=path == "/v1/chat/completions")
         except ApiError as e:
-            self.send(e.status, e.body)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that left misses its error
+                self.send(e.status, e.body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left; its job was cancelled in complete()
 
