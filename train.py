@@ -534,10 +534,9 @@ def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
     # block, then the rest), then given its weights; on GPUs fp32 master weights, bf16 compute, fp32 gradient sums.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if args.init:
-        source = Transformer.from_pretrained(args.init)  # memory-mapped: the processes share one copy in RAM
-    else:
-        source = Transformer(ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size})).init_weights()
+    # An --init is memory-mapped: the processes share one copy in RAM.
+    source = Transformer.from_pretrained(args.init) if args.init else \
+        Transformer(ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size})).init_weights()
     config, full_state = source.args, source.state_dict()
     config.max_seq_len = max(config.max_seq_len, args.max_seq_len)
     with torch.device("meta"):
@@ -840,9 +839,8 @@ def export_hf(state, config, tokenizer_path, folder):
     # transformers and vLLM find BOS through tokenizer_config.json: an --init folder's own tokenizer files go along;
     # for a sentencepiece model without them, one naming BOS and EOS (transformers converts tokenizer.model itself).
     source = Path(os.path.dirname(tokenizer_path).removesuffix(os.sep + "original"))
-    for extra in {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} - set(files):
-        if (source / extra).exists():
-            files[extra] = (source / extra).read_bytes()
+    extras = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} - set(files)
+    files |= {extra: (source / extra).read_bytes() for extra in extras if (source / extra).exists()}
     if "tokenizer_config.json" not in files and hasattr(tokenizer, "sp"):
         files["tokenizer_config.json"] = dict(bos_token=tokenizer.sp.id_to_piece(tokenizer.bos_id), add_bos_token=True,
                                               eos_token=tokenizer.sp.id_to_piece(tokenizer.eos_id), add_eos_token=False)
