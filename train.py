@@ -720,10 +720,9 @@ def config_from_hf(cfg, where):
         config.__dict__.update({name: rope[key] for name, key in HF_LLAMA3_ROPE.items()})
     if config.sliding_window is not None:  # full attention equals sliding-window attention up to the window
         config.max_seq_len = min(config.max_seq_len, config.sliding_window)
-    # HF stores the FFN width itself; choose multiple_of so LLaMA's rule lands exactly on it.
-    config.multiple_of = hidden = cfg["intermediate_size"]
-    if int(8 * config.dim / 3) > hidden:
-        config.ffn_dim_multiplier = hidden / int(8 * config.dim / 3)
+    # HF stores the FFN width itself; choose multiple_of and the multiplier so LLaMA's rule lands exactly on it.
+    config.multiple_of = cfg["intermediate_size"]
+    config.ffn_dim_multiplier = cfg["intermediate_size"] / int(8 * config.dim / 3)
     return config
 
 def read_hf_checkpoint(path):
