@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import sentencepiece as spm
 import tiktoken
 import tokenizers
@@ -27,7 +28,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save, save_file
 
 # Alpaca-7B's recipe (Taori et al., 2023), for fine-tuning an --init: 3 epochs, 128 examples per step, lr 2e-5,
 # cosine with 3% warmup. Without --init, tiny_recipe (below) replaces these values; a flag given overrides either.
@@ -734,7 +734,7 @@ def read_hf_checkpoint(path):
     # A name not in the table keeps its own, which the strict load in from_pretrained reports as unexpected.
     names, state, kv_heads = hf_names(config), {}, config.n_kv_heads or config.n_heads
     for file in files:
-        tensors = load_file(file) if file.suffix == ".safetensors" else \
+        tensors = safetensors.torch.load_file(file) if file.suffix == ".safetensors" else \
             torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         for name, tensor in tensors.items():
             if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
@@ -774,7 +774,7 @@ def save_checkpoint(model, optimizer, step, tokenizer_path, out_dir, lora_meta=N
         os.makedirs(out_dir, exist_ok=True)
         if lora_meta:
             adapters = {name: t.float().contiguous() for name, t in full.items() if ".lora_" in name}
-            write_atomic(os.path.join(out_dir, "adapters.safetensors"), save(adapters, metadata=lora_meta))
+            write_atomic(os.path.join(out_dir, "adapters.safetensors"), safetensors.torch.save(adapters, lora_meta))
             full = merge_lora(full, float(lora_meta["lora_alpha"]) / int(lora_meta["lora_rank"]))
         write_atomic(os.path.join(out_dir, "consolidated.00.pth"), full)
         write_atomic(os.path.join(out_dir, "params.json"), json.dumps(model.args.__dict__, indent=2).encode())
@@ -846,7 +846,7 @@ def export_hf(state, config, tokenizer_path, folder):
     tmp = Path(folder + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / name).parent.mkdir(parents=True)
-    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    safetensors.torch.save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     for file, payload in files.items():
         (tmp / file).write_bytes(payload if isinstance(payload, bytes) else json.dumps(payload, indent=2).encode())
     shutil.rmtree(folder, ignore_errors=True)  # a crash here leaves no hf/ (never half of one); the next save writes it
