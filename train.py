@@ -132,24 +132,23 @@ def apply_rope(x, rotation):
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads or config.n_heads
-        self.head_dim = config.head_dim
-        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.head_dim, n_kv_heads = config.head_dim, config.n_kv_heads or config.n_heads
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(self, x, rotation, mask, cache, cache_pos):
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rotation).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rotation).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), rotation).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), rotation).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if cache is not None:  # sampling: keys and values of earlier tokens come from the cache
             for stored, new in zip(cache, (k, v)):
                 stored[:, :, cache_pos:cache_pos + T] = new
             k, v = (stored[:, :, :cache_pos + T].to(q.dtype) for stored in cache)  # no copy when dtypes match
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
-            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves a group of q heads
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
