@@ -8,20 +8,22 @@ Top to bottom: the settings (each a flag, --name=value; --help lists them), the 
 data, the training loop's pieces, main; then the plumbing: checkpoint files in and out, resume, the command line.
 """
 import argparse
-import glob
+import base64
+import io
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
+import safetensors.torch
+import sentencepiece as spm
+import tiktoken
+import tokenizers
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -73,21 +75,21 @@ class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: Optional[int] = None
+    n_kv_heads: int | None = None
     vocab_size: int = 32000
     multiple_of: int = 256
-    ffn_dim_multiplier: Optional[float] = None
+    ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
-    head_dim: Optional[int] = None    # dim // n_heads unless a checkpoint says otherwise (HF's head_dim)
+    head_dim: int | None = None    # dim // n_heads unless a checkpoint says otherwise (HF's head_dim)
     use_scaled_rope: bool = False     # Llama 3.1+: RoPE stretched for long context, by Meta's factors below
     rope_scaling_factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
     tie_word_embeddings: bool = False  # Llama 3.2 1B/3B: the output layer is the embedding matrix
-    sliding_window: Optional[int] = None  # Mistral v0.1; exact only while the context is no longer than it
+    sliding_window: int | None = None  # Mistral v0.1; exact only while the context is no longer than it
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
@@ -130,24 +132,23 @@ def apply_rope(x, rotation):
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads or config.n_heads
-        self.head_dim = config.head_dim
-        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.head_dim, n_kv_heads = config.head_dim, config.n_kv_heads or config.n_heads
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(self, x, rotation, mask, cache, cache_pos):
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rotation).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rotation).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), rotation).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), rotation).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if cache is not None:  # sampling: keys and values of earlier tokens come from the cache
             for stored, new in zip(cache, (k, v)):
                 stored[:, :, cache_pos:cache_pos + T] = new
             k, v = (stored[:, :, :cache_pos + T].to(q.dtype) for stored in cache)  # no copy when dtypes match
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
-            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves a group of q heads
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -290,15 +291,12 @@ class Tokenizer:
         with open(path, "rb") as f:
             head = f.readline(200)
         if head.startswith(b"{"):
-            import tokenizers
             self.hf = tokenizers.Tokenizer.from_file(path)
             self.hf.encode_special_tokens = True
             self.encode_text = lambda text: self.hf.encode(text, add_special_tokens=False).ids
             self.decode_ids = lambda ids: self.hf.decode(ids, skip_special_tokens=False)
             special, self.vocab_size = self.hf.get_vocab(), self.hf.get_vocab_size()
         elif re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", head):  # Meta's file: a base64 token and its rank a line
-            import base64
-            import tiktoken
             ranks = {}  # read here: tiktoken's load_tiktoken_bpe caches by path, stale once out_dir's file is replaced
             for lineno, line in enumerate(Path(path).read_bytes().splitlines(), 1):
                 try:
@@ -312,7 +310,6 @@ class Tokenizer:
             self.encode_text = lambda text: self.tt.encode(text, disallowed_special=())
             self.decode_ids, self.vocab_size = self.tt.decode, self.tt.n_vocab
         else:
-            import sentencepiece as spm
             self.sp = spm.SentencePieceProcessor(model_file=path)
             self.encode_text, self.decode_ids = self.sp.encode, self.sp.decode
             self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
@@ -335,8 +332,6 @@ class Tokenizer:
 def train_tokenizer(texts, path, vocab_size):
     # A small LLaMA-style BPE tokenizer (unk 0, bos 1, eos 2, byte fallback) for the from-scratch demo. As LLaMA's,
     # it keeps text as is (sentencepiece's default turns newlines into spaces): decode(encode(t)) == t.
-    import io
-    import sentencepiece as spm
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
                                    normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -467,19 +462,18 @@ def lr_at(step, total_steps, learning_rate, warmup_ratio):
     return learning_rate * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 def evaluate(model, examples, dev, autocast, args):
-    # The mean loss per response token, over all processes.
+    # The mean loss per response token, over all processes (each packs all examples and runs its share of the rows).
     model.eval()
-    loss_sum = torch.zeros(2, device=dev)
+    loss_sum = torch.zeros((), device=dev)
     with torch.no_grad():
         for micro in split_rows(pack(examples, args.max_seq_len), dist.get_rank(), dist.get_world_size(),
                                 args.micro_batch_size):
             tokens, targets, positions, mask = make_batch(micro, examples, dev)
             with autocast:
-                loss_sum[0] += model(tokens, positions, mask, targets).float()
-            loss_sum[1] += (targets != -100).sum()
+                loss_sum += model(tokens, positions, mask, targets).float()
     dist.all_reduce(loss_sum)
     model.train()
-    return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+    return loss_sum.item() / max(1, sum(len(ids) - n_prompt for ids, n_prompt in examples))
 
 @torch.no_grad()
 def greedy_answer(model, tokenizer, instruction, input, dev, max_new_tokens=300):
@@ -519,12 +513,11 @@ def prepare_data(args, log):
     n_val = min(len(examples) - 1, max(1, round(args.val_fraction * len(examples)))) if args.val_fraction > 0 else 0
     val_raw, train_raw = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
     path = find_tokenizer(args.init) if args.init else os.path.join(args.out_dir, "tokenizer.model")
-    if not args.init:
-        if dist.get_rank() == 0 and not (args.resume and os.path.exists(path)):
-            os.makedirs(args.out_dir, exist_ok=True)
-            train_tokenizer([format_prompt(e["instruction"], e["input"]) + e["output"] for e in train_raw], path,
-                            tiny_model["vocab_size"])
-        dist.barrier()
+    if not args.init and dist.get_rank() == 0 and not (args.resume and os.path.exists(path)):
+        os.makedirs(args.out_dir, exist_ok=True)
+        train_tokenizer([format_prompt(e["instruction"], e["input"]) + e["output"] for e in train_raw], path,
+                        tiny_model["vocab_size"])
+    dist.barrier()
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no tokenizer (nor original/tokenizer.model, tokenizer.json) there")
     tokenizer, stats = Tokenizer(path), {"prompts_cut": 0, "responses_cut": 0, "tokens_dropped": 0}
@@ -540,10 +533,9 @@ def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
     # block, then the rest), then given its weights; on GPUs fp32 master weights, bf16 compute, fp32 gradient sums.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if args.init:
-        source = Transformer.from_pretrained(args.init)  # memory-mapped: the processes share one copy in RAM
-    else:
-        source = Transformer(ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size})).init_weights()
+    # An --init is memory-mapped: the processes share one copy in RAM.
+    source = Transformer.from_pretrained(args.init) if args.init else \
+        Transformer(ModelArgs(**{**tiny_model, "vocab_size": tokenizer.vocab_size})).init_weights()
     config, full_state = source.args, source.state_dict()
     config.max_seq_len = max(config.max_seq_len, args.max_seq_len)
     with torch.device("meta"):
@@ -556,13 +548,11 @@ def build_model(args, tokenizer, dev, amp_dtype, world_size, log):
             model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","), args.seed)
     mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)} \
         if dev.type == "cuda" else {}
-    for layer in model.layers:
-        if args.compile:
-            layer.compile()
-        if world_size > 1:  # a single process gains nothing from sharding, and a small model pays for its hooks
-            fully_shard(layer, **mp)
-    if world_size > 1:
-        fully_shard(model, **mp)
+    for layer in model.layers if args.compile else []:
+        layer.compile()
+    # One process gains nothing from sharding, and a small model pays for its hooks.
+    for module in [*model.layers, model] if world_size > 1 else []:
+        fully_shard(module, **mp)
     model.to_empty(device=dev)
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True))
     n_params = sum(p.numel() for p in model.parameters())
@@ -579,23 +569,20 @@ def start_processes(device):
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)  # not under torchrun
+    dist.init_process_group(device_id=dev if dev.type == "cuda" else None, **alone)  # nccl for a GPU, else gloo
     return dist.get_rank(), dist.get_world_size(), dev
 
 def main(argv=None):
     import resource  # Unix only, hence here
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     rank, world_size, dev = start_processes(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"settings ({'--init: Alpaca' if args.init else 'no --init: the demo'}'s recipe, then the flags given): "
         + " ".join(f"--{k}={v}" for k, v in vars(args).items()))
     torch.manual_seed(args.seed)
     amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     tokenizer, train_raw, val_raw, train_set, val_set = prepare_data(args, log)
     model = build_model(args, tokenizer, dev, amp_dtype, world_size, log)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
@@ -671,7 +658,7 @@ def read_meta_checkpoint(path):
     config = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
     # Without rope.freqs, the rotary table Meta stores: we compute it.
     shards = [{k: v for k, v in torch.load(f, map_location="cpu", mmap=True, weights_only=True).items()
-               if k != "rope.freqs"} for f in sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))]
+               if k != "rope.freqs"} for f in sorted(Path(path).glob("consolidated.*.pth"))]
     if not shards:
         raise SystemExit(f"{path}: no consolidated.*.pth files")
     # Meta's Llama 3.2 files carry output.weight (a copy of the embedding); ours omit it when tied.
@@ -691,9 +678,8 @@ def read_meta_checkpoint(path):
 
 # Hugging Face's names of ModelArgs' fields (config.json) and of the tensors, for read_hf_checkpoint and export_hf.
 HF_CONFIG = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
-                 n_kv_heads="num_key_value_heads", vocab_size="vocab_size", norm_eps="rms_norm_eps",
-                 head_dim="head_dim", max_seq_len="max_position_embeddings", tie_word_embeddings="tie_word_embeddings",
-                 sliding_window="sliding_window")
+                 n_kv_heads="num_key_value_heads", norm_eps="rms_norm_eps", max_seq_len="max_position_embeddings",
+                 **{name: name for name in ("vocab_size", "head_dim", "tie_word_embeddings", "sliding_window")})
 HF_LLAMA3_ROPE = dict(rope_scaling_factor="factor", low_freq_factor="low_freq_factor",
                       high_freq_factor="high_freq_factor", original_max_seq_len="original_max_position_embeddings")
 HF_BLOCK = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
@@ -721,8 +707,7 @@ def config_from_hf(cfg, where):
             ("model_type", cfg.get("model_type") not in ("llama", "mistral"),
              "only the LLaMA family (llama, mistral) is implemented"),
             ("hidden_act", cfg.get("hidden_act", "silu") != "silu", "this LLaMA's feed-forward is SwiGLU (silu)"),
-            ("attention_bias", cfg.get("attention_bias"), "this LLaMA's linear layers have no bias"),
-            ("mlp_bias", cfg.get("mlp_bias"), "this LLaMA's linear layers have no bias"),
+            *((key, cfg.get(key), "this LLaMA's linear layers have no bias") for key in ("attention_bias", "mlp_bias")),
             ("rope_parameters" if "rope_parameters" in cfg else "rope_scaling", rope_type not in ("default", "llama3"),
              f"rope_type '{rope_type}' is not implemented (only default and llama3)")):
         if refused:
@@ -734,24 +719,21 @@ def config_from_hf(cfg, where):
         config.__dict__.update({name: rope[key] for name, key in HF_LLAMA3_ROPE.items()})
     if config.sliding_window is not None:  # full attention equals sliding-window attention up to the window
         config.max_seq_len = min(config.max_seq_len, config.sliding_window)
-    # HF stores the FFN width itself; choose multiple_of so LLaMA's rule lands exactly on it.
-    config.multiple_of = hidden = cfg["intermediate_size"]
-    if int(8 * config.dim / 3) > hidden:
-        config.ffn_dim_multiplier = hidden / int(8 * config.dim / 3)
+    # HF stores the FFN width itself; choose multiple_of and the multiplier so LLaMA's rule lands exactly on it.
+    config.multiple_of = cfg["intermediate_size"]
+    config.ffn_dim_multiplier = cfg["intermediate_size"] / int(8 * config.dim / 3)
     return config
 
 def read_hf_checkpoint(path):
     config = config_from_hf(json.loads(Path(path, "config.json").read_text()), os.path.join(path, "config.json"))
-    from safetensors.torch import load_file  # memory-maps the file
     # model*: Mistral's repos also hold a consolidated.safetensors in Mistral's own names.
-    files = sorted(glob.glob(os.path.join(path, "model*.safetensors"))) or \
-        sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    files = sorted(Path(path).glob("model*.safetensors")) or sorted(Path(path).glob("pytorch_model*.bin"))
     if not files:
         raise SystemExit(f"{path}: no model*.safetensors or pytorch_model*.bin files")
     # A name not in the table keeps its own, which the strict load in from_pretrained reports as unexpected.
     names, state, kv_heads = hf_names(config), {}, config.n_kv_heads or config.n_heads
     for file in files:
-        tensors = load_file(file) if file.endswith(".safetensors") else \
+        tensors = safetensors.torch.load_file(file) if file.suffix == ".safetensors" else \
             torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         for name, tensor in tensors.items():
             if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
@@ -785,14 +767,13 @@ def save_checkpoint(model, optimizer, step, tokenizer_path, out_dir, lora_meta=N
     # The model in Meta's layout (what sample.py and from_pretrained read), then the resume state. With LoRA
     # (lora_meta: the adapters file's metadata) the adapters alone go to adapters.safetensors, merged everywhere else.
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
         if lora_meta:
             adapters = {name: t.float().contiguous() for name, t in full.items() if ".lora_" in name}
-            write_atomic(os.path.join(out_dir, "adapters.safetensors"), save(adapters, metadata=lora_meta))
+            write_atomic(os.path.join(out_dir, "adapters.safetensors"), safetensors.torch.save(adapters, lora_meta))
             full = merge_lora(full, float(lora_meta["lora_alpha"]) / int(lora_meta["lora_rank"]))
         write_atomic(os.path.join(out_dir, "consolidated.00.pth"), full)
         write_atomic(os.path.join(out_dir, "params.json"), json.dumps(model.args.__dict__, indent=2).encode())
@@ -836,7 +817,6 @@ def load_resume_state(model, optimizer, out_dir):
 
 def export_hf(state, config, tokenizer_path, folder):
     # A LlamaForCausalLM folder (transformers 4.x, 5.x, vLLM), stop ids in generation_config.json; via folder.tmp.
-    from safetensors.torch import save_file
     tokenizer, kv_heads = Tokenizer(tokenizer_path), config.n_kv_heads or config.n_heads
     tensors = {hf: state[name] for hf, name in hf_names(config).items() if name in state}
     tensors = {hf: (hf_to_meta_qk(w, config.n_heads if "q_proj" in hf else kv_heads, inverse=True) if hf.endswith(
@@ -857,16 +837,15 @@ def export_hf(state, config, tokenizer_path, folder):
     # transformers and vLLM find BOS through tokenizer_config.json: an --init folder's own tokenizer files go along;
     # for a sentencepiece model without them, one naming BOS and EOS (transformers converts tokenizer.model itself).
     source = Path(os.path.dirname(tokenizer_path).removesuffix(os.sep + "original"))
-    for extra in {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} - set(files):
-        if (source / extra).exists():
-            files[extra] = (source / extra).read_bytes()
+    extras = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} - set(files)
+    files |= {extra: (source / extra).read_bytes() for extra in extras if (source / extra).exists()}
     if "tokenizer_config.json" not in files and hasattr(tokenizer, "sp"):
         files["tokenizer_config.json"] = dict(bos_token=tokenizer.sp.id_to_piece(tokenizer.bos_id), add_bos_token=True,
                                               eos_token=tokenizer.sp.id_to_piece(tokenizer.eos_id), add_eos_token=False)
     tmp = Path(folder + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / name).parent.mkdir(parents=True)
-    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    safetensors.torch.save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     for file, payload in files.items():
         (tmp / file).write_bytes(payload if isinstance(payload, bytes) else json.dumps(payload, indent=2).encode())
     shutil.rmtree(folder, ignore_errors=True)  # a crash here leaves no hf/ (never half of one); the next save writes it
