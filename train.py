@@ -63,7 +63,7 @@ lora_dropout = 0.05               # on the adapters' input only
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"
 # The demo (no --init) trains a tiny LLaMA from scratch on the seed tasks, which wants many passes, small batches and
 # a high rate. 2 layers and 4000 pieces (nearly whole words) learn them by heart sooner than 4 layers or lr >= 3e-3:
-# ~55 s on 2 CPU cores, loss 8.3 -> 0.1, training answer ROUGE-L 1.00, held-out 0.05; fp32, as bf16 gains nothing.
+# ~64 s on 2 CPU cores, loss 8.3 -> 0.1, training answer ROUGE-L 1.00, held-out 0.05; fp32, as bf16 gains nothing.
 tiny_model = dict(dim=128, n_layers=2, n_heads=4, vocab_size=4000, multiple_of=32, max_seq_len=512)
 tiny_recipe = dict(epochs=28, batch_size=8, learning_rate=2e-3, warmup_ratio=0.05, beta2=0.99, dtype="float32")
 
