@@ -759,13 +759,12 @@ def write_atomic(path, payload):
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
 
-# The resume state is out_dir/resume/<n>/, n counting saves: model and optimizer (with LoRA only what trains) sharded
-# by torch.distributed.checkpoint, so a run may resume on another number of processes, then step.json, which marks it
-# complete. The newest complete one is read; a save deletes the others once its own is complete.
+# The resume state is out_dir/resume/<n>/, n counting saves: the step, model and optimizer (with LoRA only what trains)
+# sharded by torch.distributed.checkpoint, so a run may resume on another number of processes. Its .metadata, written
+# last, marks it complete. The newest complete one is read; a save deletes the others once its own is complete.
 
 def save_checkpoint(model, optimizer, step, tokenizer_path, out_dir, lora_meta=None, save_hf=False):
-    # The model in Meta's layout (what sample.py and from_pretrained read), then the resume state. With LoRA
-    # (lora_meta: the adapters file's metadata) the adapters alone go to adapters.safetensors, merged everywhere else.
+    # The model in Meta's layout (LoRA merged), LoRA's adapters.safetensors (metadata: lora_meta), the resume state.
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -784,19 +783,16 @@ def save_checkpoint(model, optimizer, step, tokenizer_path, out_dir, lora_meta=N
     del full
     states = resume_states(out_dir)  # listed by every process before any writes to them: one name for the new one
     dist.barrier()
-    new = os.path.join(out_dir, "resume", str(int(os.path.basename(states[-1])) + 1 if states else 1))
-    dcp.save(trainable_state(model, optimizer), checkpoint_id=new)
+    new = Path(out_dir, "resume", str(int(states[-1].name) + 1 if states else 1))
+    dcp.save({"step": step, **trainable_state(model, optimizer)}, checkpoint_id=new)
     if dist.get_rank() == 0:
-        write_atomic(os.path.join(new, "step.json"), json.dumps({"step": step}).encode())
-        for old in states:  # a delete cut short leaves an older state, or one without step.json: both ignored
+        for old in states:  # a delete cut short leaves an older state, or one without .metadata: both ignored
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 def resume_states(out_dir, complete=False):
-    # out_dir/resume/<n>, oldest first (complete: only those with step.json).
-    root = os.path.join(out_dir, "resume")
-    names = sorted((n for n in os.listdir(root) if n.isdigit()), key=int) if os.path.isdir(root) else []
-    return [d for d in (os.path.join(root, n) for n in names) if not complete or os.path.exists(f"{d}/step.json")]
+    states = sorted((d for d in Path(out_dir, "resume").glob("*") if d.name.isdigit()), key=lambda d: int(d.name))
+    return [d for d in states if not complete or (d / ".metadata").exists()]
 
 def trainable_state(model, optimizer):
     # As saved and loaded: only what trains (dcp.load refuses a checkpoint that lacks any of it).
@@ -809,11 +805,11 @@ def load_resume_state(model, optimizer, out_dir):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     if not (states := resume_states(out_dir, complete=True)):
         raise SystemExit(f"--resume: no saved state in {out_dir}")
-    state = trainable_state(model, optimizer)
+    state = {"step": 0, **trainable_state(model, optimizer)}
     dcp.load(state, checkpoint_id=states[-1])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
-    return json.loads(Path(states[-1], "step.json").read_text())["step"]
+    return state["step"]
 
 def export_hf(state, config, tokenizer_path, folder):
     # A LlamaForCausalLM folder (transformers 4.x, 5.x, vLLM), stop ids in generation_config.json; via folder.tmp.

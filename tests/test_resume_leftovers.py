@@ -72,11 +72,11 @@ def states(group, tmp_path_factory):
     return root, saved
 
 def place(state_dir, target, kind):
-    """Put a copy of a complete state at target: 'complete', or 'partial' (no step.json and a shard missing: a
+    """Put a copy of a complete state at target: 'complete', or 'partial' (no .metadata and a shard missing: a
     save killed inside dcp.save, or an rmtree that stopped half way)."""
     shutil.copytree(state_dir, target)
     if kind == "partial":
-        os.remove(target / "step.json")
+        os.remove(target / ".metadata")
         shards = sorted(f for f in os.listdir(target) if f.endswith(".distcp"))
         os.remove(target / shards[0])
 
@@ -118,9 +118,9 @@ def test_a_new_state_is_numbered_past_every_leftover(states, tmp_path, monkeypat
     save(model, optimizer, 5, out, monkeypatch)
     assert os.listdir(out / "resume") == ["8"] and load(out, monkeypatch)[0] == 5
 
-@pytest.mark.parametrize("crash_at", range(4))
+@pytest.mark.parametrize("crash_at", range(3))
 def test_crash_at_each_step_of_a_save(states, tmp_path, monkeypatch, crash_at):
-    """save_checkpoint dies at its n-th file system step on resume/ (dcp.save, writing step.json, deleting each
+    """save_checkpoint dies at its n-th file system step on resume/ (dcp.save, deleting each
     older state, half way through); the next --resume and save then behave as if the crashed save had either
     finished or never begun."""
     root, saved = states
@@ -142,7 +142,7 @@ def test_crash_at_each_step_of_a_save(states, tmp_path, monkeypatch, crash_at):
                     if name == "dcp.save":  # half the shards written, no metadata
                         real(*args, **kwargs)
                         os.remove(os.path.join(target, ".metadata"))
-                    elif name == "rmtree" and os.path.isdir(target):  # die half way through the delete
+                    elif name == "rmtree" and os.path.isdir(target) and os.listdir(target):  # die half way through
                         os.remove(os.path.join(target, sorted(os.listdir(target))[0]))
                     raise KeyboardInterrupt("killed")
             return real(*args, **kwargs)
@@ -157,8 +157,8 @@ def test_crash_at_each_step_of_a_save(states, tmp_path, monkeypatch, crash_at):
     except KeyboardInterrupt:
         crashed = True
     monkeypatch.undo()
-    assert crashed and calls == ["dcp.save", "write_atomic", "rmtree", "rmtree"][:crash_at + 1]
+    assert crashed and calls == ["dcp.save", "rmtree", "rmtree"][:crash_at + 1]
     step, w, _ = load(out, monkeypatch)
-    assert step == (2 if crash_at >= 2 else 1) and torch.equal(w, weights(model) if step == 2 else saved[1])
+    assert step == (2 if crash_at >= 1 else 1) and torch.equal(w, weights(model) if step == 2 else saved[1])
     save(model, optimizer, 3, out, monkeypatch)
     assert len(os.listdir(out / "resume")) == 1 and load(out, monkeypatch)[0] == 3
