@@ -283,22 +283,20 @@ def find_tokenizer(folder):
     return next((p for p in paths if os.path.exists(p)), paths[0])
 
 class Tokenizer:
-    # sentencepiece (LLaMA 1/2, Mistral, the demo), Meta's Llama 3 BPE file (tiktoken) or a tokenizer.json (Hugging
-    # Face's tokenizers). No pad token (pad_id -1): padding never reaches the loss. stop_ids: an instruct Llama 3 ends
-    # with <|eot_id|>. Special tokens' text is encoded as plain text, as Meta's reference does: data cannot inject them.
+    # sentencepiece (LLaMA 1/2, Mistral, the demo), Meta's Llama 3 file (tiktoken) or a tokenizer.json (HF tokenizers).
+    # Pad id -1: padding never reaches the loss. Special tokens' text stays text, as in Meta's: data cannot inject them.
     def __init__(self, path):
         self.path, self.pad_id = path, -1
-        with open(path, "rb") as f:
-            head = f.readline(200)
-        if head.startswith(b"{"):
-            self.hf = tokenizers.Tokenizer.from_file(path)
+        data = Path(path).read_bytes()
+        if data.startswith(b"{"):
+            self.hf = tokenizers.Tokenizer.from_str(data.decode())
             self.hf.encode_special_tokens = True
             self.encode_text = lambda text: self.hf.encode(text, add_special_tokens=False).ids
-            self.decode_ids = lambda ids: self.hf.decode(ids, skip_special_tokens=False)
+            self.decode = lambda ids: self.hf.decode(ids, skip_special_tokens=False)
             special, self.vocab_size = self.hf.get_vocab(), self.hf.get_vocab_size()
-        elif re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", head):  # Meta's file: a base64 token and its rank a line
+        elif re.match(rb"[A-Za-z0-9+/=]+ \d+(\r?\n|$)", data):  # Meta's file: a base64 token and its rank a line
             ranks = {}  # read here: tiktoken's load_tiktoken_bpe caches by path, stale once out_dir's file is replaced
-            for lineno, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+            for lineno, line in enumerate(data.splitlines(), 1):
                 try:
                     token, rank = line.split()
                     ranks[base64.b64decode(token)] = int(rank)
@@ -308,10 +306,10 @@ class Tokenizer:
             self.tt = tiktoken.Encoding(os.path.basename(path), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                         special_tokens=special)
             self.encode_text = lambda text: self.tt.encode(text, disallowed_special=())
-            self.decode_ids, self.vocab_size = self.tt.decode, self.tt.n_vocab
+            self.decode, self.vocab_size = self.tt.decode, self.tt.n_vocab
         else:
-            self.sp = spm.SentencePieceProcessor(model_file=path)
-            self.encode_text, self.decode_ids = self.sp.encode, self.sp.decode
+            self.sp = spm.SentencePieceProcessor(model_proto=data)
+            self.encode_text, self.decode = self.sp.encode, self.sp.decode
             self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
             self.stop_ids, self.vocab_size = {self.eos_id}, self.sp.get_piece_size()
             return
@@ -321,17 +319,13 @@ class Tokenizer:
         if bos is None or eos is None:
             raise SystemExit(f"{path}: no BOS and EOS tokens (<|begin_of_text|> and <|end_of_text|>, or <s> and </s>)")
         self.bos_id, self.eos_id = special[bos], special[eos]
-        self.stop_ids = {special[t] for t in (eos, "<|eom_id|>", "<|eot_id|>") if t in special}
+        self.stop_ids = {special[t] for t in (eos, "<|eom_id|>", "<|eot_id|>") if t in special}  # instruct Llama 3
 
     def encode(self, text, bos=False, eos=False):
         return [self.bos_id] * bos + self.encode_text(text) + [self.eos_id] * eos
 
-    def decode(self, ids):
-        return self.decode_ids(list(ids))
-
 def train_tokenizer(texts, path, vocab_size):
-    # A small LLaMA-style BPE tokenizer (unk 0, bos 1, eos 2, byte fallback) for the from-scratch demo. As LLaMA's,
-    # it keeps text as is (sentencepiece's default turns newlines into spaces): decode(encode(t)) == t.
+    # The demo's LLaMA-style BPE (unk 0, bos 1, eos 2, byte fallback); identity normalisation: decode(encode(t)) == t.
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
                                    normalization_rule_name="identity", remove_extra_whitespaces=False,
