@@ -213,11 +213,10 @@ class Transformer(nn.Module):
             return self.logits(h[:, -1:] if last_only else h)
         # Only response tokens (a loss) go through the large output layer, their count padded to a multiple of 256:
         # few distinct shapes, as each new one costs a kernel setup on CPU and a recompile under torch.compile.
-        targets = targets.flatten()
-        keep = (targets != -100).nonzero().squeeze(1)
+        keep = (targets.flatten() != -100).nonzero().squeeze(1)
         pad = -len(keep) % 256
         logits = self.logits(h.flatten(0, 1)[F.pad(keep, (0, pad))])
-        return F.cross_entropy(logits, F.pad(targets[keep], (0, pad), value=-100), reduction="sum")
+        return F.cross_entropy(logits, F.pad(targets.flatten()[keep], (0, pad), value=-100), reduction="sum")
 
     def logits(self, h):
         return (self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)).float()
@@ -455,16 +454,16 @@ def lr_at(step, total_steps, learning_rate, warmup_ratio):
         return learning_rate * step / warmup
     return learning_rate * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
+@torch.no_grad()
 def evaluate(model, examples, dev, autocast, args):
     # The mean loss per response token, over all processes (each packs all examples and runs its share of the rows).
     model.eval()
     loss_sum = torch.zeros((), device=dev)
-    with torch.no_grad():
-        for micro in split_rows(pack(examples, args.max_seq_len), dist.get_rank(), dist.get_world_size(),
-                                args.micro_batch_size):
-            tokens, targets, positions, mask = make_batch(micro, examples, dev)
-            with autocast:
-                loss_sum += model(tokens, positions, mask, targets).float()
+    rows = pack(examples, args.max_seq_len)
+    for micro in split_rows(rows, dist.get_rank(), dist.get_world_size(), args.micro_batch_size):
+        tokens, targets, positions, mask = make_batch(micro, examples, dev)
+        with autocast:
+            loss_sum += model(tokens, positions, mask, targets).float()
     dist.all_reduce(loss_sum)
     model.train()
     return loss_sum.item() / max(1, sum(len(ids) - n_prompt for ids, n_prompt in examples))
@@ -489,13 +488,12 @@ def greedy_answer(model, tokenizer, instruction, input, dev, max_new_tokens=300)
 def show_answers(model, tokenizer, examples, dev, log):
     # A training and a held-out instruction: a small model learns the first long before it generalises to the second.
     from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
     model.eval()  # no dropout (LoRA's) from here on
     for kind, example in zip(("training", "held-out"), examples):
         # At most twice the reference's length (32-300 tokens): an untrained model may never say EOS.
         cap = min(300, max(32, 2 * len(tokenizer.encode(example["output"]))))
         reply = greedy_answer(model, tokenizer, example["instruction"], example["input"], dev, cap)
-        rouge = scorer.score(example["output"], reply)["rougeL"].fmeasure
+        rouge = rouge_scorer.RougeScorer(["rougeL"]).score(example["output"], reply)["rougeL"].fmeasure
         log(f"\n{kind} instruction: {example['instruction']}"
             + (f"\ninput: {example['input']}" if example["input"] else "")
             + f"\nmodel's answer: {reply}\nreference answer: {example['output']}\nROUGE-L: {rouge:.2f}")
@@ -590,9 +588,8 @@ def main(argv=None):
     peak = next((v for k, v in {"A100": 312e12, "H100": 989e12, "H200": 989e12}.items() if dev.type == "cuda" and
                  amp_dtype == torch.bfloat16 and k in torch.cuda.get_device_name(dev)), None)
     flops_per_token = (4 if args.lora_rank else 6) * sum(p.numel() for p in model.parameters())
-    log(f"training: {total_steps} steps of {args.batch_size} examples, lr {args.learning_rate}, {args.micro_batch_size}"
-        f" packed rows of {args.max_seq_len} per forward" + (f"; resumed from {args.out_dir} at step {step}"
-                                                              if args.resume else ""))
+    log(f"training: {total_steps} steps of {args.batch_size} examples, {args.micro_batch_size} packed rows of "
+        f"{args.max_seq_len} per forward" + (f"; resumed from {args.out_dir} at step {step}" if args.resume else ""))
     lora_meta = {k: str(getattr(args, k)) for k in ("init", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout")}
     t_start = time.perf_counter()
     while step < total_steps:
@@ -624,14 +621,14 @@ def main(argv=None):
 
         if step % args.log_interval == 0 or step == total_steps:
             dist.all_reduce(loss_sum)
-            dt = time.perf_counter() - t0
+            mean_loss = loss_sum.item() / n_targets  # waits for the GPU: the time taken below is the whole step's
+            tokens_per_s = sum(len(ids) - 1 for ids, _ in batch) / (time.perf_counter() - t0)
             memory = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             eta = (time.perf_counter() - t_start) / (step - first_step) * (total_steps - step)
-            tokens_per_s = sum(len(ids) - 1 for ids, _ in batch) / dt
             mfu = f" | mfu {100 * flops_per_token * tokens_per_s / world_size / peak:.1f}%" if peak else ""
-            log(f"step {step}/{total_steps} | loss {loss_sum.item() / n_targets:.4f} | lr {lr:.2e} | grad norm "
+            log(f"step {step}/{total_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm "
                 f"{grad_norm.item():.2f} | {tokens_per_s:,.0f} tok/s{mfu} | mem {memory / 2 ** 30:.2f} GiB | eta "
                 f"{eta / 60:.1f} min", flush=True)
         if val_set and (step % args.eval_interval == 0 or step == total_steps):
