@@ -103,8 +103,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         y = x.float()  # the mean of squares in fp32: bf16 has too few bits to normalise well
         y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-        # Under autocast each matmul that follows (q, k, v; two of the FFN) would cast its own bf16 copy, a pass
-        # forward and back each: cast once here instead, to the same values.
+        # Under autocast, cast once here rather than in each matmul that follows (q, k, v; w1, w3): the same values.
         return y.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else y
 
 def rope_inv_freq(config, device=None):
@@ -119,8 +118,7 @@ def rope_inv_freq(config, device=None):
     return torch.where(wavelen < config.original_max_seq_len / high, inv_freq, scaled)
 
 def rope_rotation(config, positions):
-    # cos + i sin per position (B, T) and pair, complex64, once per forward: exact in fp32 whatever the blocks compute
-    # in (FSDP2's MixedPrecisionPolicy casts floating-point inputs, not complex ones).
+    # cos + i sin per position (B, T) and pair, once per forward; complex64, which FSDP2's bf16 policy leaves uncast.
     angles = positions.float()[..., None] * rope_inv_freq(config, positions.device)
     return torch.polar(torch.ones_like(angles), angles)[:, :, None]
 
@@ -470,8 +468,7 @@ def evaluate(model, examples, dev, autocast, args):
 
 @torch.no_grad()
 def greedy_answer(model, tokenizer, instruction, input, dev, max_new_tokens=300):
-    # The end of a run's answer (sample.py is the sampler): greedy, on a KV cache (fp32: right for a model computing in
-    # fp32 or, under FSDP's policy or LoRA, bf16). Every process runs it.
+    # The run's closing answers (sample.py samples): greedy, on an fp32 KV cache (fine for bf16); all processes run it.
     ids, config = tokenizer.encode(format_prompt(instruction, input), bos=True), model.args
     shape = (1, config.n_kv_heads or config.n_heads, len(ids) + max_new_tokens, config.head_dim)
     cache = [tuple(torch.zeros(shape, device=dev) for _ in "kv") for _ in range(config.n_layers)]
@@ -583,8 +580,7 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     step = first_step = load_resume_state(model, optimizer, args.out_dir) if args.resume else 0
-    # MFU on a GPU: 6 FLOPs per parameter per token (4 for LoRA's frozen weights: no weight gradients) over the bf16
-    # spec-sheet peak; attention and the output layer's skipped prompt tokens left out (a few % at 7B; bench.py counts).
+    # MFU on a GPU: 6 FLOPs a parameter a token (4 with LoRA) over the bf16 peak, a few % off at 7B (bench.py: exact).
     peak = next((v for k, v in {"A100": 312e12, "H100": 989e12, "H200": 989e12}.items() if dev.type == "cuda" and
                  amp_dtype == torch.bfloat16 and k in torch.cuda.get_device_name(dev)), None)
     flops_per_token = (4 if args.lora_rank else 6) * sum(p.numel() for p in model.parameters())
@@ -641,8 +637,7 @@ def main(argv=None):
     show_answers(model, tokenizer, [train_raw[0], *val_raw[:1]], dev, log)
     dist.destroy_process_group()
 
-# Plumbing: checkpoint files in (Meta's and Hugging Face's layouts, their tokenizers), checkpoint files out (Meta's
-# layout, the resume state, Hugging Face's layout), the command line.
+# Plumbing: checkpoints in (Meta's and Hugging Face's layouts), out (Meta's, the resume state, HF's), the command line.
 
 def read_meta_checkpoint(path):
     params = json.loads(Path(path, "params.json").read_text())
@@ -690,8 +685,7 @@ def hf_to_meta_qk(w, n_heads, inverse=False):
     return w.reshape(*halves, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 def config_from_hf(cfg, where):
-    # ModelArgs from a config.json as transformers 4.x (top-level rope_theta, rope_scaling) or 5.x (rope_parameters)
-    # writes it. Whatever this LLaMA does not compute is refused, naming the key.
+    # ModelArgs from transformers 4.x's or 5.x's config.json, refusing (by key) what this LLaMA does not compute.
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     for key, refused, why in (
